@@ -1,0 +1,279 @@
+"""DeepSeek-V2 configuration.
+
+Accepts the released ``config.json`` field names as they are (DeepSeek-V2, DeepSeek-V2-Lite, -Chat), plus the
+MindFormers knobs (``seq_length``, ``batch_size``, ``use_past`` ...) and the training-only MoE knobs of the paper
+(arXiv 2405.04434 section 2.2: the three balance losses and device-level token dropping).
+Every field has a default so ``DeepseekV2Config(**json.load(open("config.json")))`` just works.
+"""
+import math
+from typing import Optional
+
+import mindspore.common.dtype as mstype
+from mindformers.models.configuration_utils import PretrainedConfig
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+__all__ = ["DeepseekV2Config", "yarn_get_mscale"]
+
+# keys of the released config.json that carry no model fact
+_BOOKKEEPING_KEYS = ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "model_type",
+                     "use_cache", "head_dim", "_name_or_path", "pretraining_tp", "ep_size", "initializer_range",
+                     "_attn_implementation", "attn_implementation", "output_attentions", "output_hidden_states",
+                     "return_dict", "mlp_bias", "num_nextn_predict_layers", "quantization_config")
+_TOPK_METHODS = ("greedy", "group_limited_greedy")
+_ROPE_TYPES = ("yarn", "linear", "default")
+_DTYPES = {"float32": mstype.float32, "fp32": mstype.float32, "float16": mstype.float16, "fp16": mstype.float16,
+           "bfloat16": mstype.bfloat16, "bf16": mstype.bfloat16}
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN attention scale: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _dtype(name, field):
+    if not isinstance(name, str) and name in _DTYPES.values():
+        return name
+    key = str(name).lower()
+    if key not in _DTYPES:
+        raise ValueError(f"DeepseekV2Config.{field}: expected one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype) -> str:
+    for key in ("float32", "float16", "bfloat16"):
+        if _DTYPES[key] == dtype:
+            return key
+    return str(dtype)
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+class DeepseekV2Config(PretrainedConfig):
+    """DeepSeek-V2 model configuration (released field names, MindFormers knobs beside them)."""
+
+    model_type = "deepseek_v2"
+
+    def __init__(self,
+                 # --- released config.json fields (DeepSeek-V2 236B values in comments) ---
+                 vocab_size: int = 102400,
+                 hidden_size: int = 4096,                 # 5120
+                 intermediate_size: int = 11008,          # 12288 (dense layers)
+                 moe_intermediate_size: int = 1407,       # 1536
+                 num_hidden_layers: int = 30,             # 60
+                 num_attention_heads: int = 32,           # 128
+                 num_key_value_heads: Optional[int] = None,
+                 n_shared_experts: Optional[int] = None,  # 2
+                 n_routed_experts: Optional[int] = None,  # 160
+                 routed_scaling_factor: float = 1.0,      # 16.0
+                 kv_lora_rank: int = 512,
+                 q_lora_rank: Optional[int] = 1536,       # null for V2-Lite
+                 qk_rope_head_dim: int = 64,
+                 v_head_dim: int = 128,
+                 qk_nope_head_dim: int = 128,
+                 topk_method: str = "greedy",             # group_limited_greedy
+                 n_group: Optional[int] = None,           # 8
+                 topk_group: Optional[int] = None,        # 3
+                 num_experts_per_tok: Optional[int] = None,  # 6
+                 moe_layer_freq: int = 1,
+                 first_k_dense_replace: int = 0,          # 1
+                 norm_topk_prob: bool = False,
+                 scoring_func: str = "softmax",
+                 aux_loss_alpha: float = 0.001,           # alpha_1, expert-level balance (0.003 in the paper)
+                 seq_aux: bool = True,
+                 hidden_act: str = "silu",
+                 max_position_embeddings: int = 2048,
+                 rms_norm_eps: float = 1e-6,
+                 tie_word_embeddings: bool = False,
+                 rope_theta: float = 10000.0,
+                 rope_scaling: Optional[dict] = None,
+                 attention_bias: bool = False,
+                 attention_dropout: float = 0.0,
+                 bos_token_id: int = 100000,
+                 eos_token_id: int = 100001,
+                 pad_token_id: Optional[int] = None,
+                 # --- MindFormers knobs ---
+                 seq_length: int = 4096,
+                 batch_size: int = 1,
+                 use_past: bool = False,
+                 is_dynamic: bool = False,
+                 block_size: int = 16,
+                 num_blocks: Optional[int] = None,
+                 max_decode_length: Optional[int] = None,
+                 compute_dtype: str = "float32",
+                 param_init_type: str = "float32",
+                 softmax_compute_type: str = "float32",
+                 layernorm_compute_type: str = "float32",
+                 ignore_token_id: int = -100,
+                 # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
+                 device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
+                 comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
+                 moe_num_devices: Optional[int] = None,   # D: expert groups/devices for alpha_2, alpha_3, dropping
+                 capacity_factor: float = 0.0,            # device-level token dropping; 0 = dropless (default)
+                 moe_block_size: Optional[int] = None,    # rows per expert block in the dropless dispatch
+                 init_std: float = 0.02,
+                 **kwargs):
+        for key in _BOOKKEEPING_KEYS:
+            kwargs.pop(key, None)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=eos_token_id if pad_token_id is None else pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.n_shared_experts = n_shared_experts
+        self.n_routed_experts = n_routed_experts
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.topk_method = topk_method
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_layer_freq = moe_layer_freq
+        self.first_k_dense_replace = first_k_dense_replace
+        self.norm_topk_prob = bool(norm_topk_prob)
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = float(aux_loss_alpha)
+        self.seq_aux = bool(seq_aux)
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = float(rms_norm_eps)
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.rope_theta = float(rope_theta)
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.attention_bias = bool(attention_bias)
+        self.attention_dropout = float(attention_dropout)
+
+        self.seq_length = seq_length
+        self.batch_size = batch_size
+        self.use_past = bool(use_past)
+        self.is_dynamic = bool(is_dynamic)
+        self.block_size = block_size
+        # the block manager of MindFormers' generate needs room for every sequence of the batch
+        self.num_blocks = num_blocks if num_blocks else max(1, batch_size * math.ceil(seq_length / block_size))
+        self.max_decode_length = max_decode_length if max_decode_length else seq_length
+        self.compute_dtype = _dtype(compute_dtype, "compute_dtype")
+        self.param_init_type = _dtype(param_init_type, "param_init_type")
+        self.softmax_compute_type = _dtype(softmax_compute_type, "softmax_compute_type")
+        self.layernorm_compute_type = _dtype(layernorm_compute_type, "layernorm_compute_type")
+        self.ignore_token_id = ignore_token_id
+
+        self.device_aux_loss_alpha = float(device_aux_loss_alpha)
+        self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
+        self.moe_num_devices = moe_num_devices if moe_num_devices else (n_group if n_group else 1)
+        self.capacity_factor = float(capacity_factor)
+        self.moe_block_size = moe_block_size
+        self.init_std = float(init_std)
+        self._validate()
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def q_head_dim(self) -> int:
+        """Per-head query/key width: no-position part + decoupled RoPE part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("type", self.rope_scaling.get("rope_type", "default"))
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(q_head_dim), times yarn_get_mscale(factor, mscale_all_dim)^2 under YaRN (released code)."""
+        scale = self.q_head_dim ** -0.5
+        if self.rope_scaling and self.rope_type == "yarn":
+            mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0)
+            if mscale_all_dim:
+                mscale = yarn_get_mscale(self.rope_scaling["factor"], mscale_all_dim)
+                scale = scale * mscale * mscale
+        return scale
+
+    @property
+    def cache_width(self) -> int:
+        """Numbers cached per token and layer by MLA: latent c_kv plus the shared RoPE key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Released rule: MoE from first_k_dense_replace on, every moe_layer_freq-th layer."""
+        return (self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self):
+        def fail(field, expected):
+            raise ValueError(f"DeepseekV2Config.{field} = {getattr(self, field)!r}: {expected}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                      "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "seq_length", "batch_size",
+                      "block_size", "moe_layer_freq"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(field, "expected a positive integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            fail("q_lora_rank", "expected a positive integer or null (full-rank query, as DeepSeek-V2-Lite)")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "expected an even number (RoPE rotates pairs)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"expected a divisor of num_attention_heads={self.num_attention_heads}")
+        if self.hidden_act != "silu":
+            fail("hidden_act", "expected 'silu' (SwiGLU)")
+        if self.scoring_func != "softmax":
+            fail("scoring_func", "expected 'softmax' (DeepSeek-V2's gate)")
+        if self.topk_method not in _TOPK_METHODS:
+            fail("topk_method", f"expected one of {_TOPK_METHODS}")
+        if self.rope_type not in _ROPE_TYPES:
+            raise ValueError(f"DeepseekV2Config.rope_scaling.type = {self.rope_type!r}: expected one of {_ROPE_TYPES}")
+        if self.rope_scaling and self.rope_type in ("yarn", "linear") and "factor" not in self.rope_scaling:
+            raise ValueError("DeepseekV2Config.rope_scaling: 'factor' is required for yarn and linear scaling")
+        if self.n_routed_experts is not None:
+            if not isinstance(self.n_routed_experts, int) or self.n_routed_experts <= 0:
+                fail("n_routed_experts", "expected a positive integer or null (dense model)")
+            k = self.num_experts_per_tok
+            if not isinstance(k, int) or not 0 < k <= self.n_routed_experts:
+                fail("num_experts_per_tok", f"expected an integer in [1, n_routed_experts={self.n_routed_experts}]")
+            if self.topk_method == "group_limited_greedy":
+                if not isinstance(self.n_group, int) or self.n_group <= 0:
+                    fail("n_group", "expected a positive integer with topk_method 'group_limited_greedy'")
+                if self.n_routed_experts % self.n_group:
+                    fail("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by it")
+                if not isinstance(self.topk_group, int) or not 0 < self.topk_group <= self.n_group:
+                    fail("topk_group", f"expected an integer in [1, n_group={self.n_group}]")
+                if self.topk_group * (self.n_routed_experts // self.n_group) < k:
+                    fail("topk_group", f"topk_group groups hold fewer experts than num_experts_per_tok={k}")
+            if self.n_routed_experts % self.moe_num_devices:
+                fail("moe_num_devices", f"n_routed_experts={self.n_routed_experts} is not divisible by it")
+        if self.capacity_factor < 0:
+            fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
+        if self.seq_length > self.max_position_embeddings and not self.rope_scaling:
+            # RoPE tables are built for seq_length positions; only warn-worthy models need more
+            pass
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self):
+        output = super().to_dict()
+        for key in ("compute_dtype", "param_init_type", "softmax_compute_type", "layernorm_compute_type"):
+            output[key] = _dtype_name(getattr(self, key))
+        return output
+
+    def to_hf_dict(self) -> dict:
+        """The released config.json fields, for the reverse conversion (HF safetensors + config.json)."""
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts",
+                "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                "qk_nope_head_dim", "topk_method", "n_group", "topk_group", "num_experts_per_tok", "moe_layer_freq",
+                "first_k_dense_replace", "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux",
+                "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
+                "rope_scaling", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id",
+                "pad_token_id")
+        out = {key: getattr(self, key) for key in keys}
+        out.update({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                    "torch_dtype": "bfloat16", "initializer_range": self.init_std})
+        return out

@@ -1,0 +1,401 @@
+"""DeepSeek-V2 building blocks written from basic MindSpore ops (they run on CPU, GPU and Ascend alike).
+
+RMSNorm, Linear, Embedding, the interleaved-pair rotary embedding with YaRN, the SwiGLU feed-forward and
+DeepSeekMoE (router, dropless routed experts, shared experts, the paper's three balance losses, device-level token
+dropping). Names follow arXiv 2405.04434.
+
+Parallel layout: each Cell that holds weights declares, in ``LAYOUT``, which weight dimension is split by which
+parallel axis ("mp" model/tensor parallel, "ep" expert parallel). ``research.deepseek2.parallel`` reads these
+declarations; the math below never mentions devices.
+"""
+import math
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common import dtype as mstype
+from mindspore.common.initializer import initializer, Normal
+
+__all__ = ["RMSNorm", "Linear", "Embedding", "RotaryEmbedding", "apply_rotary", "FeedForward", "Router",
+           "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables"]
+
+
+class RMSNorm(nn.Cell):
+    """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32."""
+    LAYOUT = {}
+
+    def __init__(self, dim: int, eps: float = 1e-6, param_init_type=mstype.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), param_init_type), name="weight")
+
+    def construct(self, x):
+        dtype = x.dtype
+        x32 = ops.cast(x, mstype.float32)
+        variance = ops.mean(ops.square(x32), -1, keep_dims=True)
+        normed = ops.cast(x32 * ops.rsqrt(variance + self.eps), dtype)
+        return ops.cast(self.weight, dtype) * normed
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b); W stored (out, in) like torch.nn.Linear, so checkpoints convert without transposes."""
+    LAYOUT = {}
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_init_type),
+                                name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), param_init_type), name="bias") \
+            if has_bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))                # (tokens, in)
+        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))                      # (tokens, out)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """Token embedding table (vocab, hidden)."""
+    LAYOUT = {}
+
+    def __init__(self, vocab_size: int, hidden_size: int, param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_init_type),
+                                          name="embedding_weight")
+
+    def construct(self, tokens):
+        return ops.gather(self.embedding_weight, tokens, 0)                                # (b, s, hidden)
+
+
+# ---------------------------------------------------------------------------------------------- rotary embedding
+def _yarn_find_correction_dim(num_rotations, dim, base, max_position_embeddings):
+    return (dim * math.log(max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def _yarn_find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings):
+    low = math.floor(_yarn_find_correction_dim(low_rot, dim, base, max_position_embeddings))
+    high = math.ceil(_yarn_find_correction_dim(high_rot, dim, base, max_position_embeddings))
+    return max(low, 0), min(high, dim - 1)
+
+
+def _yarn_linear_ramp_mask(low, high, dim):
+    if low == high:
+        high += 0.001  # prevent a zero division
+    linear = (np.arange(dim, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(linear, 0, 1).astype(np.float32)
+
+
+def rope_tables(config, num_positions: int):
+    """cos/sin tables (num_positions, qk_rope_head_dim), each frequency repeated for its interleaved pair.
+
+    Frequencies and the YaRN cos/sin factor follow the released DeepSeek-V2 code, computed in float32 like it.
+    """
+    from .deepseek2_config import yarn_get_mscale
+    dim, base = config.qk_rope_head_dim, np.float32(config.rope_theta)
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (base ** exponents)).astype(np.float32)                # (dim/2,)
+    positions = np.arange(num_positions, dtype=np.float32)
+    mscale = 1.0
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        positions = positions / np.float32(scaling["factor"])
+    elif config.rope_type == "yarn":
+        factor = float(scaling["factor"])
+        original = scaling.get("original_max_position_embeddings", 4096)
+        low, high = _yarn_find_correction_range(scaling.get("beta_fast", 32), scaling.get("beta_slow", 1),
+                                                dim, float(base), original)
+        extra = inv_freq
+        inter = (np.float32(1.0) / (np.float32(factor) * base ** exponents)).astype(np.float32)
+        keep = np.float32(1.0) - _yarn_linear_ramp_mask(low, high, dim // 2)              # 1 = extrapolate
+        inv_freq = (inter * (np.float32(1.0) - keep) + extra * keep).astype(np.float32)
+        mscale = yarn_get_mscale(factor, scaling.get("mscale", 1)) / \
+            yarn_get_mscale(factor, scaling.get("mscale_all_dim", 0))
+    freqs = np.outer(positions, inv_freq).astype(np.float32)                               # (pos, dim/2)
+    cos = (np.cos(freqs) * np.float32(mscale)).astype(np.float32)
+    sin = (np.sin(freqs) * np.float32(mscale)).astype(np.float32)
+    return np.repeat(cos, 2, axis=-1), np.repeat(sin, 2, axis=-1)                          # (pos, dim)
+
+
+class RotaryEmbedding(nn.Cell):
+    """Holds the cos/sin tables; gives them for a prefix (training, prefill) or per-row positions (decode)."""
+
+    def __init__(self, config, num_positions: int):
+        super().__init__()
+        cos, sin = rope_tables(config, num_positions)
+        self.cos = Tensor(cos, mstype.float32)
+        self.sin = Tensor(sin, mstype.float32)
+
+    def construct(self, seq_len: int, positions=None):
+        if positions is None:
+            return self.cos[:seq_len], self.sin[:seq_len]                                  # (s, d)
+        cos = ops.gather(self.cos, positions, 0)                                           # (b, d)
+        sin = ops.gather(self.sin, positions, 0)
+        return ops.expand_dims(ops.expand_dims(cos, 1), 1), ops.expand_dims(ops.expand_dims(sin, 1), 1)  # (b,1,1,d)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the position angle: the released model's RoPE.
+
+    x: (..., d); cos/sin broadcast to x, each angle repeated for both members of its pair.
+    """
+    dtype = x.dtype
+    x32 = ops.cast(x, mstype.float32)
+    pairs = ops.reshape(x32, x32.shape[:-1] + (x32.shape[-1] // 2, 2))                      # (..., d/2, 2)
+    even, odd = pairs[..., 0:1], pairs[..., 1:2]
+    rotated = ops.reshape(ops.concat((-odd, even), -1), x32.shape)                         # (-x1, x0, -x3, x2 ...)
+    return ops.cast(x32 * cos + rotated * sin, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- feed-forward
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Column-split w1/w3 and row-split w2 under model parallel."""
+    LAYOUT = {"w1.weight": ("mp", None), "w3.weight": ("mp", None), "w2.weight": (None, "mp")}
+
+    def __init__(self, hidden_size: int, intermediate_size: int, compute_dtype=mstype.float32,
+                 param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        kwargs = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
+        self.w1 = Linear(hidden_size, intermediate_size, **kwargs)   # gate_proj
+        self.w3 = Linear(hidden_size, intermediate_size, **kwargs)   # up_proj
+        self.w2 = Linear(intermediate_size, hidden_size, **kwargs)   # down_proj
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Cell):
+    """Token-to-expert affinity s_{i,t} = softmax_i(u_t^T e_i) in float32 and the top-k choice.
+
+    greedy: top-k over all experts (DeepSeek-V2-Lite).
+    group_limited_greedy: device-limited routing; experts are split into n_group groups, a group scores the max of
+    its experts, the topk_group best groups are kept and top-k is taken inside them (DeepSeek-V2).
+    """
+    LAYOUT = {}
+
+    def __init__(self, config, param_init_type=mstype.float32):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.topk_method = config.topk_method
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = Parameter(initializer(Normal(config.init_std), (self.num_experts, config.hidden_size),
+                                            param_init_type), name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        """x: (tokens, hidden) -> scores (tokens, E), topk_idx (tokens, k) int32, topk_weight (tokens, k) fp32."""
+        logits = self.matmul(ops.cast(x, mstype.float32), ops.cast(self.weight, mstype.float32))
+        scores = ops.softmax(logits, -1)                                                   # (T, E)
+        if self.topk_method == "group_limited_greedy":
+            tokens = scores.shape[0]
+            grouped = ops.reshape(scores, (tokens, self.n_group, self.num_experts // self.n_group))
+            group_scores = ops.max(grouped, -1)[0]                                         # (T, G)
+            _, group_idx = ops.topk(group_scores, self.topk_group)                         # (T, topk_group)
+            group_mask = ops.reduce_sum(ops.one_hot(group_idx, self.n_group, Tensor(1.0, mstype.float32),
+                                                    Tensor(0.0, mstype.float32)), 1)         # (T, G)
+            expert_mask = ops.reshape(ops.broadcast_to(ops.expand_dims(group_mask, -1), grouped.shape),
+                                      (tokens, self.num_experts))                          # (T, E)
+            masked = scores * expert_mask
+            topk_weight, topk_idx = ops.topk(masked, self.top_k)
+        else:
+            topk_weight, topk_idx = ops.topk(scores, self.top_k)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (ops.reduce_sum(topk_weight, -1, keep_dims=True) + 1e-20)
+        else:
+            topk_weight = topk_weight * self.routed_scaling_factor
+        return scores, ops.cast(topk_idx, mstype.int32), topk_weight
+
+
+def balance_losses(scores, topk_idx, batch: int, num_experts: int, top_k: int, num_devices: int,
+                   topk_devices: int):
+    """The paper's auxiliary losses (section 2.2.3), each per sequence and averaged over the batch.
+
+    scores (b*s, E) fp32 affinities, topk_idx (b*s, k). Returns (L_ExpBal, L_DevBal, L_CommBal) before their alphas:
+      expert:  sum_i f_i P_i,    f_i = E/(k s) * #tokens choosing i,          P_i = mean_t s_{i,t}
+      device:  sum_d f'_d P'_d,  f'_d = mean_{i in d} f_i,                     P'_d = sum_{i in d} P_i
+      comm:    sum_d f''_d P''_d, f''_d = D/(M s) * #tokens sent to device d, P''_d = sum_{i in d} P_i
+    """
+    tokens = scores.shape[0]
+    seq = tokens // batch
+    one = Tensor(1.0, mstype.float32)
+    zero = Tensor(0.0, mstype.float32)
+    chosen = ops.reduce_sum(ops.one_hot(topk_idx, num_experts, one, zero), 1)              # (T, E) 0/1
+    chosen = ops.reshape(chosen, (batch, seq, num_experts))
+    prob = ops.reshape(scores, (batch, seq, num_experts))
+    f = ops.reduce_sum(chosen, 1) * (num_experts / (top_k * seq))                          # (b, E)
+    p = ops.mean(prob, 1)                                                                  # (b, E)
+    expert = ops.mean(ops.reduce_sum(f * p, -1))
+    per_dev = num_experts // num_devices
+    f_dev = ops.mean(ops.reshape(f, (batch, num_devices, per_dev)), -1)                    # (b, D)
+    p_dev = ops.reduce_sum(ops.reshape(p, (batch, num_devices, per_dev)), -1)              # (b, D)
+    device = ops.mean(ops.reduce_sum(f_dev * p_dev, -1))
+    sent = ops.reduce_max(ops.reshape(chosen, (batch, seq, num_devices, per_dev)), -1)     # (b, s, D) 0/1
+    f_comm = ops.reduce_sum(sent, 1) * (num_devices / (topk_devices * seq))                # (b, D)
+    comm = ops.mean(ops.reduce_sum(f_comm * p_dev, -1))
+    return expert, device, comm
+
+
+class StackedWeight(nn.Cell):
+    """One weight per routed expert, stacked on the first axis: (E, out, in)."""
+
+    def __init__(self, shape, param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(init_std), shape, param_init_type), name="weight")
+
+
+class RoutedExperts(nn.Cell):
+    """The routed experts, stacked: w1/w3 (E, inter, hidden), w2 (E, hidden, inter).
+
+    Dropless and static-shaped (graph mode): the T*k (token, expert) assignments are laid out expert after expert,
+    each expert's run padded to a multiple of a block of B rows; every block then belongs to one expert and one
+    batched matmul computes all blocks. Work is (T*k + min(E, T*k) * B) rows, growing with tokens x top_k,
+    never tokens x experts. B shrinks with the number of assignments (B = 1 when decoding one token: exactly k rows).
+    Under expert parallel the expert dimension is split.
+    """
+    LAYOUT = {"w1.weight": ("ep", None, None), "w3.weight": ("ep", None, None), "w2.weight": ("ep", None, None)}
+
+    def __init__(self, config, compute_dtype=mstype.float32, param_init_type=mstype.float32):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.hidden_size = e, h
+        self.top_k = config.num_experts_per_tok
+        self.block_size = config.moe_block_size
+        self.compute_dtype = compute_dtype
+        self.w1 = StackedWeight((e, i, h), param_init_type, config.init_std)            # gate_proj of every expert
+        self.w3 = StackedWeight((e, i, h), param_init_type, config.init_std)            # up_proj
+        self.w2 = StackedWeight((e, h, i), param_init_type, config.init_std)            # down_proj
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def plan(self, num_assignments: int):
+        """Static block plan for T*k assignments: (rows per block B, number of blocks)."""
+        busy = min(self.num_experts, num_assignments)        # experts that can hold at least one assignment
+        if self.block_size:
+            block = self.block_size
+        else:
+            block = 1 << max(0, math.ceil(math.log2(max(1.0, num_assignments / (4.0 * busy)))))
+        return block, -(-num_assignments // block) + busy
+
+    def construct(self, x, topk_idx, topk_weight, keep=None):
+        """x (T, h), topk_idx (T, k) int32, topk_weight (T, k) fp32, keep (T, k) 0/1 or None -> (T, h)."""
+        tokens, k = topk_idx.shape
+        n = tokens * k
+        block, num_blocks = self.plan(n)
+        slots = block * num_blocks
+        one = Tensor(1.0, mstype.float32)
+        zero = Tensor(0.0, mstype.float32)
+        expert = ops.reshape(topk_idx, (n,))                                               # (N,)
+        onehot = ops.one_hot(expert, self.num_experts, one, zero)                          # (N, E)
+        if keep is not None:
+            onehot = onehot * ops.reshape(ops.cast(keep, mstype.float32), (n, 1))          # dropped: no expert
+        count = ops.reduce_sum(onehot, 0)                                                  # (E,)
+        rank = ops.reduce_sum((ops.cumsum(onehot, 0) - onehot) * onehot, -1)               # (N,) rank in its expert
+        padded = ops.ceil(count / block) * block                                           # (E,)
+        end = ops.cumsum(padded, 0)                                                        # (E,)
+        start = end - padded
+        dest = ops.reduce_sum(onehot * ops.expand_dims(start, 0), -1) + rank               # (N,) slot of assignment
+        if keep is not None:
+            dest = dest * ops.reshape(ops.cast(keep, mstype.float32), (n,)) + \
+                slots * (1 - ops.reshape(ops.cast(keep, mstype.float32), (n,)))            # dropped -> spare slot
+        dest = ops.cast(dest, mstype.int32)
+        token = ops.cast(ops.reshape(ops.tile(ops.expand_dims(ops.arange(tokens), 1), (1, k)), (n,)), mstype.int32)
+        slot_token = ops.scatter_nd(ops.expand_dims(dest, 1), token + 1, (slots + 1,))[:slots]  # 0 = empty slot
+        x_pad = ops.concat((ops.zeros((1, x.shape[-1]), x.dtype), x), 0)                   # (T+1, h), row 0 zeros
+        xs = ops.reshape(ops.gather(ops.cast(x_pad, self.compute_dtype), slot_token, 0),
+                         (num_blocks, block, self.hidden_size))                            # (nb, B, h)
+        block_ids = ops.cast(ops.arange(num_blocks), mstype.float32) * block               # first slot of each block
+        block_expert = ops.reduce_sum(ops.cast(ops.expand_dims(block_ids, 1) >= ops.expand_dims(end, 0),
+                                               mstype.int32), -1)                          # (nb,)
+        block_expert = ops.minimum(block_expert, self.num_experts - 1)                     # spare blocks: any expert
+        w1 = ops.cast(ops.gather(self.w1.weight, block_expert, 0), self.compute_dtype)     # (nb, i, h)
+        w3 = ops.cast(ops.gather(self.w3.weight, block_expert, 0), self.compute_dtype)
+        w2 = ops.cast(ops.gather(self.w2.weight, block_expert, 0), self.compute_dtype)     # (nb, h, i)
+        hidden = ops.silu(self.bmm_t(xs, w1)) * self.bmm_t(xs, w3)                         # (nb, B, i)
+        out = ops.reshape(self.bmm_t(hidden, w2), (slots, self.hidden_size))               # (P, h)
+        out = ops.concat((out, ops.zeros((1, self.hidden_size), out.dtype)), 0)            # spare slot -> 0
+        per_assignment = ops.reshape(ops.gather(out, dest, 0), (tokens, k, self.hidden_size))
+        weights = topk_weight if keep is None else topk_weight * ops.cast(keep, mstype.float32)
+        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
+        return ops.cast(combined, x.dtype)                                                 # (T, h)
+
+
+class DeepSeekMoE(nn.Cell):
+    """DeepSeekMoE: h = x + sum_i g_i FFN_i(x) over the top-k routed experts + the shared experts' FFN(x).
+
+    Training adds the balance losses (alpha_1 expert-level, alpha_2 device-level, alpha_3 communication) and, when
+    capacity_factor > 0, drops the lowest-affinity assignments on each over-budget device group.
+    """
+    LAYOUT = {}
+
+    def __init__(self, config, compute_dtype=mstype.float32, param_init_type=mstype.float32):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.num_devices = config.moe_num_devices
+        self.topk_devices = config.topk_group if config.topk_method == "group_limited_greedy" else \
+            min(self.top_k, self.num_devices)
+        self.alphas = (config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha)
+        self.capacity_factor = config.capacity_factor
+        self.routed_experts = RoutedExpertsBlock(config, compute_dtype, param_init_type)
+        self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                                          compute_dtype, param_init_type, config.init_std) \
+            if config.n_shared_experts else None
+
+    def drop_mask(self, topk_idx, topk_weight):
+        """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones."""
+        tokens, k = topk_idx.shape
+        n = tokens * k
+        capacity = math.ceil(self.capacity_factor * n / self.num_devices)
+        device = ops.reshape(ops.floor_divide(topk_idx, self.num_experts // self.num_devices), (n,))   # (N,)
+        weight = ops.reshape(topk_weight, (n,))
+        one = Tensor(1.0, mstype.float32)
+        zero = Tensor(0.0, mstype.float32)
+        same = ops.equal(ops.expand_dims(device, 1), ops.expand_dims(device, 0))                   # (N, N)
+        order = ops.arange(n)
+        better = ops.logical_or(ops.expand_dims(weight, 0) > ops.expand_dims(weight, 1),
+                                ops.logical_and(ops.expand_dims(weight, 0) == ops.expand_dims(weight, 1),
+                                                ops.expand_dims(order, 0) < ops.expand_dims(order, 1)))
+        rank = ops.reduce_sum(ops.select(ops.logical_and(same, better), ops.ones((n, n), mstype.float32),
+                                         ops.zeros((n, n), mstype.float32)), 1)                  # (N,)
+        keep = ops.select(rank < capacity, ops.fill(mstype.float32, (n,), 1.0), ops.fill(mstype.float32, (n,), 0.0))
+        return ops.reshape(keep, (tokens, k))
+
+    def construct(self, x):
+        """x (b, s, h) -> (b, s, h), aux loss scalar (0 outside training)."""
+        b, s, h = x.shape
+        flat = ops.reshape(x, (b * s, h))
+        scores, topk_idx, topk_weight = self.routed_experts.router(flat)
+        keep = None
+        aux = ops.zeros((), mstype.float32)
+        if self.training:
+            if self.capacity_factor > 0:
+                keep = self.drop_mask(topk_idx, topk_weight)
+            if self.alphas[0] > 0 or self.alphas[1] > 0 or self.alphas[2] > 0:
+                expert, device, comm = balance_losses(scores, topk_idx, b, self.num_experts, self.top_k,
+                                                      self.num_devices, self.topk_devices)
+                aux = self.alphas[0] * expert + self.alphas[1] * device + self.alphas[2] * comm
+        out = self.routed_experts.ffn(flat, topk_idx, topk_weight, keep)
+        out = ops.reshape(out, (b, s, h))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out, aux
+
+
+class RoutedExpertsBlock(nn.Cell):
+    """Groups the router and the stacked experts under one name (``feed_forward.routed_experts``)."""
+
+    def __init__(self, config, compute_dtype=mstype.float32, param_init_type=mstype.float32):
+        super().__init__()
+        self.router = Router(config, param_init_type)
+        self.ffn = RoutedExperts(config, compute_dtype, param_init_type)

@@ -1,0 +1,175 @@
+"""The one table between Hugging Face DeepSeek-V2 tensor names and this model's parameter names.
+
+Both directions of the conversion and the loaders read ``NAME_MAP``; nothing else spells a weight name.
+Routed experts are stacked on MindSpore's side: HF ``...mlp.experts.{e}.gate_proj.weight`` (inter, hidden) is row
+``e`` of ``...feed_forward.routed_experts.ffn.w1.weight`` (n_routed_experts, inter, hidden).
+All other tensors keep their shape (MindSpore Dense and torch Linear both store (out, in)).
+"""
+import re
+from typing import Dict, Iterator, Optional, Tuple
+
+__all__ = ["NAME_MAP", "hf_to_ms", "ms_to_hf", "expected_ms_shapes", "expected_hf_shapes"]
+
+# (hf template, ms template): {L} a layer index, {E} an expert index (stacked on the MindSpore side)
+NAME_MAP = (
+    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
+    ("model.norm.weight", "model.norm_out.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("model.layers.{L}.input_layernorm.weight", "model.layers.{L}.attention_norm.weight"),
+    ("model.layers.{L}.post_attention_layernorm.weight", "model.layers.{L}.ffn_norm.weight"),
+    # MLA: query (low-rank, or full-rank when q_lora_rank is null)
+    ("model.layers.{L}.self_attn.q_proj.weight", "model.layers.{L}.attention.q_proj.weight"),
+    ("model.layers.{L}.self_attn.q_a_proj.weight", "model.layers.{L}.attention.q2l_proj.weight"),
+    ("model.layers.{L}.self_attn.q_a_layernorm.weight", "model.layers.{L}.attention.lq_norm.weight"),
+    ("model.layers.{L}.self_attn.q_b_proj.weight", "model.layers.{L}.attention.l2q_proj.weight"),
+    # MLA: compressed KV + decoupled RoPE key
+    ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.weight", "model.layers.{L}.attention.kv2l.weight"),
+    ("model.layers.{L}.self_attn.kv_a_layernorm.weight", "model.layers.{L}.attention.lkv_norm.weight"),
+    ("model.layers.{L}.self_attn.kv_b_proj.weight", "model.layers.{L}.attention.lkv2kv.weight"),
+    ("model.layers.{L}.self_attn.o_proj.weight", "model.layers.{L}.attention.wo.weight"),
+    # dense FFN (SwiGLU)
+    ("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.feed_forward.w1.weight"),
+    ("model.layers.{L}.mlp.down_proj.weight", "model.layers.{L}.feed_forward.w2.weight"),
+    ("model.layers.{L}.mlp.up_proj.weight", "model.layers.{L}.feed_forward.w3.weight"),
+    # DeepSeekMoE
+    ("model.layers.{L}.mlp.gate.weight", "model.layers.{L}.feed_forward.routed_experts.router.weight"),
+    ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w1.weight"),
+    ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w2.weight"),
+    ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w3.weight"),
+    ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w1.weight"),
+    ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w2.weight"),
+    ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w3.weight"),
+)
+
+
+def _regex(template: str) -> "re.Pattern":
+    pattern = re.escape(template).replace(re.escape("{L}"), r"(?P<L>\d+)").replace(re.escape("{E}"), r"(?P<E>\d+)")
+    return re.compile(pattern + "$")
+
+
+_HF_RULES = tuple((_regex(hf), ms) for hf, ms in NAME_MAP)
+_MS_RULES = tuple((_regex(ms), hf) for hf, ms in NAME_MAP)
+
+
+def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
+    """HF tensor name -> (MindSpore parameter name, expert row or None). KeyError for an unknown name."""
+    for regex, ms in _HF_RULES:
+        match = regex.match(hf_name)
+        if match:
+            groups = match.groupdict()
+            name = ms.replace("{L}", groups["L"]) if "L" in groups else ms
+            return name, (int(groups["E"]) if "E" in groups else None)
+    raise KeyError(f"no entry in weight_map.NAME_MAP for Hugging Face tensor {hf_name!r}")
+
+
+def ms_to_hf(ms_name: str, expert: Optional[int] = None) -> str:
+    """MindSpore parameter name (+ expert row for stacked experts) -> HF tensor name."""
+    for regex, hf in _MS_RULES:
+        match = regex.match(ms_name)
+        if match:
+            groups = match.groupdict()
+            name = hf.replace("{L}", groups["L"]) if "L" in groups else hf
+            if "{E}" in name:
+                if expert is None:
+                    raise KeyError(f"{ms_name!r} stacks routed experts: an expert index is needed")
+                name = name.replace("{E}", str(expert))
+            return name
+    raise KeyError(f"no entry in weight_map.NAME_MAP for MindSpore parameter {ms_name!r}")
+
+
+def is_stacked(ms_name: str) -> bool:
+    """True for the routed-expert parameters that stack n_routed_experts HF tensors."""
+    return ".routed_experts.ffn." in ms_name
+
+
+def expected_ms_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter the model holds for ``config`` (a DeepseekV2Config), name -> shape."""
+    shapes = {}
+    for hf_name, shape in expected_hf_shapes(config).items():
+        ms_name, expert = hf_to_ms(hf_name)
+        if expert is None:
+            shapes[ms_name] = shape
+        elif expert == 0:
+            shapes[ms_name] = (config.n_routed_experts,) + shape
+    return shapes
+
+
+def expected_hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the released HF checkpoint for ``config``, name -> shape."""
+    c = config
+    h, n = c.hidden_size, c.num_attention_heads
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        a = p + "self_attn."
+        if c.q_lora_rank is None:
+            shapes[a + "q_proj.weight"] = (n * c.q_head_dim, h)
+        else:
+            shapes[a + "q_a_proj.weight"] = (c.q_lora_rank, h)
+            shapes[a + "q_a_layernorm.weight"] = (c.q_lora_rank,)
+            shapes[a + "q_b_proj.weight"] = (n * c.q_head_dim, c.q_lora_rank)
+        shapes[a + "kv_a_proj_with_mqa.weight"] = (c.kv_lora_rank + c.qk_rope_head_dim, h)
+        shapes[a + "kv_a_layernorm.weight"] = (c.kv_lora_rank,)
+        shapes[a + "kv_b_proj.weight"] = (n * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+        shapes[a + "o_proj.weight"] = (h, n * c.v_head_dim)
+        m = p + "mlp."
+        if c.is_moe_layer(layer):
+            inter = c.moe_intermediate_size
+            shapes[m + "gate.weight"] = (c.n_routed_experts, h)
+            for e in range(c.n_routed_experts):
+                shapes[m + f"experts.{e}.gate_proj.weight"] = (inter, h)
+                shapes[m + f"experts.{e}.up_proj.weight"] = (inter, h)
+                shapes[m + f"experts.{e}.down_proj.weight"] = (h, inter)
+            if c.n_shared_experts:
+                inter_s = inter * c.n_shared_experts
+                shapes[m + "shared_experts.gate_proj.weight"] = (inter_s, h)
+                shapes[m + "shared_experts.up_proj.weight"] = (inter_s, h)
+                shapes[m + "shared_experts.down_proj.weight"] = (h, inter_s)
+        else:
+            shapes[m + "gate_proj.weight"] = (c.intermediate_size, h)
+            shapes[m + "up_proj.weight"] = (c.intermediate_size, h)
+            shapes[m + "down_proj.weight"] = (h, c.intermediate_size)
+    return shapes
+
+
+def iter_expert_rows(ms_name: str, n_experts: int) -> Iterator[Tuple[int, str]]:
+    """(expert, HF name) for every row of a stacked routed-expert parameter."""
+    for e in range(n_experts):
+        yield e, ms_to_hf(ms_name, e)
+
+
+def hf_arrays_to_ms(arrays, n_routed_experts: Optional[int]):
+    """In-memory conversion of a whole HF state (name -> numpy array) to MindSpore names, stacking experts.
+
+    For small models and tests; the streaming converter (convert_weight.py) does the same tensor by tensor.
+    """
+    import numpy as np
+    out, experts = {}, {}
+    for hf_name, array in arrays.items():
+        ms_name, expert = hf_to_ms(hf_name)
+        if expert is None:
+            out[ms_name] = array
+        else:
+            experts.setdefault(ms_name, {})[expert] = array
+    for ms_name, rows in experts.items():
+        missing = [e for e in range(n_routed_experts) if e not in rows]
+        if missing:
+            raise KeyError(f"{ms_name}: missing experts {missing[:8]} (n_routed_experts={n_routed_experts})")
+        out[ms_name] = np.stack([rows[e] for e in range(n_routed_experts)])
+    return out
+
+
+def ms_arrays_to_hf(arrays):
+    """Inverse of hf_arrays_to_ms: MindSpore name -> array to HF name -> array, unstacking experts."""
+    out = {}
+    for ms_name, array in arrays.items():
+        if is_stacked(ms_name):
+            for e in range(array.shape[0]):
+                out[ms_to_hf(ms_name, e)] = array[e]
+        else:
+            out[ms_to_hf(ms_name)] = array
+    return out
