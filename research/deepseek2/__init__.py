@@ -5,5 +5,6 @@ registry, so YAML files can name them (``type: DeepseekV2ForCausalLM`` ...).
 """
 from .deepseek2_config import DeepseekV2Config
 from .deepseek2 import DeepseekV2ForCausalLM, DeepseekV2Model
+from .train_wrapper import DeepseekV2TrainOneStepCell, LossGuard
 
 __all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "DeepseekV2Model"]
