@@ -74,8 +74,6 @@ def parse_overrides(rest: List[str]) -> List[tuple]:
         if not token.startswith("--") or len(token) == 2:
             raise UsageError(f"unexpected argument {token!r} (flags look like --name value)")
         key, eq, value = token[2:].partition("=")
-        if "." not in key:
-            raise UsageError(f"unknown flag --{key} (see --help; YAML keys are set as --a.b.c value)")
         if not eq:
             if i + 1 >= len(rest) or (rest[i + 1].startswith("--") and len(rest[i + 1]) > 2):
                 raise UsageError(f"--{key} needs a value")
@@ -143,6 +141,8 @@ def load_config(args, overrides):
     except yaml.YAMLError as err:
         raise UsageError(f"--config {args.config}: not valid YAML ({str(err).splitlines()[0]})") from err
     for path, value in overrides:
+        if len(path) == 1 and path[0] not in config:
+            raise UsageError(f"unknown flag --{path[0]} (see --help; YAML keys are set as --a.b.c value)")
         set_key(config, path, value, "override")
     flag_keys = {
         "run_mode": ["run_mode"], "use_parallel": ["use_parallel"], "load_checkpoint": ["load_checkpoint"],
@@ -198,4 +198,10 @@ def cli_main(argv: List[str]) -> int:
     except UsageError as err:
         print(f"run_mindformer.py: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # pylint: disable=broad-except
+        from research.deepseek2.train_wrapper import NonFiniteLossError
+        if isinstance(err, NonFiniteLossError) or isinstance(err.__cause__, NonFiniteLossError):
+            print(f"run_mindformer.py: error: {err}", file=sys.stderr)
+            return 3
+        raise
     return 0

@@ -58,7 +58,7 @@ class NonFiniteLossError(RuntimeError):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class LossGuard(Callback):
-    """Stops training at the first NaN/inf loss (naming the step); logs the MoE balance loss every log_steps."""
+    """Stops training at the first NaN/inf loss or gradient norm, naming the step; logs the MoE balance loss."""
 
     def __init__(self, log_steps: int = 1):
         super().__init__()
@@ -70,12 +70,19 @@ class LossGuard(Callback):
         loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         value = float(np.mean(loss.asnumpy())) if isinstance(loss, Tensor) else float(loss)
         step = params.cur_step_num
-        if not math.isfinite(value):
-            run_context.request_stop()
-            raise NonFiniteLossError(f"training loss became {value} at step {step}; the update of that step was "
-                                     f"skipped and the run stopped (lower the learning rate or check the data)")
-        network = params.train_network
-        net = getattr(network, "network", network)
-        aux = getattr(net, "last_aux_loss", None)
+        norm = outputs[4] if isinstance(outputs, (tuple, list)) and len(outputs) == 5 else None
+        norm = float(np.mean(norm.asnumpy())) if isinstance(norm, Tensor) else None
+        for what, number in (("loss", value), ("gradient norm", norm)):
+            if number is not None and not math.isfinite(number):
+                run_context.request_stop()
+                raise NonFiniteLossError(f"training {what} became {number} at step {step} (loss {value}); the "
+                                         f"update of that step was skipped and the run stopped (lower the "
+                                         f"learning rate, check the data and the initial weights)")
+        net, aux = params.train_network, None
+        for _ in range(6):                                 # the model sits under one or more wrappers
+            aux = getattr(net, "last_aux_loss", None)
+            if aux is not None or getattr(net, "network", None) is None:
+                break
+            net = net.network
         if aux is not None and step % self.log_steps == 0:
             logger.info(f"step {step}: loss {value:.6f}, MoE balance loss {float(aux.asnumpy()):.6f}")

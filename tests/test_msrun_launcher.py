@@ -1,0 +1,267 @@
+"""Tests of scripts/msrun_launcher.sh: argument handling (fast) and real msrun jobs on 127.0.0.1 (mccl on CPU).
+
+The multi-process tests run tests/_mccl_probe.py (init + AllReduce + a result file per rank). They keep the
+cluster timeout short and lower MindSpore's heartbeat timeout (MS_NODE_TIMEOUT) so a failed job is noticed in
+seconds, and they start independent jobs concurrently (each on its own free port) to keep the file fast.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "scripts", "msrun_launcher.sh")
+PROBE = os.path.join(REPO, "tests", "_mccl_probe.py")
+JOB_TIMEOUT = 240     # seconds before a test gives up on a launcher
+CLUSTER_TIME_OUT = "90"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env["LOCAL_DEFAULT_PATH"] = str(tmp_path / "mf_output")
+    env["MS_NODE_TIMEOUT"] = "10"     # heartbeat timeout: the scheduler notices a dead worker within ~10 s
+    env["GLOG_v"] = "2"               # fewer INFO lines in the logs
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _run_fast(args, cwd, tmp_path):
+    return subprocess.run(["bash", LAUNCHER, *args], cwd=cwd, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+class _Job:
+    """One launcher invocation running in the background."""
+
+    def __init__(self, args, cwd, tmp_path, name):
+        self.name = name
+        self.out_path = tmp_path / f"{name}.console"
+        self._out = open(self.out_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        self.proc = subprocess.Popen(["bash", LAUNCHER, *args], cwd=cwd, env=_env(tmp_path), stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, deadline):
+        try:
+            self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)     # the launcher forwards it to msrun / its workers
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            pytest.fail(f"launcher job {self.name} did not finish in {JOB_TIMEOUT} s:\n{self.console()[-3000:]}")
+        finally:
+            self._out.close()
+        return self.proc.returncode
+
+    def console(self):
+        return self.out_path.read_text(encoding="utf-8", errors="replace")
+
+
+def _wait_all(jobs):
+    deadline = time.monotonic() + JOB_TIMEOUT
+    return [job.wait(deadline) for job in jobs]
+
+
+def _results(out_dir):
+    found = {}
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+            record = json.load(handle)
+        found[record["rank"]] = record
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- usage (fast)
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_usage_and_exits_0(flag, tmp_path):
+    result = _run_fast([flag], tmp_path, tmp_path)
+    assert result.returncode == 0
+    for word in ("Usage", "WORKER_NUM", "LOCAL_WORKER", "MASTER_ADDR", "NODE_RANK", "CLUSTER_TIME_OUT"):
+        assert word in result.stdout
+
+
+@pytest.mark.parametrize("count", [0, 3, 4, 5, 7, 8, 10])
+def test_wrong_argument_count_exits_2(count, tmp_path):
+    args = [PROBE] + ["1"] * (count - 1) if count else []
+    result = _run_fast(args, tmp_path, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Usage" in result.stderr
+    assert f"got {count}" in result.stderr
+
+
+@pytest.mark.parametrize("args, field", [
+    (["2x"], "WORKER_NUM"),
+    (["0"], "WORKER_NUM"),
+    (["two", "8118", "log", "False", "60"], "WORKER_NUM"),
+    (["2", "port", "log", "False", "60"], "MASTER_PORT"),
+    (["2", "8118", "log", "maybe", "60"], "JOIN"),
+    (["2", "8118", "log", "False", "1h"], "CLUSTER_TIME_OUT"),
+    (["2", "one", "127.0.0.1", "8118", "0", "log", "False", "60"], "LOCAL_WORKER"),
+    (["2", "1", "127.0.0.1", "99999", "0", "log", "False", "60"], "MASTER_PORT"),
+    (["2", "1", "127.0.0.1", "8118", "first", "log", "False", "60"], "NODE_RANK"),
+    (["2", "4", "127.0.0.1", "8118", "0", "log", "False", "60"], "LOCAL_WORKER"),
+    (["4", "2", "127.0.0.1", "8118", "2", "log", "False", "60"], "NODE_RANK"),
+])
+def test_bad_values_exit_2_naming_the_field(args, field, tmp_path):
+    result = _run_fast([PROBE, *args], tmp_path, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert field in result.stderr and "Usage" in result.stderr
+    assert not (tmp_path / "log").exists()            # rejected before anything is created or started
+
+
+def test_missing_script_exits_2(tmp_path):
+    result = _run_fast(["no_such_dir/run.py --x 1", "2"], tmp_path, tmp_path)
+    assert result.returncode == 2
+    assert "no_such_dir/run.py" in result.stderr and "not found" in result.stderr
+
+
+def test_unbalanced_quotes_exit_2(tmp_path):
+    result = _run_fast([f"{PROBE} --out_dir 'unclosed", "2"], tmp_path, tmp_path)
+    assert result.returncode == 2
+    assert "cannot split CMD" in result.stderr
+
+
+def _dry_run(args, cwd, tmp_path):
+    env = _env(tmp_path)
+    env["MSRUN_LAUNCHER_DRY_RUN"] = "1"
+    return subprocess.run(["bash", LAUNCHER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], {"worker_num": "8", "local_worker_num": "8", "master_addr": "127.0.0.1", "master_port": "8118",
+          "node_rank": "0", "log_dir": "output/msrun_log", "join": "True", "cluster_time_out": "7200",
+          "tail_worker_log": "8"}),
+    (["4"], {"worker_num": "4", "local_worker_num": "4", "master_port": "8118", "log_dir": "output/msrun_log",
+             "cluster_time_out": "7200"}),
+    (["4", "9000", "logs", "True", "300"], {"worker_num": "4", "local_worker_num": "4", "master_port": "9000",
+                                             "log_dir": "logs", "cluster_time_out": "300", "tail_worker_log": "-1"}),
+    (["64", "8", "127.0.0.1", "9543", "0", "out/log", "False", "3000"],
+     {"worker_num": "64", "local_worker_num": "8", "master_port": "9543", "node_rank": "0", "log_dir": "out/log",
+      "cluster_time_out": "3000", "join": "True"}),
+])
+def test_four_forms_and_defaults(args, expected, tmp_path):
+    """Dry run: the msrun command each form builds (JOIN False still joins; it only stops tailing worker logs)."""
+    result = _dry_run([f"{PROBE} --x 1", *args], tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if "dry run: " in l][0]
+    for key, value in expected.items():
+        if key == "log_dir":
+            value = str(tmp_path / value)
+        assert f"--{key}={value} " in line, (key, line)
+    assert line.rstrip().endswith(f"{PROBE} --x 1")
+    assert not (tmp_path / "output").exists()                          # a dry run creates nothing
+
+
+def test_readme_style_command_from_a_subfolder(tmp_path):
+    """README form: run from research/deepseek2 with "../../run_mindformer.py ... --predict_data '...'"."""
+    (tmp_path / "research" / "deepseek2").mkdir(parents=True)
+    (tmp_path / "run_mindformer.py").write_text("print('hi')\n", encoding="utf-8")
+    cmd = ("../../run_mindformer.py --config run_predict_deepseek2_236B.yaml --run_mode=predict "
+           "--predict_data 'An attention function can be described' --predict_length 128 --use_parallel True")
+    result = _dry_run([cmd, "16", "8", "127.0.0.1", "8421", "0", "output/msrun_log", "False", "300"],
+                      tmp_path / "research" / "deepseek2", tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if "dry run: " in l][0]
+    assert f" {tmp_path / 'run_mindformer.py'} --config" in line
+    assert r"--predict_data An\ attention\ function\ can\ be\ described --predict_length" in line
+    assert f"PYTHONPATH={REPO}" in result.stdout
+    for rank in range(8):
+        assert str(tmp_path / "research" / "deepseek2" / "output" / "msrun_log" / f"worker_{rank}.log") in result.stdout
+
+
+def test_second_node_on_local_master_gets_msrun_worker_environment(tmp_path):
+    result = _dry_run([PROBE, "16", "8", "127.0.0.1", "8421", "1", "logs", "False", "300"], tmp_path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if "dry run: " in l]
+    assert len(lines) == 8                                              # ranks 8..15, no scheduler
+    for local, line in enumerate(lines):
+        rank = 8 + local
+        for item in ("MS_WORKER_NUM=16", "MS_SCHED_HOST=127.0.0.1", "MS_SCHED_PORT=8421", "MS_TOPO_TIMEOUT=300",
+                     "MS_ROLE=MS_WORKER", f"MS_NODE_ID={rank}", f"RANK_ID={rank}", "RANK_SIZE=16",
+                     f"DEVICE_ID={local}"):
+            assert item in line.split(), (item, line)
+    assert "scheduler log" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- real jobs
+def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
+    """2 workers on one node, and 2 nodes x 1 worker (two launcher calls) on 127.0.0.1, run side by side.
+
+    The script is given relative to a working directory that is not the repo, as the README does from
+    research/deepseek2 ("../../run_mindformer.py ...").
+    """
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    probe_rel = os.path.relpath(PROBE, work)
+    port_one, port_two = _free_port(), _free_port()
+    jobs = [   # 'one node': a quoted argument with a space must reach the script whole (README's --predict_data)
+        _Job([f"{probe_rel} --out_dir 'one node'", "2", str(port_one), "logs_one", "False", CLUSTER_TIME_OUT],
+             work, tmp_path, "one_node"),
+        _Job([f"python {probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "0", "logs_n0",
+              "False", CLUSTER_TIME_OUT], work, tmp_path, "node0"),
+        _Job([f"{probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "1", "logs_n1", "True",
+              CLUSTER_TIME_OUT], work, tmp_path, "node1"),
+    ]
+    codes = _wait_all(jobs)
+    for job, code in zip(jobs, codes):
+        assert code == 0, f"{job.name} exited {code}:\n{job.console()[-3000:]}"
+
+    for out_dir in ("one node", "two_nodes"):
+        results = _results(work / out_dir)
+        assert sorted(results) == [0, 1], f"{out_dir}: result files for ranks {sorted(results)}"
+        for record in results.values():
+            assert record["size"] == 2 and record["ok"]
+            assert record["allreduce"] == [3.0, 6.0, 9.0, 12.0]          # (1 + 2) * [1, 2, 3, 4]
+            assert record["pythonpath"].split(os.pathsep)[0] == REPO      # project root first on PYTHONPATH
+            assert record["cwd"] == str(work)
+
+    one = jobs[0].console()
+    for name in ("worker_0.log", "worker_1.log", "scheduler.log"):
+        assert str(work / "logs_one" / name) in one                      # where each log is, printed
+        assert (work / "logs_one" / name).is_file()
+    # node 0 runs msrun (scheduler + rank 0); node 1 starts rank 1 without a second scheduler
+    assert (work / "logs_n0" / "scheduler.log").is_file() and (work / "logs_n0" / "worker_0.log").is_file()
+    assert (work / "logs_n1" / "worker_1.log").is_file() and not (work / "logs_n1" / "scheduler.log").exists()
+    assert "without a second msrun scheduler" in jobs[2].console()
+    assert "probe: rank 1 allreduce" in jobs[2].console()                # JOIN True streams the worker log
+
+
+def test_failing_worker_makes_launcher_fail(tmp_path):
+    """A worker exiting 3 after init(): non-zero with JOIN False and True, and on both nodes of a 2-node job."""
+    ports = [_free_port() for _ in range(3)]
+    fail = f"{PROBE} --out_dir {tmp_path / 'res'} --fail_rank 1"
+    jobs = [
+        _Job([fail, "2", str(ports[0]), "logs_false", "False", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_false"),
+        _Job([fail, "2", str(ports[1]), "logs_true", "True", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_true"),
+        _Job([fail, "2", "1", "127.0.0.1", str(ports[2]), "0", "logs_n0", "False", CLUSTER_TIME_OUT], tmp_path,
+             tmp_path, "node0"),
+        _Job([fail, "2", "1", "127.0.0.1", str(ports[2]), "1", "logs_n1", "False", CLUSTER_TIME_OUT], tmp_path,
+             tmp_path, "node1"),
+    ]
+    codes = _wait_all(jobs)
+    for job, code in zip(jobs, codes):
+        assert code != 0, f"{job.name} exited 0 though rank 1 failed:\n{job.console()[-3000:]}"
+        assert "job FAILED" in job.console()
+    assert "probe: rank 1 fails on purpose" in (tmp_path / "logs_false" / "worker_1.log").read_text()
+    assert "worker rank 1 (pid" in jobs[3].console() and "exited with status 3" in jobs[3].console()
+    # no worker left behind
+    left = subprocess.run(["pgrep", "-f", fail], capture_output=True, text=True, check=False).stdout.split()
+    assert not left, f"probe processes still running: {left}"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,183 @@
+"""The three DeepSeek-V2 236B YAMLs: MindFormers layout, released model values, and parallel consistency.
+
+Broken copies of the YAMLs must fail research/deepseek2/parallel_check.py with a message naming the field.
+"""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from research.deepseek2.parallel_check import check_parallel_config, layers_per_stage, load_yaml_checks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(REPO, "research", "deepseek2")
+TRAIN_YAMLS = ("finetune_deepseek2_236B.yaml", "run_train_deepseek2_236B.yaml")
+PREDICT_YAML = "run_predict_deepseek2_236B.yaml"
+ALL_YAMLS = TRAIN_YAMLS + (PREDICT_YAML,)
+CARDS = {"finetune_deepseek2_236B.yaml": 64, "run_train_deepseek2_236B.yaml": 64, PREDICT_YAML: 16}
+
+RELEASED_236B = {
+    "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+    "num_hidden_layers": 60, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 2,
+    "n_routed_experts": 160, "routed_scaling_factor": 16.0, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "group_limited_greedy",
+    "n_group": 8, "topk_group": 3, "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1,
+    "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.003, "seq_aux": True,
+    "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+}
+
+
+def _load(name):
+    with open(os.path.join(PKG, name), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _write(tmp_path, name, config):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- the YAMLs
+@pytest.mark.parametrize("name", ALL_YAMLS)
+def test_yaml_is_consistent(name):
+    assert load_yaml_checks(os.path.join(PKG, name)) == []
+    assert load_yaml_checks(os.path.join(PKG, name), device_num=CARDS[name]) == []
+    pc = _load(name)["parallel_config"]
+    assert pc["data_parallel"] * pc["model_parallel"] * pc["pipeline_stage"] == CARDS[name]
+
+
+@pytest.mark.parametrize("name", ALL_YAMLS)
+def test_yaml_layout_and_released_values(name):
+    config = _load(name)
+    mc = config["model"]["model_config"]
+    for key, value in RELEASED_236B.items():
+        assert mc[key] == value, f"{name}: model_config.{key}"
+    assert mc["type"] == "DeepseekV2Config" and config["model"]["arch"]["type"] == "DeepseekV2ForCausalLM"
+    assert config["trainer"]["type"] == "CausalLanguageModelingTrainer"
+    assert config["processor"]["tokenizer"]["type"] == "DeepseekV2Tokenizer"
+    assert config["processor"]["return_tensors"] == "ms" and "tokenizer_file" in config["processor"]["tokenizer"]
+    assert config["use_parallel"] is True and config["parallel"]["parallel_mode"] == 1
+    assert config["context"]["mode"] == 0 and config["context"]["device_target"] == "Ascend"
+    assert mc["seq_length"] == 4096 and mc["compute_dtype"] == "bfloat16"
+    if name == PREDICT_YAML:
+        assert config["run_mode"] == "predict" and mc["use_past"] is True
+        assert mc["param_init_type"] == "bfloat16" and mc["checkpoint_name_or_path"]
+        assert config["processor"]["tokenizer"]["tokenizer_file"]
+    else:
+        assert mc["use_past"] is False and mc["param_init_type"] == "float32"
+        assert config["load_checkpoint"] == "" and config["train_dataset"]["data_loader"]["dataset_dir"] == ""
+        assert config["train_dataset"]["data_loader"]["type"] == "MindDataset"
+        assert config["train_dataset"]["input_columns"] == ["input_ids", "labels"]
+        assert config["runner_wrapper"]["type"] == "MFTrainOneStepCell"
+        assert config["runner_wrapper"]["use_clip_grad"] is True
+        assert config["optimizer"]["type"] == "AdamW" and config["lr_schedule"]["type"] == "CosineWithWarmUpLR"
+        assert config["recompute_config"]["recompute"] is True
+        assert (mc["device_aux_loss_alpha"], mc["comm_aux_loss_alpha"]) == (0.05, 0.02)
+        assert {"MFLossMonitor", "CheckpointMonitor"} <= {cb["type"] for cb in config["callbacks"]}
+
+
+@pytest.mark.parametrize("name", ALL_YAMLS)
+def test_yaml_builds_the_model_config(name):
+    """MindFormers parses the file, and DeepseekV2Config accepts its model_config (all of its own checks pass)."""
+    from mindformers.tools.register import MindFormerConfig
+    from research.deepseek2.deepseek2_config import DeepseekV2Config
+    parsed = MindFormerConfig(os.path.join(PKG, name))
+    assert parsed.parallel_config.model_parallel == _load(name)["parallel_config"]["model_parallel"]
+    fields = {k: v for k, v in _load(name)["model"]["model_config"].items() if k != "type"}
+    config = DeepseekV2Config(**fields)
+    hf = config.to_hf_dict()
+    for key, value in RELEASED_236B.items():
+        assert hf[key] == value, key
+    assert config.moe_num_devices == 8 and config.cache_width == 512 + 64
+
+
+# ---------------------------------------------------------------------------------------------- broken copies
+BROKEN = [
+    # (yaml, section, key, value, device_num, text the message must contain)
+    (TRAIN_YAMLS[0], "parallel_config", "data_parallel", 4, 64, "data_parallel x model_parallel x pipeline_stage"),
+    (TRAIN_YAMLS[0], "parallel_config", "model_parallel", 3, None, "num_attention_heads"),
+    (PREDICT_YAML, "parallel_config", "model_parallel", 12, None, "12 cards does not fill whole"),
+    (TRAIN_YAMLS[0], "parallel_config", "expert_parallel", 16, None, "expert_parallel = 16 does not divide"),
+    (TRAIN_YAMLS[1], "parallel_config", "expert_parallel", 3, None, "n_routed_experts = 160"),
+    (TRAIN_YAMLS[1], "parallel_config", "micro_batch_num", 1, None, "micro_batch_num = 1"),
+    (TRAIN_YAMLS[1], "parallel_config", "pipeline_stage", 7, None, "num_hidden_layers = 60 is not divisible"),
+    (TRAIN_YAMLS[1], "parallel_config", "data_parallel", "8", None, "parallel_config.data_parallel = '8'"),
+    (TRAIN_YAMLS[0], "model_config", "vocab_size", 102402, None, "model_config.vocab_size = 102402"),
+    (TRAIN_YAMLS[0], "model_config", "moe_intermediate_size", 1538, None, "model_config.moe_intermediate_size"),
+    (TRAIN_YAMLS[0], "model_config", "intermediate_size", 12290, None, "model_config.intermediate_size"),
+    (TRAIN_YAMLS[0], "model_config", "hidden_size", 5122, None, "model_config.hidden_size"),
+    (TRAIN_YAMLS[0], "model_config", "kv_lora_rank", 0, None, "model_config.kv_lora_rank"),
+    (TRAIN_YAMLS[0], "model_config", "q_lora_rank", -1, None, "model_config.q_lora_rank"),
+    (TRAIN_YAMLS[0], "model_config", "offset", [1, 0], None, "model_config.offset"),
+    (PREDICT_YAML, "parallel_config", "model_parallel", 12, 12, "num_attention_heads = 128"),
+    (PREDICT_YAML, "parallel_config", "pipeline_stage", 2, None, "pipeline_stage = 2: prediction"),
+    (PREDICT_YAML, "parallel_config", "data_parallel", 2, None, "batch_size = 1 is not divisible"),
+]
+
+
+@pytest.mark.parametrize("name, section, key, value, device_num, text", BROKEN,
+                         ids=[f"{b[0].split('_')[0]}-{b[2]}={b[3]}" for b in BROKEN])
+def test_broken_copy_fails_naming_the_field(tmp_path, name, section, key, value, device_num, text):
+    config = copy.deepcopy(_load(name))
+    target = config["model"]["model_config"] if section == "model_config" else config[section]
+    target[key] = value
+    problems = load_yaml_checks(_write(tmp_path, name, config), device_num=device_num)
+    assert any(text in problem for problem in problems), problems
+    assert all(problem.startswith(name + ": ") for problem in problems)
+
+
+def test_seq_parallel_needs_divisible_sequence(tmp_path):
+    config = copy.deepcopy(_load(TRAIN_YAMLS[0]))
+    config["parallel_config"]["use_seq_parallel"] = True
+    assert load_yaml_checks(_write(tmp_path, "sp.yaml", config)) == []
+    config["model"]["model_config"]["seq_length"] = 4098
+    problems = load_yaml_checks(_write(tmp_path, "sp.yaml", config))
+    assert any("model_config.seq_length = 4098" in p and "use_seq_parallel" in p for p in problems), problems
+
+
+def test_vocab_split_only_matters_without_vocab_emb_dp():
+    model = {"vocab_size": 102402, "hidden_size": 5120, "num_attention_heads": 128}
+    parallel = {"data_parallel": 2, "model_parallel": 4, "vocab_emb_dp": True}
+    assert check_parallel_config(model, parallel, 8) == []
+    problems = check_parallel_config(model, dict(parallel, vocab_emb_dp=False), 8)
+    assert len(problems) == 1 and "vocab_size = 102402" in problems[0] and "vocab_emb_dp = False" in problems[0]
+
+
+def test_uneven_pipeline_split_with_offset(tmp_path):
+    config = copy.deepcopy(_load(TRAIN_YAMLS[0]))
+    config["model"]["model_config"]["num_hidden_layers"] = 61
+    problems = load_yaml_checks(_write(tmp_path, "odd.yaml", config))
+    assert any("num_hidden_layers = 61" in p and "offset" in p for p in problems), problems
+    config["model"]["model_config"]["offset"] = [0, 1]                  # stages of 30 and 31 layers
+    assert load_yaml_checks(_write(tmp_path, "odd.yaml", config)) == []
+    assert layers_per_stage(61, 2, [0, 1]) == [30, 31]
+    assert layers_per_stage(61, 2) == [30, 31] and layers_per_stage(60, 4) == [15] * 4
+
+
+def test_expert_parallel_rule_small_cases():
+    model = {"n_routed_experts": 8, "num_attention_heads": 4, "hidden_size": 16, "num_hidden_layers": 2}
+    assert check_parallel_config(model, {"data_parallel": 4, "expert_parallel": 4}, 4) == []
+    assert check_parallel_config(model, {"data_parallel": 4, "expert_parallel": 2, "model_parallel": 2}, 8) == []
+    bad = check_parallel_config(model, {"data_parallel": 2, "expert_parallel": 4, "model_parallel": 2}, 4)
+    assert any("expert_parallel = 4 does not divide parallel_config.data_parallel = 2" in p for p in bad), bad
+    dense = check_parallel_config({"num_attention_heads": 4}, {"data_parallel": 2, "expert_parallel": 2}, 2)
+    assert any("n_routed_experts is not set" in p for p in dense), dense
+
+
+def test_cli_exit_status(tmp_path):
+    script = os.path.join(PKG, "parallel_check.py")
+    ok = subprocess.run([sys.executable, script, "--config", *[os.path.join(PKG, n) for n in ALL_YAMLS]],
+                        capture_output=True, text=True, check=False, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.count(": OK") == 3, ok.stdout + ok.stderr
+    config = copy.deepcopy(_load(PREDICT_YAML))
+    config["parallel_config"]["model_parallel"] = 8
+    bad = subprocess.run([sys.executable, script, "--config", _write(tmp_path, PREDICT_YAML, config),
+                          "--device_num", "16"], capture_output=True, text=True, check=False, timeout=60)
+    assert bad.returncode == 1 and "device_num = 16" in bad.stdout, bad.stdout

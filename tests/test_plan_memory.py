@@ -1,0 +1,204 @@
+"""Tests of research/deepseek2/plan_memory.py against hand-computed numbers and the released model sizes."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from research.deepseek2.plan_memory import GIB, count_parameters, plan, smallest_cluster
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(REPO, "research", "deepseek2")
+
+# released config.json values (DeepSeek-V2 236B and DeepSeek-V2-Lite), the fields the counts need
+V2_236B = dict(vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+               num_hidden_layers=60, num_attention_heads=128, n_shared_experts=2, n_routed_experts=160,
+               kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+               num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, tie_word_embeddings=False,
+               topk_method="group_limited_greedy", n_group=8, topk_group=3)
+V2_LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+               num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
+               kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+               num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, tie_word_embeddings=False,
+               topk_method="greedy")
+
+# A small model whose numbers are worked out by hand below.
+TINY = dict(vocab_size=100, hidden_size=8, intermediate_size=16, moe_intermediate_size=4, num_hidden_layers=2,
+            num_attention_heads=2, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+            kv_lora_rank=4, q_lora_rank=6, qk_rope_head_dim=2, qk_nope_head_dim=2, v_head_dim=2,
+            first_k_dense_replace=1, moe_layer_freq=1, tie_word_embeddings=False,
+            seq_length=4, batch_size=1, compute_dtype="float32", param_init_type="float32",
+            softmax_compute_type="float32", capacity_factor=0.0)
+# By hand (h=8, a=2, dn=dr=dv=2, r=4, rq=6, f=16, fm=4, E=4, ns=1, k=2, V=100):
+#   MLA per layer: q_a 8*6=48, q_a_norm 6, q_b 6*2*4=48, kv_a 8*6=48, kv_a_norm 4, kv_b 4*2*4=32, o 2*2*8=32 -> 218
+#   norms 2*8=16; layer 0 dense FFN 3*8*16=384; layer 1 MoE: routed 4*3*8*4=384, shared 3*8*4=96, gate 4*8=32
+#   embedding 800, lm_head 800, final norm 8 -> total 800+800+8 + (218+16+384) + (218+16+512) = 2972
+#   activated = 2972 - embedding 800 - unchosen experts (4-2)*96 = 1980
+TINY_TOTAL, TINY_ACTIVATED = 2972, 1980
+
+
+def _config(model_config, parallel_config, **top):
+    config = {"run_mode": "train", "model": {"model_config": dict(model_config, type="DeepseekV2Config")},
+              "parallel_config": parallel_config, "runner_config": {"batch_size": 1},
+              "parallel": {"enable_parallel_optimizer": False}, "optimizer": {"type": "AdamW"},
+              "recompute_config": {"recompute": False}}
+    config.update(top)
+    return config
+
+
+def test_tiny_counts_by_hand():
+    counts = count_parameters(TINY)
+    assert counts["attention"] == 2 * 218
+    assert counts["norms"] == 2 * 16
+    assert counts["dense_ffn"] == 384
+    assert counts["routed_experts"] == 384 and counts["shared_experts"] == 96 and counts["gate"] == 32
+    assert counts["embedding"] == counts["lm_head"] == 800 and counts["final_norm"] == 8
+    assert counts["num_dense_layers"] == 1 and counts["num_moe_layers"] == 1
+    assert counts["total"] == TINY_TOTAL
+    assert counts["activated"] == TINY_ACTIVATED
+
+
+def test_full_rank_query_and_tied_embeddings_by_hand():
+    model = dict(TINY, q_lora_rank=None, tie_word_embeddings=True)
+    counts = count_parameters(model)
+    # q_proj 8 * 2*(2+2) = 64 replaces q_a 48 + q_a_norm 6 + q_b 48 = 102 per layer; no lm_head
+    assert counts["attention_per_layer"] == 218 - 102 + 64
+    assert counts["lm_head"] == 0
+    assert counts["total"] == TINY_TOTAL - 2 * (102 - 64) - 800
+
+
+def test_released_deepseek_v2_236b_counts():
+    counts = count_parameters(V2_236B)
+    assert abs(counts["total"] - 235.7e9) < 0.05e9          # "236B", the release holds ~235.7B
+    assert 20.5e9 <= counts["activated"] < 21.5e9           # "21B activated"
+    assert counts["num_moe_layers"] == 59 and counts["num_dense_layers"] == 1
+
+
+def test_released_deepseek_v2_lite_counts():
+    counts = count_parameters(V2_LITE)
+    assert abs(counts["total"] - 15.7e9) < 0.05e9           # "15.7B"
+    assert abs(counts["activated"] - 2.4e9) < 0.1e9         # "2.4B activated"
+
+
+@pytest.mark.parametrize("model", [TINY, V2_LITE, V2_236B], ids=["tiny", "lite", "236b"])
+def test_counts_match_the_weight_table(model):
+    """The analytic total equals the sum over every tensor the weight map expects for the same config."""
+    from research.deepseek2.deepseek2_config import DeepseekV2Config
+    from research.deepseek2.weight_map import expected_hf_shapes
+    keep = {k: v for k, v in model.items() if k not in ("compute_dtype", "param_init_type", "softmax_compute_type")}
+    config = DeepseekV2Config(**keep, num_key_value_heads=model["num_attention_heads"])
+    total = 0
+    for shape in expected_hf_shapes(config).values():
+        size = 1
+        for dim in shape:
+            size *= dim
+        total += size
+    assert total == count_parameters(model)["total"]
+
+
+def test_train_plan_by_hand():
+    """dp 2 x mp 2 x pp 1, ep 2, fp32 weights: per-card parameters, states and activations worked out by hand."""
+    config = _config(TINY, {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2})
+    result = plan(config, card_memory_gb=1.0, overhead_gb=0.0)
+    # whole per layer: norms 16 + q_a 48 + q_a_norm 6 + kv_a 48 + kv_a_norm 4 = 122 (+ gate 32 on the MoE layer)
+    # split by mp:     q_b 48 + kv_b 32 + o 32 = 112, + dense FFN 384 (layer 0) / shared expert 96 (layer 1)
+    # experts / (ep*mp): 384 / 4 = 96;  vocab_emb_dp (default True): embedding, lm_head, final norm whole
+    # card: 800 + 800 + 8 + (122 + 496/2) + (154 + 208/2 + 96) = 2332
+    assert result["params_per_card"] == 2332
+    assert result["bytes"]["weights"] == 2332 * 4
+    assert result["bytes"]["gradients"] == 2332 * 4
+    assert result["bytes"]["optimizer"] == 2332 * 8               # two fp32 moments, fp32 weights: no master copy
+    # activations, no recompute, s=4, b=1, c=4, t=2:
+    #   attention: s*b*c*(2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a*dv/t)
+    #              = 16*(16+12+4+6+4+4+8+2) = 896, + scores b*(a/t)*s^2*(4+4) = 128        -> 1024 per layer
+    #   layer 0 dense FFN: 16*(16 + 3*16/2) = 640                                          -> 1664
+    #   layer 1 MoE: 16*(16 + 3*1*4/2) = 352, router 8*s*b*E = 128, rows k*s*b = 8: 8*4*(16 + 3*4/2) = 704
+    #                                                                                      -> 1024 + 1184 = 2208
+    #   logits s*b*V*(4+4+4) = 4800 (vocab_emb_dp: not split)
+    assert result["bytes"]["activations"] == 1664 + 2208 + 4800
+    assert result["total_bytes"] == 2332 * 16 + 1664 + 2208 + 4800
+    assert result["fits"] and result["mode"] == "train" and result["problems"] == []
+
+    recompute = plan(dict(config, recompute_config={"recompute": True}), overhead_gb=0.0)
+    # layer inputs in_flight 1 x 2 layers x s*b*h*c = 256, + the largest layer 2208, + logits 4800
+    assert recompute["bytes"]["activations"] == 256 + 2208 + 4800
+
+
+def test_parallel_optimizer_swap_and_bf16_master_copy():
+    parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
+    sharded = plan(_config(TINY, parallel, parallel={"enable_parallel_optimizer": True}), overhead_gb=0.0)
+    # copies: whole weights dp*mp = 4 -> (1608 + 122 + 154) / 4 = 471; mp-split dp = 2 -> (248 + 104) / 2 = 176;
+    # experts dp/ep = 1 -> 96.   8 bytes each: 8 * 743 = 5944
+    assert sharded["bytes"]["optimizer"] == 5944
+    swapped = plan(_config(TINY, parallel, optimizer={"type": "AdamW", "swap": True}), overhead_gb=0.0)
+    assert swapped["bytes"]["optimizer"] == 0
+    assert swapped["host_optimizer_bytes_per_node"] == 2332 * 8 * 4          # 4 cards in the job
+    bf16 = plan(_config(dict(TINY, param_init_type="bfloat16"), parallel), overhead_gb=0.0)
+    assert bf16["bytes"]["weights"] == 2332 * 2 and bf16["bytes"]["gradients"] == 2332 * 2
+    assert bf16["bytes"]["optimizer"] == 2332 * (8 + 4)                     # moments + fp32 master copy
+
+
+def test_pipeline_stages_by_hand():
+    """pp 2: stage 0 = embedding + layer 0, stage 1 = layer 1 + final norm + lm_head; 1F1B in-flight micro-batches."""
+    config = _config(TINY, {"data_parallel": 2, "model_parallel": 1, "pipeline_stage": 2, "expert_parallel": 2,
+                            "micro_batch_num": 4}, recompute_config={"recompute": True})
+    result = plan(config, overhead_gb=0.0)
+    stage0, stage1 = result["stages"]
+    assert stage0["params_per_card"] == 800 + 618
+    assert stage1["params_per_card"] == 154 + 208 + 384 / 2 + 8 + 800
+    # stage 0 keeps 2 micro-batches of layer inputs (1F1B), stage 1 one; t = 1 now
+    layer0 = 16 * (16 + 12 + 8 + 6 + 4 + 8 + 16 + 4) + 1 * 2 * 16 * 8 + 16 * (16 + 48)   # 1184 + 256 + 1024
+    assert stage0["activations"] == 2 * 1 * 128 + layer0
+    layer1 = 1184 + 256 + 16 * (16 + 12) + 128 + 8 * 4 * (16 + 12)
+    assert stage1["activations"] == 1 * 1 * 128 + layer1 + 4800
+    assert result["busiest_stage"] == max(range(2), key=lambda i: result["stages"][i]["total"])
+
+
+def test_predict_plan_by_hand():
+    model = dict(TINY, use_past=True, param_init_type="bfloat16", compute_dtype="bfloat16")
+    config = _config(model, {"data_parallel": 1, "model_parallel": 2}, run_mode="predict")
+    result = plan(config, overhead_gb=0.0)
+    assert result["mode"] == "predict"
+    assert result["params_per_card"] == 800 + 800 + 8 + (122 + 496 / 2) + (154 + 208 / 2 + 384 / 2)
+    assert result["bytes"]["weights"] == result["params_per_card"] * 2
+    assert result["bytes"]["gradients"] == 0 and result["bytes"]["optimizer"] == 0
+    # latent cache: batch 1 x 2 layers x seq 4 x (r 4 + dr 2) x 2 bytes
+    assert result["bytes"]["kv_cache"] == 1 * 2 * 4 * 6 * 2
+    assert result["bytes"]["workspace"] > 1 * 4 * 100 * 4                     # includes fp32 logits
+
+
+def test_236b_yaml_plans(tmp_path):
+    with open(os.path.join(PKG, "finetune_deepseek2_236B.yaml"), encoding="utf-8") as handle:
+        train = yaml.safe_load(handle)
+    result = plan(train, card_memory_gb=64)
+    assert result["shape"]["device_num"] == 64 and result["fits"] and result["problems"] == []
+    assert 40 * GIB < result["total_bytes"] < 60 * GIB
+    assert smallest_cluster(train)["device_num"] == 64
+    # without the optimizer offload the same 64 cards do not hold it
+    no_swap = copy.deepcopy(train)
+    no_swap["optimizer"]["swap"] = False
+    assert not plan(no_swap)["fits"]
+    assert smallest_cluster(no_swap)["device_num"] > 64
+
+    with open(os.path.join(PKG, "run_predict_deepseek2_236B.yaml"), encoding="utf-8") as handle:
+        predict = yaml.safe_load(handle)
+    result = plan(predict, card_memory_gb=64)
+    assert result["mode"] == "predict" and result["shape"]["device_num"] == 16 and result["fits"]
+    # bf16 weights: about 235.7B * 2 bytes / 16 plus the whole embedding/lm_head and latent projections
+    assert 28 * GIB < result["bytes"]["weights"] < 33 * GIB
+    assert smallest_cluster(predict)["device_num"] == 16
+
+
+def test_cli_prints_the_table():
+    script = os.path.join(PKG, "plan_memory.py")
+    out = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "finetune_deepseek2_236B.yaml")],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for text in ("235.74B parameters", "dp 8 x mp 4 x pp 2 = 64 cards", "weights", "gradients",
+                 "optimizer states", "activations", "of 64 GB per card: fits", "smallest cluster that fits: 64"):
+        assert text in out.stdout
+    small = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "run_predict_deepseek2_236B.yaml"),
+                            "--card_memory_gb", "16"], capture_output=True, text=True, check=False, timeout=60)
+    assert small.returncode == 1 and "does NOT fit" in small.stdout and "latent KV cache" in small.stdout
