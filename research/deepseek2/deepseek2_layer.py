@@ -18,7 +18,25 @@ from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 __all__ = ["RMSNorm", "Linear", "Embedding", "RotaryEmbedding", "apply_rotary", "FeedForward", "Router",
-           "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables"]
+           "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables", "PartialSum"]
+
+
+class PartialSum(nn.Cell):
+    """Sums the partial results of the tensor-parallel ranks (AllReduce); identity on one rank.
+
+    Inference only: the backward of a plain AllReduce is another AllReduce, which would scale gradients by the
+    number of ranks, so models with tp_size > 1 refuse to train (see DeepseekV2ForCausalLM.set_train).
+    """
+
+    def __init__(self, tp_size: int = 1):
+        super().__init__()
+        self.tp_size = tp_size
+        self.all_reduce = ops.AllReduce() if tp_size > 1 else None
+
+    def construct(self, x):
+        if self.tp_size > 1:
+            return self.all_reduce(x)
+        return x
 
 
 class RMSNorm(nn.Cell):
@@ -160,15 +178,17 @@ class FeedForward(nn.Cell):
     LAYOUT = {"w1.weight": ("mp", None), "w3.weight": ("mp", None), "w2.weight": (None, "mp")}
 
     def __init__(self, hidden_size: int, intermediate_size: int, compute_dtype=mstype.float32,
-                 param_init_type=mstype.float32, init_std: float = 0.02):
+                 param_init_type=mstype.float32, init_std: float = 0.02, tp_size: int = 1, reduce: bool = True):
         super().__init__()
         kwargs = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
-        self.w1 = Linear(hidden_size, intermediate_size, **kwargs)   # gate_proj
-        self.w3 = Linear(hidden_size, intermediate_size, **kwargs)   # up_proj
-        self.w2 = Linear(intermediate_size, hidden_size, **kwargs)   # down_proj
+        local = intermediate_size // tp_size                        # this rank's columns of w1/w3, rows of w2
+        self.w1 = Linear(hidden_size, local, **kwargs)   # gate_proj
+        self.w3 = Linear(hidden_size, local, **kwargs)   # up_proj
+        self.w2 = Linear(local, hidden_size, **kwargs)   # down_proj
+        self.partial_sum = PartialSum(tp_size if reduce else 1)
 
     def construct(self, x):
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+        return self.partial_sum(self.w2(ops.silu(self.w1(x)) * self.w3(x)))
 
 
 class Router(nn.Cell):
@@ -211,7 +231,7 @@ class Router(nn.Cell):
         else:
             topk_weight, topk_idx = ops.topk(scores, self.top_k)
         if self.top_k > 1 and self.norm_topk_prob:
-            topk_weight = topk_weight / (ops.reduce_sum(topk_weight, -1, keep_dims=True) + 1e-20)
+            topk_weight = topk_weight / (ops.sum(topk_weight, -1, keepdim=True) + 1e-20)
         else:
             topk_weight = topk_weight * self.routed_scaling_factor
         return scores, ops.cast(topk_idx, mstype.int32), topk_weight
@@ -259,7 +279,7 @@ class RoutedExperts(nn.Cell):
 
     Dropless and static-shaped (graph mode): the T*k (token, expert) assignments are laid out expert after expert,
     each expert's run padded to a multiple of a block of B rows; every block then belongs to one expert and one
-    batched matmul computes all blocks. Work is (T*k + min(E, T*k) * B) rows, growing with tokens x top_k,
+    batched matmul computes all blocks. Work is at most T*k + min(E, T*k) * (B - 1) rows (rounded up to a block), growing with tokens x top_k,
     never tokens x experts. B shrinks with the number of assignments (B = 1 when decoding one token: exactly k rows).
     Under expert parallel the expert dimension is split.
     """
@@ -267,8 +287,10 @@ class RoutedExperts(nn.Cell):
 
     def __init__(self, config, compute_dtype=mstype.float32, param_init_type=mstype.float32):
         super().__init__()
-        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.num_experts, self.hidden_size = e, h
+        e, h, i = config.n_routed_experts // config.tp_size, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.hidden_size = e, h                # this rank's experts: [offset, offset + e)
+        self.expert_offset = config.tp_rank * e
+        self.tp_size = config.tp_size
         self.top_k = config.num_experts_per_tok
         self.block_size = config.moe_block_size
         self.compute_dtype = compute_dtype
@@ -284,7 +306,8 @@ class RoutedExperts(nn.Cell):
             block = self.block_size
         else:
             block = 1 << max(0, math.ceil(math.log2(max(1.0, num_assignments / (4.0 * busy)))))
-        return block, -(-num_assignments // block) + busy
+        # every busy expert pads its run by at most block - 1 rows
+        return block, -(-(num_assignments + busy * (block - 1)) // block)
 
     def construct(self, x, topk_idx, topk_weight, keep=None):
         """x (T, h), topk_idx (T, k) int32, topk_weight (T, k) fp32, keep (T, k) 0/1 or None -> (T, h)."""
@@ -294,6 +317,12 @@ class RoutedExperts(nn.Cell):
         slots = block * num_blocks
         one = Tensor(1.0, mstype.float32)
         zero = Tensor(0.0, mstype.float32)
+        if self.tp_size > 1:                                   # assignments to other ranks' experts: not here
+            local = ops.logical_and(topk_idx >= self.expert_offset,
+                                    topk_idx < self.expert_offset + self.num_experts)
+            topk_idx = ops.select(local, topk_idx - self.expert_offset, ops.zeros_like(topk_idx))
+            local = ops.cast(local, mstype.float32)
+            keep = local if keep is None else keep * local
         expert = ops.reshape(topk_idx, (n,))                                               # (N,)
         onehot = ops.one_hot(expert, self.num_experts, one, zero)                          # (N, E)
         if keep is not None:
@@ -349,18 +378,20 @@ class DeepSeekMoE(nn.Cell):
         self.capacity_factor = config.capacity_factor
         self.routed_experts = RoutedExpertsBlock(config, compute_dtype, param_init_type)
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
-                                          compute_dtype, param_init_type, config.init_std) \
-            if config.n_shared_experts else None
+                                          compute_dtype, param_init_type, config.init_std, config.tp_size,
+                                          reduce=False) if config.n_shared_experts else None
+        self.partial_sum = PartialSum(config.tp_size)         # routed (local experts) + shared (local columns)
 
-    def drop_mask(self, topk_idx, topk_weight):
-        """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones."""
+    def drop_mask(self, topk_idx, affinity):
+        """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones.
+
+        topk_idx (T, k) chosen experts, affinity (T, k) their softmax scores s_{i,t} (not the scaled weights).
+        """
         tokens, k = topk_idx.shape
         n = tokens * k
         capacity = math.ceil(self.capacity_factor * n / self.num_devices)
         device = ops.reshape(ops.floor_divide(topk_idx, self.num_experts // self.num_devices), (n,))   # (N,)
-        weight = ops.reshape(topk_weight, (n,))
-        one = Tensor(1.0, mstype.float32)
-        zero = Tensor(0.0, mstype.float32)
+        weight = ops.reshape(affinity, (n,))
         same = ops.equal(ops.expand_dims(device, 1), ops.expand_dims(device, 0))                   # (N, N)
         order = ops.arange(n)
         better = ops.logical_or(ops.expand_dims(weight, 0) > ops.expand_dims(weight, 1),
@@ -380,7 +411,7 @@ class DeepSeekMoE(nn.Cell):
         aux = ops.zeros((), mstype.float32)
         if self.training:
             if self.capacity_factor > 0:
-                keep = self.drop_mask(topk_idx, topk_weight)
+                keep = self.drop_mask(topk_idx, ops.gather_elements(scores, 1, topk_idx))   # by affinity s_{i,t}
             if self.alphas[0] > 0 or self.alphas[1] > 0 or self.alphas[2] > 0:
                 expert, device, comm = balance_losses(scores, topk_idx, b, self.num_experts, self.top_k,
                                                       self.num_devices, self.topk_devices)
@@ -389,7 +420,7 @@ class DeepSeekMoE(nn.Cell):
         out = ops.reshape(out, (b, s, h))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out, aux
+        return self.partial_sum(out), aux
 
 
 class RoutedExpertsBlock(nn.Cell):

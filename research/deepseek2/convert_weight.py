@@ -1,0 +1,322 @@
+"""Convert DeepSeek-V2 / V2-Lite weights between Hugging Face and this MindSpore model, tensor by tensor.
+
+Hugging Face -> MindSpore (names from weight_map.NAME_MAP, routed experts stacked to (E, out, in)):
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT.ckpt [--dtype bf16]
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT_DIR/
+      (a folder: one .ckpt shard per input shard + deepseek2.ckpt.index.json)
+MindSpore -> Hugging Face (safetensors shards + model.safetensors.index.json + config.json):
+    python research/deepseek2/convert_weight.py --reverse --mindspore_ckpt_path IN.ckpt|IN_DIR \
+        --torch_ckpt_path OUT_HF_DIR --config config.json|model.yaml [--dtype bf16] [--max_shard_size 5GB]
+
+Everything is checked before the output is put in place (missing, unknown and mis-shaped tensors, truncated files);
+on any error the command names the tensor/file, leaves no output behind, and exits with status 1.
+Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+if __package__ in (None, ""):  # run as a script: `python convert_weight.py` or `python research/deepseek2/...`
+    _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if _REPO_ROOT not in sys.path:
+        sys.path.insert(0, _REPO_ROOT)
+
+# pylint: disable=wrong-import-position
+import numpy as np
+from mindformers.tools.logger import logger
+
+from research.deepseek2.checkpoint_io import (HF_INDEX_NAME, MS_INDEX_NAME, CheckpointError, CkptWriter, HFCheckpoint,
+                                              MSCheckpoint, SafetensorsWriter, StagedDir, cast_array,
+                                              check_hf_tensors, dtype_name, iter_hf_as_ms, np_dtype)
+from research.deepseek2.deepseek2_config import DeepseekV2Config
+from research.deepseek2.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms, is_stacked,
+                                           ms_to_hf)
+
+__all__ = ["load_config", "parse_size", "convert_hf_to_ms", "convert_ms_to_hf", "name_map_markdown", "main"]
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def load_config(path: str) -> DeepseekV2Config:
+    """DeepseekV2Config from a HF folder (its config.json), a config.json, or a MindFormers YAML
+    (``model: {model_config: {...}}``)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: config file not found")
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # pylint: disable=import-outside-toplevel
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        try:
+            fields = dict(data["model"]["model_config"])
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: expected the MindFormers layout model: {{model_config: {{...}}}}") from err
+        fields.pop("type", None)
+    else:
+        try:
+            with open(path) as f:
+                fields = json.load(f)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    try:
+        return DeepseekV2Config(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def parse_size(text) -> int:
+    """'5GB' (10^9), '2GiB' (2^30), '500MB', '64KiB', or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"--max_shard_size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit or "_"))
+
+
+def _output_is_folder(path: str) -> bool:
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        return True
+    if not path.endswith(".ckpt"):
+        raise CheckpointError(f"--mindspore_ckpt_path {path!r}: expected a .ckpt file, or a folder (an existing one "
+                              f"or a path ending in '/') for sharded output")
+    return False
+
+
+def _check_complete(written: dict, expected: dict, where: str):
+    missing = sorted(set(expected) - set(written))
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} parameter(s) were not produced: {missing[:10]}")
+    for name, shape in expected.items():
+        if tuple(written[name]) != tuple(shape):
+            raise CheckpointError(f"{where}: parameter {name!r} has shape {tuple(written[name])}, "
+                                  f"expected {tuple(shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------- HF -> MS
+def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progress: bool = True) -> dict:
+    """Convert a Hugging Face DeepSeek-V2 folder to a MindSpore ``.ckpt`` (or a folder of shards).
+
+    Args:
+        hf_dir: folder with config.json and model.safetensors / sharded safetensors + index / pytorch_model*.bin.
+        out_path: ``X.ckpt`` for one file; an existing folder or a path ending in '/' for one shard per input shard
+            (a layer's stacked experts go to the shard where its last expert arrives) plus ``MS_INDEX_NAME``.
+        dtype: 'bf16' | 'fp16' | 'fp32' or None (keep each tensor's source dtype).
+        config: a DeepseekV2Config; default ``hf_dir/config.json``.
+    Returns: {"files": [...], "params": count, "bytes": total tensor bytes}.
+    """
+    if config is None:
+        config = load_config(os.path.join(hf_dir, "config.json"))
+    hf = HFCheckpoint(hf_dir)
+    check_hf_tensors(hf, config)
+    expected = expected_ms_shapes(config)
+    folder = _output_is_folder(out_path)
+    logger.info(f"converting {hf_dir} ({len(hf.shards)} {hf.kind} file(s)) -> {out_path}, "
+                f"dtype {dtype or 'as in the source'}")
+    written, total = {}, 0
+    if not folder:
+        with CkptWriter(out_path) as writer:
+            for _, name, array in iter_hf_as_ms(hf, config, dtype, progress):
+                writer.write(name, array)
+                written[name] = array.shape
+                del array  # before the generator builds the next one
+            _check_complete(written, expected, out_path)
+            total = writer.nbytes
+        logger.info(f"wrote {out_path}: {len(written)} parameters, {total / 2**20:.1f} MiB")
+        return {"files": [out_path], "params": len(written), "bytes": total}
+
+    stage = StagedDir(out_path)
+    try:
+        parts, weight_map, writer, current = [], {}, None, None
+        for i, name, array in iter_hf_as_ms(hf, config, dtype, progress):
+            if i != current:
+                if writer is not None:
+                    writer.close()
+                current = i
+                parts.append(stage.file(f"part-{i:05d}.ckpt"))
+                writer = CkptWriter(parts[-1], atomic=False)
+            writer.write(name, array)
+            written[name] = array.shape
+            weight_map[name] = len(parts) - 1
+            total += array.nbytes
+            del array
+        if writer is not None:
+            writer.close()
+        _check_complete(written, expected, out_path)
+        names = [f"deepseek2-{k + 1:05d}-of-{len(parts):05d}.ckpt" for k in range(len(parts))]
+        for part, name in zip(parts, names):
+            os.replace(part, stage.file(name))
+        index = {"metadata": {"total_size": total, "format": "ckpt"},
+                 "weight_map": {n: names[k] for n, k in weight_map.items()}}
+        with open(stage.file(MS_INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+        stage.commit()
+    except BaseException:
+        stage.abort()
+        raise
+    files = [os.path.join(stage.path, n) for n in names]
+    logger.info(f"wrote {len(files)} shard(s) + {MS_INDEX_NAME} to {stage.path}: {len(written)} parameters, "
+                f"{total / 2**20:.1f} MiB")
+    return {"files": files, "params": len(written), "bytes": total}
+
+
+# ---------------------------------------------------------------------------------------------------- MS -> HF
+def _plan_shards(config, out_dtypes: dict, max_shard_size: int):
+    """[[(hf name, dtype, shape), ...] per output shard], filled in model order up to max_shard_size."""
+    shards, current, size = [], [], 0
+    for hf_name, shape in expected_hf_shapes(config).items():
+        ms_name, _ = hf_to_ms(hf_name)
+        dtype = out_dtypes[ms_name]
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append((hf_name, dtype, shape))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_size="5GB",
+                     progress: bool = True) -> dict:
+    """Convert a MindSpore checkpoint (``.ckpt`` or converted folder) to Hugging Face safetensors shards.
+
+    Writes ``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json`` and ``config.json`` (from
+    ``config.to_hf_dict()``) into ``hf_dir``, loadable by transformers' ``DeepseekV2ForCausalLM.from_pretrained``.
+    ``config``: a DeepseekV2Config or a path for ``load_config``. ``dtype`` None keeps the stored dtypes.
+    Returns {"files": [...], "params": HF tensor count, "bytes": total}.
+    """
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    if not isinstance(config, DeepseekV2Config):
+        config = load_config(config)
+    limit = parse_size(max_shard_size)
+    source = MSCheckpoint(ms_path)
+    info = source.tensor_info()
+    expected = expected_ms_shapes(config)
+    unknown = sorted(n for n in info if n not in expected)
+    if unknown:
+        raise CheckpointError(f"{ms_path}: {len(unknown)} unexpected parameter(s) not in the model of the config: "
+                              + ", ".join(f"{n} (in {os.path.basename(info[n][2])})" for n in unknown[:10]))
+    missing = sorted(n for n in expected if n not in info)
+    if missing:
+        raise CheckpointError(f"{ms_path}: {len(missing)} parameter(s) missing: {missing[:10]}")
+    for name, shape in expected.items():
+        if tuple(info[name][0]) != tuple(shape):
+            raise CheckpointError(f"{info[name][2]}: parameter {name!r} has shape {tuple(info[name][0])}, "
+                                  f"expected {tuple(shape)} from the config")
+    out_dtypes = {n: (np_dtype(dtype) if dtype else info[n][1]) for n in expected}
+    plan = _plan_shards(config, out_dtypes, limit)
+    names = [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
+    if os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+        logger.warning(f"{hf_dir}/model.safetensors exists and would be preferred over the new {HF_INDEX_NAME} by "
+                       f"transformers: remove it")
+    logger.info(f"converting {ms_path} -> {hf_dir}: {len(plan)} safetensors shard(s) of at most {limit} bytes")
+    stage = StagedDir(hf_dir)
+    writers = []
+    try:
+        where = {}
+        for file_name, entries in zip(names, plan):
+            writers.append(SafetensorsWriter(stage.file(file_name), entries, {"format": "pt"}))
+            for hf_name, _, _ in entries:
+                where[hf_name] = writers[-1]
+        with tqdm(total=len(expected), desc="tensors", unit="tensor", disable=not progress) as bar:
+            for _, tensors in source.iter_files():
+                for name, array in tensors:
+                    if is_stacked(name):  # cast row by row: no second copy of the whole stack
+                        for e in range(array.shape[0]):
+                            hf_name = ms_to_hf(name, e)
+                            where[hf_name].write(hf_name, cast_array(array[e], out_dtypes[name]))
+                    else:
+                        hf_name = ms_to_hf(name)
+                        where[hf_name].write(hf_name, cast_array(array, out_dtypes[name]))
+                    del array
+                    bar.update(1)
+        for writer in writers:
+            writer.close()
+        total = sum(w.nbytes for w in writers)
+        weight_map = {hf_name: names[k] for k, entries in enumerate(plan) for hf_name, _, _ in entries}
+        with open(stage.file(HF_INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf_config = config.to_hf_dict()
+        kinds = [dtype_name(d) for d in out_dtypes.values()]
+        hf_config["torch_dtype"] = max(set(kinds), key=kinds.count)
+        with open(stage.file("config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        stage.commit()
+    except BaseException:
+        for writer in writers:
+            try:
+                writer.close()
+            except CheckpointError:
+                pass
+        stage.abort()
+        raise
+    logger.info(f"wrote {len(names)} shard(s), {HF_INDEX_NAME} and config.json to {stage.path} "
+                f"({total / 2**20:.1f} MiB)")
+    return {"files": [os.path.join(stage.path, n) for n in names], "params": len(weight_map), "bytes": total}
+
+
+# ---------------------------------------------------------------------------------------------------- docs
+def name_map_markdown() -> str:
+    """The weight_map.NAME_MAP table as Markdown (docs/weights.md embeds it)."""
+    lines = ["| Hugging Face tensor | MindSpore parameter | shape (MindSpore) |", "|---|---|---|"]
+    for hf, ms_name in NAME_MAP:
+        stacked = is_stacked(ms_name)
+        shape = "(n_routed_experts, out, in): row {E} = HF expert {E}" if stacked else "same as HF"
+        lines.append(f"| `{hf}` | `{ms_name}` | {shape} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Convert DeepSeek-V2 weights: Hugging Face -> MindSpore .ckpt (default) or back (--reverse).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Errors (missing/unknown/mis-shaped tensors, truncated files) name the tensor and file, leave no "
+               "output behind and exit with status 1.")
+    parser.add_argument("--torch_ckpt_path", required=True,
+                        help="Hugging Face folder: input (config.json + model.safetensors, sharded safetensors with "
+                             f"{HF_INDEX_NAME}, or pytorch_model*.bin), or the output folder with --reverse")
+    parser.add_argument("--mindspore_ckpt_path", required=True,
+                        help="MindSpore checkpoint: output (X.ckpt, or a folder - existing or ending in '/' - for "
+                             f"one .ckpt per input shard + {MS_INDEX_NAME}), or the input with --reverse")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                        help="output dtype; default: keep each tensor's source dtype (released HF weights are bf16)")
+    parser.add_argument("--reverse", action="store_true", help="MindSpore -> Hugging Face safetensors")
+    parser.add_argument("--config", default=None,
+                        help="config.json, HF folder or MindFormers model YAML (model.model_config); required with "
+                             "--reverse, optional otherwise (default: TORCH_CKPT_PATH/config.json)")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="largest safetensors shard with --reverse (5GB = 5e9 bytes; GiB units too)")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.reverse:
+            if not args.config:
+                raise CheckpointError("--reverse needs --config (config.json, HF folder or model YAML)")
+            convert_ms_to_hf(args.mindspore_ckpt_path, args.torch_ckpt_path, args.config, args.dtype,
+                             args.max_shard_size, progress=not args.no_progress)
+        else:
+            config = load_config(args.config) if args.config else None
+            convert_hf_to_ms(args.torch_ckpt_path, args.mindspore_ckpt_path, args.dtype, config,
+                             progress=not args.no_progress)
+    except (CheckpointError, ValueError, OSError) as err:
+        logger.error(f"conversion failed: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
