@@ -105,6 +105,8 @@ class DeepseekV2Config(PretrainedConfig):
                  softmax_compute_type: str = "float32",
                  layernorm_compute_type: str = "float32",
                  ignore_token_id: int = -100,
+                 tp_size: int = 1,                        # inference tensor/expert parallel ranks (hand-written)
+                 tp_rank: int = 0,                        # this process's rank among them
                  # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
                  device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
@@ -164,6 +166,8 @@ class DeepseekV2Config(PretrainedConfig):
         self.softmax_compute_type = _dtype(softmax_compute_type, "softmax_compute_type")
         self.layernorm_compute_type = _dtype(layernorm_compute_type, "layernorm_compute_type")
         self.ignore_token_id = ignore_token_id
+        self.tp_size = int(tp_size)
+        self.tp_rank = int(tp_rank)
 
         self.device_aux_loss_alpha = float(device_aux_loss_alpha)
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
@@ -250,6 +254,15 @@ class DeepseekV2Config(PretrainedConfig):
                     fail("topk_group", f"topk_group groups hold fewer experts than num_experts_per_tok={k}")
             if self.n_routed_experts % self.moe_num_devices:
                 fail("moe_num_devices", f"n_routed_experts={self.n_routed_experts} is not divisible by it")
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            fail("tp_rank", f"expected 0 <= tp_rank < tp_size={self.tp_size}")
+        if self.tp_size > 1:
+            for field in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts"):
+                value = getattr(self, field)
+                if value is not None and value % self.tp_size:
+                    fail(field, f"not divisible by tp_size={self.tp_size} (heads, FFN widths and experts are split)")
+            if self.n_shared_experts and (self.moe_intermediate_size * self.n_shared_experts) % self.tp_size:
+                fail("n_shared_experts", f"shared FFN width not divisible by tp_size={self.tp_size}")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
         if self.seq_length > self.max_position_embeddings and not self.rope_scaling:

@@ -16,7 +16,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from .deepseek2_layer import RMSNorm, Linear, FeedForward, DeepSeekMoE, apply_rotary
+from .deepseek2_layer import RMSNorm, Linear, FeedForward, DeepSeekMoE, PartialSum, apply_rotary
 
 __all__ = ["MLAttention", "DecoderLayer"]
 
@@ -30,7 +30,7 @@ class MLAttention(nn.Cell):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
+        self.n_heads = config.num_attention_heads // config.tp_size      # this rank's heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
         self.nope_dim = config.qk_nope_head_dim
@@ -55,6 +55,7 @@ class MLAttention(nn.Cell):
         self.lkv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps, config.param_init_type)
         self.lkv2kv = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), **kw)     # W^UK, W^UV
         self.wo = Linear(n * self.v_dim, h, has_bias=config.attention_bias, **kw)          # W^O
+        self.partial_sum = PartialSum(config.tp_size)           # heads of the other ranks
         if self.use_past:
             # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head
             self.kv_cache = Parameter(initializer("zeros", (config.batch_size, config.seq_length,
@@ -144,7 +145,7 @@ class MLAttention(nn.Cell):
                 c_kv = ops.depend(c_kv, cache)
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.v_dim))
-        return self.wo(out)
+        return self.partial_sum(self.wo(out))
 
 
 class DecoderLayer(nn.Cell):
@@ -160,7 +161,7 @@ class DecoderLayer(nn.Cell):
             self.feed_forward = DeepSeekMoE(config, config.compute_dtype, config.param_init_type)
         else:
             self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.compute_dtype,
-                                            config.param_init_type, config.init_std)
+                                            config.param_init_type, config.init_std, config.tp_size)
 
     def construct(self, x, cos, sin, mask=None, batch_valid_length=None):
         """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
