@@ -94,3 +94,24 @@ def test_cache_holds_only_latent(layout):
     assert all(tuple(c.shape) == (batch, SEQ, width) for c in caches)
     state = [p for p in net.get_parameters() if not p.requires_grad and "kv_cache" in p.name]
     assert sum(int(np.prod(p.shape)) for p in state) == batch * fields["num_hidden_layers"] * SEQ * width
+
+
+def test_one_model_serves_several_batch_sizes_in_graph_mode():
+    """A cached model compiled for one batch size answers a later call with another one correctly."""
+    fields = LAYOUTS["lite"]
+    ref = R.build_reference(fields)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        net = R.build_ms(fields, ref, seq_length=SEQ, use_past=True, batch_size=2)
+        single = np.random.RandomState(1).randint(2, fields["vocab_size"], (1, 10))
+        a = list(np.random.RandomState(2).randint(2, fields["vocab_size"], 7))
+        b = list(np.random.RandomState(3).randint(2, fields["vocab_size"], 11))
+        first = net.generate(single.tolist(), max_new_tokens=6, do_sample=False)
+        pair = net.generate([a + [fields["pad_token_id"]] * 4, b], max_new_tokens=6, do_sample=False)
+        again = net.generate(single.tolist(), max_new_tokens=6, do_sample=False)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    expected = list(R.reference_generate(ref, single, 6)[0])
+    assert list(first[0]) == expected and list(again[0]) == expected
+    for row, prompt in zip(pair, (a, b)):
+        assert list(row) == list(R.reference_generate(ref, np.array([prompt]), 6)[0])

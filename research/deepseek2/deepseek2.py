@@ -89,6 +89,20 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
     def add_flags_custom(self, is_first_iteration):
         self.add_flags_recursive(is_first_iteration=is_first_iteration)
 
+    def generate(self, input_ids, *args, **kwargs):
+        """MindFormers' generate; each batch size gets graphs of its own (prefill_b{n}, increment_b{n}).
+
+        MindSpore generalises a graph phase that sees a second input shape to dynamic shape, which the static cache
+        slicing does not support; naming the phase by batch size keeps every compiled graph static.
+        """
+        try:
+            rows = int(np.reshape(np.asarray(input_ids), (-1, np.shape(input_ids)[-1])).shape[0])
+        except ValueError:
+            rows = None                                                      # ragged: the base class explains
+        if rows is not None:
+            self._set_network_phase(f"b{rows}")
+        return super().generate(input_ids, *args, **kwargs)
+
     def kv_cache_parameters(self):
         """The per-layer latent caches (use_past only): (batch, seq_length, kv_lora_rank + qk_rope_head_dim)."""
         return [layer.attention.kv_cache for layer in self.model.layers] if self.use_past else []

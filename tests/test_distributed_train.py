@@ -1,0 +1,269 @@
+"""Data-parallel training on CPU through scripts/msrun_launcher.sh (mccl backend, 127.0.0.1 only).
+
+One module fixture starts four jobs side by side (each on its own free port) and waits for them:
+  * ``single``: one process, ``run_mindformer.py`` directly, batch 4;
+  * ``dp``:     (a) 2 workers on one node through the launcher, per-rank batch 2 (global batch 4);
+  * ``node0`` + ``node1``: (b) the same 2-rank job as two launcher calls, one worker each, node ranks 0 and 1.
+All use the tiny model of tests/test_training.py (SMALL), 16 rows, 1 epoch = 4 steps, shuffle off.
+
+Why the losses can match exactly:
+  * MindDataset shards rows *strided* (shard r of n gets rows r, r+n, r+2n, ...; checked below), so with per-rank
+    batch b, step k reads rows 2kb .. 2kb+2b-1 over the two ranks: the single run's batch of 2b rows in file order.
+  * Every row has the same number of unmasked label tokens, so the mean of the two ranks' token means is the
+    global token mean. MFLossMonitor logs each rank's local loss under data parallel (no all-reduce).
+  * The MoE balance losses are turned off (their alphas set to 0): they are products of batch statistics, so a
+    2-row batch and a 4-row batch give different values by design.
+  * nn.TrainOneStepCell (our DeepseekV2TrainOneStepCell's base) averages gradients under DATA_PARALLEL with
+    gradients_mean: the logged global gradient norm equals the single run's (a sum would double it).
+"""
+import glob
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
+RUNNER = os.path.join(ROOT, "run_mindformer.py")
+TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
+JOB_TIMEOUT = 420            # seconds for all four jobs together
+CLUSTER_TIME_OUT = "120"
+ROWS, PER_RANK_BATCH, RANKS = 16, 2, 2
+STEPS = ROWS // (PER_RANK_BATCH * RANKS)
+LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[([0-9.eE+-]+|nan|inf)/"
+                  r".*?global_norm: \[?([0-9.eE+-]+|nan|inf)")
+SHARD = re.compile(r"shard_id: (\d+), num_shards: (\d+)")
+SMALL = ["--model.model_config.seq_length", "32", "--model.model_config.hidden_size", "32",
+         "--model.model_config.intermediate_size", "64", "--model.model_config.moe_intermediate_size", "16",
+         "--model.model_config.kv_lora_rank", "16", "--model.model_config.q_lora_rank", "16",
+         "--model.model_config.qk_rope_head_dim", "8", "--model.model_config.qk_nope_head_dim", "8",
+         "--model.model_config.v_head_dim", "8", "--model.model_config.vocab_size", "64",
+         "--lr_schedule.learning_rate", "0.01", "--runner_config.epochs", "1",
+         "--train_dataset.data_loader.shuffle", "False",
+         "--model.model_config.aux_loss_alpha", "0.0", "--model.model_config.device_aux_loss_alpha", "0.0",
+         "--model.model_config.comm_aux_loss_alpha", "0.0",
+         "--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, prefix: tiny, "
+                        f"save_checkpoint_steps: {STEPS}, keep_checkpoint_max: 2, integrated_save: False}}]"]
+
+
+def _batch(size):
+    return ["--runner_config.batch_size", str(size), "--train_dataset.batch_size", str(size)]
+
+
+def _free_ports(count):
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _write_rows(path):
+    """ROWS rows of a learnable pattern, 33 tokens, labels masking the first 4: the same 28 counted targets."""
+    from mindspore.mindrecord import FileWriter
+    writer = FileWriter(path, 1)
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}})
+    rng = np.random.RandomState(0)
+    rows = []
+    for _ in range(ROWS):
+        ids = np.tile(rng.randint(2, 60, 4), 9)[:33].astype(np.int32)          # (33,)
+        labels = ids.copy()
+        labels[:4] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    writer.write_raw_data(rows)
+    writer.commit()
+
+
+class _Job:
+    """A command running in the background in its own process group, console to a file."""
+
+    def __init__(self, name, argv, cwd, env, console):
+        self.name, self.console_path = name, console
+        self._out = open(console, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.returncode = None
+
+    def wait(self, deadline):
+        try:
+            self.returncode = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)   # the launcher forwards it to msrun / its workers
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.returncode = "timeout"
+        finally:
+            self._out.close()
+        return self.returncode
+
+    def console(self):
+        with open(self.console_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start the single, (a) and (b) jobs together; return their folders, exit codes and consoles."""
+    tmp = tmp_path_factory.mktemp("dp")
+    data = str(tmp / "rows.mindrecord")
+    _write_rows(data)
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp / "mf_default"), GLOG_v="3")
+    env.pop("PYTHONPATH", None)                           # the launcher puts the project root first
+    common = ["--config", TINY_YAML, "--run_mode", "train", "--train_data", data, *SMALL]
+    dp_args = ["--use_parallel", "True", "--parallel_config.data_parallel", str(RANKS), *_batch(PER_RANK_BATCH)]
+    port_a, port_b = _free_ports(2)
+    out = {name: tmp / name for name in ("single", "dp", "nodes")}
+
+    def launcher_cmd(output_dir):
+        words = [RUNNER, *common, *dp_args, "--output_dir", str(output_dir)]
+        return " ".join(f"'{word}'" if " " in word else word for word in words)
+
+    jobs = [
+        _Job("single", [sys.executable, RUNNER, *common, *_batch(PER_RANK_BATCH * RANKS), "--output_dir",
+                        str(out["single"])], str(tmp), dict(env, PYTHONPATH=ROOT), str(tmp / "single.console")),
+        _Job("dp", ["bash", LAUNCHER, launcher_cmd(out["dp"]), str(RANKS), str(port_a), str(tmp / "log_dp"),
+                    "True", CLUSTER_TIME_OUT], str(tmp), env, str(tmp / "dp.console")),
+    ]
+    for node in range(2):
+        jobs.append(_Job(f"node{node}", ["bash", LAUNCHER, launcher_cmd(out["nodes"]), str(RANKS), "1", "127.0.0.1",
+                                         str(port_b), str(node), str(tmp / f"log_node{node}"), "True",
+                                         CLUSTER_TIME_OUT], str(tmp), env, str(tmp / f"node{node}.console")))
+    started = time.monotonic()
+    deadline = started + JOB_TIMEOUT
+    codes = {job.name: job.wait(deadline) for job in jobs}
+    print(f"\ndistributed jobs finished in {time.monotonic() - started:.0f} s: {codes}")
+    return {"tmp": tmp, "out": out, "codes": codes, "jobs": {job.name: job for job in jobs}}
+
+
+def _log_lines(text):
+    """[(step, loss, global_norm)] from MindFormers' loss-monitor lines, in step order."""
+    found = {int(m.group(2)): (float(m.group(4)), float(m.group(5))) for m in LINE.finditer(text)}
+    return [(step, *found[step]) for step in sorted(found)]
+
+
+def _read(path):
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def _worker_logs(runs, kind):
+    """{rank: worker log text} of job kind 'dp' (one log folder) or 'nodes' (one folder per node)."""
+    tmp = runs["tmp"]
+    if kind == "dp":
+        return {rank: _read(tmp / "log_dp" / f"worker_{rank}.log") for rank in range(RANKS)}
+    return {rank: _read(tmp / f"log_node{rank}" / f"worker_{rank}.log") for rank in range(RANKS)}
+
+
+def _check_ok(runs, names):
+    for name in names:
+        job = runs["jobs"][name]
+        assert runs["codes"][name] == 0, f"{name} exited {runs['codes'][name]}:\n{job.console()[-4000:]}"
+
+
+def _rank_checkpoints(output_dir):
+    """{rank: {name: numpy array}} from output_dir/checkpoint/rank_N/*.ckpt (the step-STEPS file)."""
+    import mindspore as ms
+    found = {}
+    for rank in range(RANKS):
+        files = sorted(glob.glob(os.path.join(str(output_dir), "checkpoint", f"rank_{rank}", f"*-1_{STEPS}.ckpt")))
+        assert len(files) == 1, f"rank {rank}: expected one step-{STEPS} checkpoint, found {files}"
+        found[rank] = {name: value.asnumpy() for name, value in ms.load_checkpoint(files[0]).items()}
+    return found
+
+
+def _rank_checkpoints_single(runs):
+    import mindspore as ms
+    files = glob.glob(str(runs["out"]["single"] / "checkpoint" / "rank_0" / f"*-1_{STEPS}.ckpt"))
+    assert len(files) == 1, files
+    return {name: value.asnumpy() for name, value in ms.load_checkpoint(files[0]).items()}
+
+
+def _single_losses(runs):
+    _check_ok(runs, ["single"])
+    lines = _log_lines(runs["jobs"]["single"].console())
+    assert [step for step, _, _ in lines] == list(range(1, STEPS + 1)), runs["jobs"]["single"].console()[-3000:]
+    return lines
+
+
+def _check_distributed(runs, kind):
+    """Shards, losses (mean of ranks == single run), gradient norm (mean, not sum), identical rank parameters."""
+    logs = _worker_logs(runs, kind)
+    single = _single_losses(runs)
+    per_rank = {}
+    for rank, text in logs.items():
+        shards = {(int(a), int(b)) for a, b in SHARD.findall(text)}
+        assert shards == {(rank, RANKS)}, f"rank {rank} dataset shard lines: {shards}"
+        per_rank[rank] = _log_lines(text)
+        assert [step for step, _, _ in per_rank[rank]] == list(range(1, STEPS + 1)), text[-3000:]
+        info = _read(runs["out"][kind] / "log" / f"rank_{rank}" / "info.log")   # MindFormers' own per-rank log
+        assert len(LINE.findall(info)) == STEPS
+    worst_loss = worst_norm = 0.0
+    for index, (step, loss, norm) in enumerate(single):
+        rank_losses = [per_rank[rank][index][1] for rank in range(RANKS)]
+        rank_norms = [per_rank[rank][index][2] for rank in range(RANKS)]
+        assert rank_losses[0] != rank_losses[1], f"step {step}: both ranks saw the same rows ({rank_losses})"
+        assert rank_norms[0] == rank_norms[1], f"step {step}: gradient norms differ across ranks {rank_norms}"
+        worst_loss = max(worst_loss, abs(np.mean(rank_losses) - loss))
+        worst_norm = max(worst_norm, abs(rank_norms[0] - norm) / norm)
+        assert abs(np.mean(rank_losses) - loss) <= 1e-5, (step, rank_losses, loss)
+        assert abs(rank_norms[0] - norm) <= 1e-5 * norm, (step, rank_norms, norm)   # averaged, not summed
+    print(f"\n{kind}: max |mean rank loss - single loss| {worst_loss:.2e}, max relative norm difference "
+          f"{worst_norm:.2e}")
+
+    ckpts = _rank_checkpoints(runs["out"][kind])
+    assert set(ckpts[0]) == set(ckpts[1])
+    assert any(name.startswith("adam_m.") for name in ckpts[0])          # optimizer state is compared too
+    for name, value in ckpts[0].items():
+        assert np.array_equal(value, ckpts[1][name]), f"{name} differs between rank 0 and rank 1"
+    return per_rank, ckpts
+
+
+def test_minddataset_shards_rows_strided(tmp_path):
+    """Shard r of 2 gets rows r, r+2, ...: the reason the single run can read the file in its natural order."""
+    import mindspore.dataset as ds
+    path = str(tmp_path / "rows.mindrecord")
+    _write_rows(path)
+    whole = [row["input_ids"] for row in ds.MindDataset(path, columns_list=["input_ids"], shuffle=False)
+             .create_dict_iterator(output_numpy=True)]
+    for shard in range(RANKS):
+        part = [row["input_ids"] for row in ds.MindDataset(path, columns_list=["input_ids"], shuffle=False,
+                                                          num_shards=RANKS, shard_id=shard)
+                .create_dict_iterator(output_numpy=True)]
+        assert len(part) == ROWS // RANKS
+        for index, row in enumerate(part):
+            assert np.array_equal(row, whole[shard + RANKS * index])
+
+
+def test_data_parallel_one_node_matches_single_process(runs):
+    """(a) 2 workers on one node: exit 0, rank losses average to the single run's, rank parameters identical."""
+    _check_ok(runs, ["dp"])
+    _, ckpts = _check_distributed(runs, "dp")
+    single = _rank_checkpoints_single(runs)
+    worst = max(float(np.max(np.abs(value.astype(np.float64) - single[name]))) for name, value in ckpts[0].items()
+                if value.dtype.kind == "f")
+    print(f"dp: max |parameter(rank 0) - parameter(single)| after {STEPS} steps {worst:.2e}")
+    assert worst < 1e-4                                 # same updates up to float summation order
+
+
+def test_data_parallel_two_nodes_matches_one_node(runs):
+    """(b) 2 nodes x 1 worker on 127.0.0.1: both launchers exit 0, same losses and parameters as (a)."""
+    _check_ok(runs, ["node0", "node1"])
+    per_rank, ckpts = _check_distributed(runs, "nodes")
+    _check_ok(runs, ["dp"])
+    one_node = {rank: _log_lines(text) for rank, text in _worker_logs(runs, "dp").items()}
+    assert per_rank == one_node                          # printed losses and norms identical, rank by rank
+    reference = _rank_checkpoints(runs["out"]["dp"])[0]
+    for name, value in ckpts[0].items():
+        assert np.array_equal(value, reference[name]), f"{name}: 2-node run differs from the 1-node run"
