@@ -81,6 +81,10 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         self.last_aux_loss = Parameter(initializer("zeros", (), mstype.float32), name="last_aux_loss",
                                        requires_grad=False)
         self.argmax = _argmax
+        if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+            from .parallel import apply_semi_auto      # Ascend training: strategies from the LAYOUT declarations
+            pc = config.parallel_config
+            apply_semi_auto(self, getattr(pc, "data_parallel", 1), getattr(pc, "model_parallel", 1))
         if config.checkpoint_name_or_path:
             from .checkpoint_io import load_ms_checkpoint
             load_ms_checkpoint(self, config.checkpoint_name_or_path)
@@ -102,6 +106,12 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         if rows is not None:
             self._set_network_phase(f"b{rows}")
         return super().generate(input_ids, *args, **kwargs)
+
+    def set_train(self, mode=True):
+        if mode and self.config.tp_size > 1:
+            raise ValueError(f"DeepseekV2Config.tp_size = {self.config.tp_size}: the hand-written tensor parallel "
+                             f"is for inference; train with data parallel (or semi-auto parallel on Ascend)")
+        return super().set_train(mode)
 
     def kv_cache_parameters(self):
         """The per-layer latent caches (use_past only): (batch, seq_length, kv_lora_rank + qk_rope_head_dim)."""

@@ -16,7 +16,8 @@ import numpy as np
 from .checkpoint_io import CheckpointError, HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
 from .weight_map import hf_to_ms, ms_to_hf, is_stacked
 
-__all__ = ["split_dims", "local_slice", "load_for_rank"]
+__all__ = ["split_dims", "local_slice", "load_for_rank", "weight_strategies", "check_weight_strategies",
+           "matmul_strategy", "apply_semi_auto"]
 
 PARALLEL_AXES = ("mp", "ep")
 
@@ -112,3 +113,72 @@ def load_for_rank(net, path: str, tp_size: int, tp_rank: int, n_experts: Optiona
                                   f"the net expects {tuple(param.shape)}")
         param.set_data(ms.Tensor(cast_array(array, np_dtype(param.dtype))))
     return sorted(arrays)
+
+
+# ------------------------------------------------------------------------------ semi-auto parallel (Ascend training)
+def _axis_size(axis, sizes) -> int:
+    return sizes.get(axis, 1) if axis else 1
+
+
+def weight_strategies(config, dp: int, mp: int, ep: int) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: how many parts each dimension is cut into} for the full model of ``config``.
+
+    Read from the LAYOUT declarations (by the parameter's suffix), without building the model, so it works for the
+    236B shape on any machine. Undeclared weights are replicated (all ones).
+    """
+    from .weight_map import expected_ms_shapes
+    from .deepseek2_layer import FeedForward, RoutedExperts
+    from .deepseek2_transformer import MLAttention
+    layouts = []
+    for owner, cls in (("attention.", MLAttention), ("feed_forward.", FeedForward),
+                       ("shared_experts.", FeedForward), ("routed_experts.ffn.", RoutedExperts)):
+        layouts += [(owner + suffix, spec) for suffix, spec in cls.LAYOUT.items()]
+    sizes = {"mp": mp, "ep": ep, "dp": dp}
+    plan = {}
+    for name, shape in expected_ms_shapes(config).items():
+        spec = next((spec for suffix, spec in layouts if name.endswith("." + suffix)), None)
+        plan[name] = tuple(_axis_size(axis, sizes) for axis in spec) if spec else (1,) * len(shape)
+    return plan
+
+
+def check_weight_strategies(config, dp: int, mp: int, ep: int) -> list:
+    """Problems (empty = fine): a weight dimension not divisible by the number of parts it is cut into."""
+    from .weight_map import expected_ms_shapes
+    shapes = expected_ms_shapes(config)
+    problems = []
+    if config.num_attention_heads % mp:          # head-major weights must split on head boundaries
+        problems.append(f"num_attention_heads = {config.num_attention_heads}: q_proj/l2q_proj/lkv2kv/wo split "
+                        f"by heads into {mp} parts")
+    for name, parts in weight_strategies(config, dp, mp, ep).items():
+        for dim, (size, part) in enumerate(zip(shapes[name], parts)):
+            if size % part:
+                problems.append(f"{name}: dimension {dim} ({size}) is not divisible into {part} parts")
+    return problems
+
+
+def matmul_strategy(spec, dp: int, mp: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Strategy of a Linear's MatMul(x (tokens, in), W (out, in)^T) for its weight LAYOUT entry."""
+    if spec and spec[0] == "mp":                   # column parallel: W split by output rows
+        return (dp, 1), (mp, 1)
+    if spec and len(spec) > 1 and spec[1] == "mp":  # row parallel: W split by input columns, partial sums
+        return (dp, mp), (1, mp)
+    return (dp, 1), (1, 1)
+
+
+def apply_semi_auto(net, dp: int, mp: int) -> Dict[str, tuple]:
+    """Give every Linear's MatMul its strategy from the LAYOUT of the cell owning it (semi-auto parallel on Ascend;
+    the other ops follow by sharding propagation). Returns {matmul path: strategy}. Routed experts keep MindSpore's
+    default strategies here (their expert-parallel dispatch needs Ascend's AlltoAll and is not declared)."""
+    from .deepseek2_layer import Linear
+    applied = {}
+    cells = dict(net.cells_and_names())
+    for path, cell in cells.items():
+        if not isinstance(cell, Linear):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = cells.get(parent_path)
+        spec = getattr(type(parent), "LAYOUT", {}).get(f"{child}.weight") if parent is not None else None
+        strategy = matmul_strategy(spec, dp, mp)
+        cell.matmul.shard(strategy)
+        applied[path + ".matmul"] = strategy
+    return applied
