@@ -2,6 +2,13 @@
 
 The tokenizer and network come from the YAML (MindFormers' registry); decoding is the model's ``generate``
 (MindFormers' GenerationMixin) with the MLA latent cache when ``use_past`` is True.
+
+Prompt ids: with ``chat`` (the default of the predict YAML) a prompt becomes the ids of
+``build_chat_prompt(prompt)`` (bos included); without it, ``[bos] + ids(prompt)``. Prompts of one batch are padded
+on the right with ``pad_token_id`` (MindFormers finds each row's length from its last non-pad token).
+
+Results: ``{"prompt": ..., "output": ...}`` one JSON object a line, in prompt order, in
+``output_dir/text_generation_result.txt``; ``--stream`` prints the tokens as they come (batch size 1).
 """
 import json
 import os
@@ -13,6 +20,7 @@ from mindformers.tools.logger import logger
 from .runner import UsageError
 
 RESULT_FILE = "text_generation_result.txt"
+_MODES = {0: 0, 1: 1, "GRAPH_MODE": 0, "PYNATIVE_MODE": 1}
 
 
 def read_prompts(predict_data) -> List[str]:
@@ -34,10 +42,59 @@ def read_prompts(predict_data) -> List[str]:
             items = loaded
         else:
             items = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+        if not items:
+            raise UsageError(f"--predict_data {path}: the file holds no prompt")
     for index, prompt in enumerate(items):
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"--predict_data: prompt {index} is empty")
     return [str(x) for x in items]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> List[int]:
+    """The ids generation starts from: ids of ``build_chat_prompt(prompt)`` (chat) or ``[bos] + ids(prompt)``."""
+    from .deepseek2_tokenizer import build_chat_prompt
+    if chat:
+        return list(tokenizer.encode(build_chat_prompt(prompt), add_special_tokens=False))
+    return [tokenizer.bos_token_id] + list(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def generation_kwargs(args, new_tokens: int) -> dict:
+    """``generate`` keywords from the flags, checked here so a bad value is one line, not a MindFormers trace."""
+    if new_tokens <= 0:
+        raise UsageError(f"--predict_length must be > 0, got {new_tokens}")
+    checks = {"top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+              "top_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+              "temperature": (lambda v: v > 0, "> 0"),
+              "repetition_penalty": (lambda v: v > 0, "> 0 (1.0 = off)")}
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": bool(args.do_sample)}
+    for key, (valid, expected) in checks.items():
+        value = getattr(args, key)
+        if value is not None:
+            if not valid(value):
+                raise UsageError(f"--{key} must be {expected}, got {value}")
+            kwargs[key] = value
+    return kwargs
+
+
+def setup_context(config):
+    """MindFormers' context for predict, safe to call more than once in a process.
+
+    ``build_context`` configures a process only once (its Context is a singleton), so the mode is applied again
+    here. MindFormers' sampling post-processing in MindSpore ops needs kernels CPU lacks (TopkExt); on CPU it
+    runs in numpy unless ``context.postprocess_use_numpy`` says otherwise.
+    """
+    import mindspore as ms
+    from mindformers.core.context import build_context, set_context
+    build_context(config)
+    context = config.get("context") or {}
+    mode = _MODES.get(context.get("mode", 0))
+    if mode is None:
+        raise UsageError(f"context.mode {context.get('mode')!r}: expected 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE)")
+    ms.set_context(mode=mode)
+    use_numpy = context.get("postprocess_use_numpy")
+    if use_numpy is None:
+        use_numpy = str(context.get("device_target", "CPU")).upper() == "CPU"
+    set_context(postprocess_use_numpy=bool(use_numpy))
 
 
 def _model_config(config, batch_size):
@@ -45,7 +102,10 @@ def _model_config(config, batch_size):
     fields = {k: v for k, v in dict(config.model.model_config).items() if k != "type"}
     fields["batch_size"] = batch_size
     fields["checkpoint_name_or_path"] = None
-    return DeepseekV2Config(**fields)
+    try:
+        return DeepseekV2Config(**fields)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"model.model_config: {err}") from err
 
 
 def _write_atomic(path, text):
@@ -62,39 +122,49 @@ def _write_atomic(path, text):
         raise
 
 
+def _build_tokenizer(tokenizer_cfg):
+    from mindformers.models.build_tokenizer import build_tokenizer
+    try:
+        return build_tokenizer(tokenizer_cfg)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--tokenizer_file {tokenizer_cfg.get('tokenizer_file')}: {err}") from err
+
+
 def run_predict(config, args):
     """Generate for every prompt; returns the list of generated texts."""
     import mindspore as ms
-    from mindformers.core.context import build_context
-    from mindformers.models.build_tokenizer import build_tokenizer
     from .deepseek2 import DeepseekV2ForCausalLM
-    from .deepseek2_tokenizer import build_chat_prompt
 
     prompts = read_prompts(args.predict_data if args.predict_data is not None else config.get("input_data"))
     new_tokens = args.predict_length if args.predict_length is not None else \
         int(config.model.model_config.get("max_new_tokens") or 128)
-    if new_tokens <= 0:
-        raise UsageError(f"--predict_length must be > 0, got {new_tokens}")
+    gen_kwargs = generation_kwargs(args, new_tokens)
     tokenizer_cfg = (config.get("processor") or {}).get("tokenizer")
     if not tokenizer_cfg or not tokenizer_cfg.get("tokenizer_file"):
         raise UsageError("predict needs a tokenizer: set processor.tokenizer.tokenizer_file or --tokenizer_file")
-    batch_size = args.predict_batch_size or int(config.model.model_config.get("batch_size") or 1)
+    batch_size = args.predict_batch_size if args.predict_batch_size is not None else \
+        int(config.model.model_config.get("batch_size") or 1)
+    if batch_size <= 0:
+        raise UsageError(f"--predict_batch_size must be > 0, got {batch_size}")
     chat = bool(args.chat if args.chat is not None else config.model.model_config.get("chat", False))
+    model_config = _model_config(config, batch_size)
 
-    build_context(config)
+    setup_context(config)
     if config.get("seed") is not None:
         ms.set_seed(int(config.seed))
-    tokenizer = build_tokenizer(tokenizer_cfg)
-    model_config = _model_config(config, batch_size)
+    tokenizer = _build_tokenizer(tokenizer_cfg)
     prompt_ids = []
     for index, prompt in enumerate(prompts):
-        if chat:
-            ids = tokenizer.encode(build_chat_prompt(prompt), add_special_tokens=False)
-        else:
-            ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+        ids = encode_prompt(tokenizer, prompt, chat)
         if len(ids) + 1 > model_config.seq_length:
             raise UsageError(f"--predict_data: prompt {index} is {len(ids)} tokens; seq_length is "
                              f"{model_config.seq_length} (raise --model.model_config.seq_length)")
+        if max(ids) >= model_config.vocab_size:
+            raise UsageError(f"--predict_data: prompt {index} has token id {max(ids)} but the model's vocab_size "
+                             f"is {model_config.vocab_size} (tokenizer and model do not match)")
+        if len(ids) + new_tokens > model_config.seq_length:
+            logger.warning(f"prompt {index}: {len(ids)} prompt tokens + {new_tokens} new tokens exceed seq_length "
+                           f"{model_config.seq_length}; generation stops at seq_length")
         prompt_ids.append(ids)
 
     net = DeepseekV2ForCausalLM(model_config)
@@ -111,29 +181,30 @@ def run_predict(config, args):
 
     streamer = None
     if args.stream:
-        from mindformers.generation.streamers import TextStreamer
-        streamer = TextStreamer(tokenizer, skip_prompt=True)
-    gen_kwargs = {"max_new_tokens": new_tokens, "do_sample": bool(args.do_sample)}
-    for key in ("top_k", "top_p", "temperature", "repetition_penalty"):
-        value = getattr(args, key)
-        if value is not None:
-            gen_kwargs[key] = value
+        if batch_size == 1:
+            from mindformers.generation.streamers import TextStreamer
+            streamer = TextStreamer(tokenizer, skip_prompt=True)
+        else:
+            logger.warning("--stream prints tokens as they come only with --predict_batch_size 1; printing results "
+                           "per batch instead")
     pad = model_config.pad_token_id
     texts = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
         width = max(len(x) for x in chunk)
-        rows = [x + [pad] * (width - len(x)) for x in chunk]
+        rows = [x + [pad] * (width - len(x)) for x in chunk]                   # (batch, width), right-padded
         while len(rows) < batch_size:                       # the cache is allocated for batch_size rows
             rows.append(rows[-1])
-        outputs = net.generate(rows, streamer=streamer if len(chunk) == 1 else None,
-                               seed=config.get("seed"), **gen_kwargs)
-        for ids, out in zip(chunk, outputs[:len(chunk)]):
-            texts.append(tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True))
-    lines = []
-    for prompt, text in zip(prompts, texts):
-        print(f"[prompt] {prompt}\n[output] {text}\n", flush=True)
-        lines.append(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
+        if streamer is not None:
+            print(f"[prompt] {prompts[start]}\n[output] ", end="", flush=True)
+        outputs = net.generate(rows, streamer=streamer, seed=config.get("seed"), **gen_kwargs)
+        for offset, (ids, out) in enumerate(zip(chunk, outputs[:len(chunk)])):
+            text = tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True)
+            texts.append(text)
+            if streamer is None:
+                print(f"[prompt] {prompts[start + offset]}\n[output] {text}", flush=True)
+            print(flush=True)
+    lines = [json.dumps({"prompt": p, "output": t}, ensure_ascii=False) for p, t in zip(prompts, texts)]
     output_dir = config.get("output_dir") or "./output"
     result_path = os.path.join(output_dir, RESULT_FILE)
     _write_atomic(result_path, "\n".join(lines) + "\n")
