@@ -74,3 +74,30 @@ def test_two_rank_predict_equals_single_process(layout, source, mode, tmp_path):
         assert shapes[experts][0] == full[experts][0] // 2                          # half the experts
         latent = next(k for k in full if k.endswith("attention.kv2l.weight"))
         assert shapes[latent] == full[latent]                                       # latent projection whole
+
+
+def test_run_mindformer_predict_on_two_ranks(tmp_path):
+    """run_mindformer.py --use_parallel True under msrun_launcher.sh: 2 ranks, model_parallel 2, same text."""
+    import shlex
+    from research.deepseek2.train_tokenizer import train_bpe_tokenizer
+    from test_predict import DATA, FLAGS, PREDICT_YAML, SMALL, _save_model, _subprocess
+    tokenizer = train_bpe_tokenizer(DATA, str(tmp_path / "tokenizer.json"), vocab_size=SMALL["vocab_size"])
+    checkpoint = _save_model(str(tmp_path / "tiny.ckpt"))
+    args = ["--config", PREDICT_YAML, "--load_checkpoint", checkpoint, "--tokenizer_file", tokenizer,
+            "--predict_data", "Write a function that adds two numbers.", "--predict_length", "8", "--mode", "1",
+            *FLAGS]
+    code, out, err = _subprocess(args + ["--output_dir", str(tmp_path / "single")], tmp_path)
+    assert code == 0, out[-1500:] + err[-1500:]
+    cmd = shlex.join([os.path.join(ROOT, "run_mindformer.py"), *args, "--use_parallel", "True",
+                      "--parallel_config.model_parallel", "2", "--output_dir", str(tmp_path / "tp")])
+    env = dict(os.environ, PYTHONPATH=ROOT, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3",
+               MS_NODE_TIMEOUT="20")
+    logs = str(tmp_path / "msrun_log")
+    proc = subprocess.run(["bash", LAUNCHER, cmd, "2", str(_free_port()), logs, "True", "120"], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=600)
+    worker_logs = "".join(open(os.path.join(logs, f), errors="replace").read()[-2000:]
+                          for f in sorted(os.listdir(logs)) if f.startswith("worker")) if os.path.isdir(logs) else ""
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:] + worker_logs
+    single = (tmp_path / "single" / "text_generation_result.txt").read_text()
+    parallel = (tmp_path / "tp" / "text_generation_result.txt").read_text()
+    assert json.loads(single)["output"] and parallel == single

@@ -81,7 +81,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         self.last_aux_loss = Parameter(initializer("zeros", (), mstype.float32), name="last_aux_loss",
                                        requires_grad=False)
         self.argmax = _argmax
-        if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+        if config.tp_size == 1 and \
+                ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
             from .parallel import apply_semi_auto      # Ascend training: strategies from the LAYOUT declarations
             pc = config.parallel_config
             apply_semi_auto(self, getattr(pc, "data_parallel", 1), getattr(pc, "model_parallel", 1))

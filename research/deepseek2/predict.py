@@ -97,11 +97,26 @@ def setup_context(config):
     set_context(postprocess_use_numpy=bool(use_numpy))
 
 
-def _model_config(config, batch_size):
+def _tensor_parallel(config):
+    """(ranks, this rank) of the hand-written tensor/expert parallel predict: parallel_config.model_parallel ranks
+    under --use_parallel (msrun_launcher.sh); (1, 0) otherwise."""
+    if not config.get("use_parallel"):
+        return 1, 0
+    from mindspore.communication import get_rank, get_group_size
+    tp_size = int((config.get("parallel_config") or {}).get("model_parallel", 1))
+    world = get_group_size()
+    if tp_size != world:
+        raise UsageError(f"parallel_config.model_parallel = {tp_size} but {world} ranks were launched: predict "
+                         f"splits the model over all ranks (set model_parallel to the number of workers)")
+    return tp_size, get_rank()
+
+
+def _model_config(config, batch_size, **knobs):
     from .deepseek2_config import DeepseekV2Config
     fields = {k: v for k, v in dict(config.model.model_config).items() if k != "type"}
     fields["batch_size"] = batch_size
     fields["checkpoint_name_or_path"] = None
+    fields.update(knobs)
     try:
         return DeepseekV2Config(**fields)
     except (ValueError, TypeError) as err:
@@ -167,12 +182,22 @@ def run_predict(config, args):
                            f"{model_config.seq_length}; generation stops at seq_length")
         prompt_ids.append(ids)
 
+    tp_size, tp_rank = _tensor_parallel(config)
+    if tp_size > 1:
+        try:
+            model_config = _model_config(config, batch_size, tp_size=tp_size, tp_rank=tp_rank)
+        except UsageError as err:
+            raise UsageError(f"{err} (with parallel_config.model_parallel = {tp_size})") from err
     net = DeepseekV2ForCausalLM(model_config)
     checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
     if checkpoint:
         from .checkpoint_io import load_ms_checkpoint
+        from .parallel import load_for_rank
         try:
-            load_ms_checkpoint(net, checkpoint)
+            if tp_size > 1:                                  # this rank's heads, FFN columns and experts only
+                load_for_rank(net, checkpoint, tp_size, tp_rank, model_config.n_routed_experts)
+            else:
+                load_ms_checkpoint(net, checkpoint)
         except (ValueError, KeyError, RuntimeError) as err:
             raise UsageError(f"--load_checkpoint {checkpoint}: {err}") from err
     else:
@@ -207,6 +232,7 @@ def run_predict(config, args):
     lines = [json.dumps({"prompt": p, "output": t}, ensure_ascii=False) for p, t in zip(prompts, texts)]
     output_dir = config.get("output_dir") or "./output"
     result_path = os.path.join(output_dir, RESULT_FILE)
-    _write_atomic(result_path, "\n".join(lines) + "\n")
-    logger.info(f"predict: {len(texts)} result(s) written to {result_path}")
+    if tp_rank == 0:                                     # every rank holds the same tokens; one writes them
+        _write_atomic(result_path, "\n".join(lines) + "\n")
+        logger.info(f"predict: {len(texts)} result(s) written to {result_path}")
     return texts
