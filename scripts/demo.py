@@ -4,7 +4,8 @@
 2. make a tiny DeepSeek-V2 with the PyTorch reference (transformers) and convert it (convert_weight.py);
 3. prepare the code_alpaca sample as MindRecord (code_alpaca_preprocess.py);
 4. finetune it through run_mindformer.py (MindFormers' Trainer, graph mode) and show the loss falling;
-5. ask it to answer one instruction through run_mindformer.py --run_mode predict (latent KV cache, chat template).
+5. ask it to answer one instruction through run_mindformer.py --run_mode predict (latent KV cache, chat template,
+   greedy with a repetition penalty).
 
     python scripts/demo.py [--work_dir work_dirs/demo] [--epochs 2] [--steps N]
 """
@@ -117,7 +118,7 @@ def main():
     banner("5/5 predict: one instruction, DeepSeek-V2-Chat template, latent KV cache")
     run([py, "run_mindformer.py", "--config", PREDICT_YAML, "--load_checkpoint", checkpoints[-1],
          "--tokenizer_file", tokenizer, "--output_dir", out, "--predict_data", INSTRUCTION, "--predict_length", "64",
-         "--model.model_config.seq_length", str(args.seq_length)], env)
+         "--repetition_penalty", "1.2", "--model.model_config.seq_length", str(args.seq_length)], env)
     with open(os.path.join(out, "text_generation_result.txt"), encoding="utf-8") as handle:
         result = json.loads(handle.readline())
     banner("done")
