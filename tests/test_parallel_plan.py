@@ -63,3 +63,19 @@ def test_apply_semi_auto_sets_matmul_strategies_from_layout():
     dims = split_dims(net)
     assert dims["model.layers.0.attention.wo.weight"] == 1
     assert dims["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == 0
+
+
+def test_pipeline_stages_and_recompute_follow_parallel_config():
+    from mindformers.modules.transformer.transformer import TransformerOpParallelConfig, TransformerRecomputeConfig
+    pc = TransformerOpParallelConfig(data_parallel=1, model_parallel=1, pipeline_stage=2, micro_batch_num=2,
+                                     recompute=TransformerRecomputeConfig(recompute=True))
+    config = DeepseekV2Config(hidden_size=32, num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=16, intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
+                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=4,
+                              first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, seq_length=8,
+                              parallel_config=pc)
+    net = DeepseekV2ForCausalLM(config)
+    assert net.model.pipeline_stages == [0, 0, 1, 1]
+    assert net.model.tok_embeddings.pipeline_stage == 0
+    assert net.model.norm_out.pipeline_stage == 1 and net.lm_head.pipeline_stage == 1
+    assert all(layer._has_config_recompute for layer in net.model.layers)

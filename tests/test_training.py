@@ -117,3 +117,16 @@ def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
 def test_missing_config_file(tmp_path):
     out = _run(["--config", str(tmp_path / "nope.yaml")], tmp_path, expect=2)
     assert "--config: no such file" in out
+
+
+def test_recompute_gives_the_same_losses(full_run, dataset, tmp_path):
+    """recompute_config.recompute (MindFormers' LayerSetting on every decoder layer) changes memory, not math."""
+    _, out = full_run
+    recomputed = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+                       str(tmp_path / "out"), "--runner_config.epochs", "2", "--recompute_config.recompute", "True",
+                       *SMALL], tmp_path)
+    assert "Set full recompute at layer 1" in recomputed
+    before, after = _losses(out), _losses(recomputed)
+    assert set(before) == set(after)
+    for key in before:
+        assert abs(before[key] - after[key]) < 1e-5, (key, before[key], after[key])

@@ -42,7 +42,25 @@ class DeepseekV2Model(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
         self.rotary = RotaryEmbedding(config, max(config.seq_length, 1))
+        self.pipeline_stages = self._place_layers(config)
         self.causal = Tensor(np.triu(np.ones((config.seq_length, config.seq_length), np.bool_), 1))
+
+    def _place_layers(self, config):
+        """Pipeline stage, recompute and gradient fusion of each layer from the YAML's parallel_config and
+        recompute_config, through MindFormers' LayerSetting (the rule its own models use). Returns the stage of
+        every layer. A plain config (no parallel_config object) leaves the layers as they are: stage 0."""
+        pc = config.parallel_config
+        if not (hasattr(pc, "pipeline_stage") and hasattr(pc, "recompute")):
+            return [0] * len(self.layers)
+        from mindformers.parallel_core.training_graph.transformer.utils import LayerSetting
+        setting = LayerSetting(config.num_hidden_layers, getattr(config, "offset", 0) or 0, pc)
+        for layer_id, layer in enumerate(self.layers):
+            setting(layer, layer_id)
+        stages = [int(getattr(layer, "pipeline_stage", 0)) for layer in self.layers]
+        if pc.pipeline_stage > 1:
+            self.tok_embeddings.pipeline_stage = 0
+            self.norm_out.pipeline_stage = pc.pipeline_stage - 1
+        return stages
 
     def construct(self, tokens, batch_valid_length=None):
         b, s = tokens.shape
@@ -77,6 +95,9 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
                               param_init_type=config.param_init_type, init_std=config.init_std)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.tok_embeddings.embedding_weight
+        stages = getattr(config.parallel_config, "pipeline_stage", 1)
+        if stages > 1:
+            self.lm_head.pipeline_stage = stages - 1
         # the balance loss of the last training step, readable by callbacks (graph mode cannot return side values)
         self.last_aux_loss = Parameter(initializer("zeros", (), mstype.float32), name="last_aux_loss",
                                        requires_grad=False)
