@@ -127,6 +127,9 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
             rows = None                                                      # ragged: the base class explains
         if rows is not None:
             self._set_network_phase(f"b{rows}")
+        if ms.get_context("device_target") == "CPU":
+            # MindFormers' latency timer synchronises device streams, which CPU lacks (it logs an ERROR line)
+            self.detailed_latency.predict_run_mode = False
         return super().generate(input_ids, *args, **kwargs)
 
     def set_train(self, mode=True):
