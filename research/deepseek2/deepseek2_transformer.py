@@ -93,7 +93,8 @@ class MLAttention(nn.Cell):
         query = ops.concat((q_nope, q_pe), -1)                                             # (b, n, s, dq)
         key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, self.n_heads, s, self.rope_dim))), -1)
         scores = self.bmm_t(query, key) * self.scale                                       # (b, n, s, s)
-        scores = ops.masked_fill(scores, mask, Tensor(-1e30, scores.dtype))
+        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, s, s) temporary per layer on CPU
+        scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
         probs = self._softmax(scores, value.dtype)
         return self.bmm(probs, value)                                                      # (b, n, s, v)
 
@@ -133,7 +134,7 @@ class MLAttention(nn.Cell):
             position = batch_valid_length - 1                                              # (b,)
             index = ops.stack((ops.arange(b, dtype=mstype.int32), position), -1)           # (b, 2)
             cache = ops.scatter_nd_update(self.kv_cache, index, ops.reshape(entry, (b, -1)))
-            cache = cache[:b]                                                              # (b, S, r + rope)
+            cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))           # (b, S, r + rope), no copy
             steps = ops.arange(cache.shape[1], dtype=mstype.int32)
             valid = ops.expand_dims(ops.expand_dims(steps, 0) <= ops.expand_dims(position, 1), 1)  # (b, 1, S)
             out = self._absorbed(q_nope, q_pe, cache, valid)
