@@ -25,6 +25,18 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def _launch_two_ranks(cmd, tmp_path, **env_extra):
+    """Run ``cmd`` on 2 workers through msrun_launcher.sh (loopback); assert both exit 0, showing worker logs."""
+    env = dict(os.environ, PYTHONPATH=ROOT, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3",
+               MS_NODE_TIMEOUT="20", **env_extra)
+    logs = str(tmp_path / "msrun_log")
+    proc = subprocess.run(["bash", LAUNCHER, cmd, "2", str(_free_port()), logs, "True", "120"], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=600)
+    worker_logs = "".join(open(os.path.join(logs, f), errors="replace").read()[-2000:]
+                          for f in sorted(os.listdir(logs)) if f.startswith("worker")) if os.path.isdir(logs) else ""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + worker_logs
+
+
 def _prompts(fields):
     pad = fields["pad_token_id"]
     a = list(np.random.RandomState(11).randint(2, fields["vocab_size"], 6))
@@ -51,16 +63,8 @@ def test_two_rank_predict_equals_single_process(layout, source, mode, tmp_path):
         path = str(tmp_path / "model.ckpt")
         ms.save_checkpoint(single, path)
     out = str(tmp_path / "result.json")
-    env = dict(os.environ, PYTHONPATH=ROOT, TP_TEST_PROMPTS=json.dumps([list(map(int, p)) for p in prompts]),
-               LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3", MS_NODE_TIMEOUT="20",
-               TP_TEST_MODE=str(mode))
-    cmd = f"{os.path.join(ROOT, 'tests', '_tp_worker.py')} {layout} {source} {path} {out}"
-    logs = str(tmp_path / "msrun_log")
-    proc = subprocess.run(["bash", LAUNCHER, cmd, "2", str(_free_port()), logs, "True", "120"], cwd=str(tmp_path),
-                          env=env, capture_output=True, text=True, timeout=600)
-    worker_logs = "".join(open(os.path.join(logs, f), errors="replace").read()[-2000:]
-                          for f in sorted(os.listdir(logs)) if f.startswith("worker")) if os.path.isdir(logs) else ""
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + worker_logs
+    _launch_two_ranks(f"{os.path.join(ROOT, 'tests', '_tp_worker.py')} {layout} {source} {path} {out}", tmp_path,
+                      TP_TEST_PROMPTS=json.dumps([list(map(int, p)) for p in prompts]), TP_TEST_MODE=str(mode))
     full = {p.name: tuple(p.shape) for p in single.get_parameters() if p.requires_grad}
     for rank in (0, 1):
         with open(f"{out}.rank{rank}") as handle:
@@ -88,16 +92,9 @@ def test_run_mindformer_predict_on_two_ranks(tmp_path):
             *FLAGS]
     code, out, err = _subprocess(args + ["--output_dir", str(tmp_path / "single")], tmp_path)
     assert code == 0, out[-1500:] + err[-1500:]
-    cmd = shlex.join([os.path.join(ROOT, "run_mindformer.py"), *args, "--use_parallel", "True",
-                      "--parallel_config.model_parallel", "2", "--output_dir", str(tmp_path / "tp")])
-    env = dict(os.environ, PYTHONPATH=ROOT, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3",
-               MS_NODE_TIMEOUT="20")
-    logs = str(tmp_path / "msrun_log")
-    proc = subprocess.run(["bash", LAUNCHER, cmd, "2", str(_free_port()), logs, "True", "120"], cwd=str(tmp_path),
-                          env=env, capture_output=True, text=True, timeout=600)
-    worker_logs = "".join(open(os.path.join(logs, f), errors="replace").read()[-2000:]
-                          for f in sorted(os.listdir(logs)) if f.startswith("worker")) if os.path.isdir(logs) else ""
-    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:] + worker_logs
+    _launch_two_ranks(shlex.join([os.path.join(ROOT, "run_mindformer.py"), *args, "--use_parallel", "True",
+                                  "--parallel_config.model_parallel", "2", "--output_dir", str(tmp_path / "tp")]),
+                      tmp_path)
     single = (tmp_path / "single" / "text_generation_result.txt").read_text()
     parallel = (tmp_path / "tp" / "text_generation_result.txt").read_text()
     assert json.loads(single)["output"] and parallel == single
