@@ -6,7 +6,7 @@ Routed experts are stacked on MindSpore's side: HF ``...mlp.experts.{e}.gate_pro
 All other tensors keep their shape (MindSpore Dense and torch Linear both store (out, in)).
 """
 import re
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 __all__ = ["NAME_MAP", "hf_to_ms", "ms_to_hf", "expected_ms_shapes", "expected_hf_shapes"]
 
@@ -136,12 +136,6 @@ def expected_hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def iter_expert_rows(ms_name: str, n_experts: int) -> Iterator[Tuple[int, str]]:
-    """(expert, HF name) for every row of a stacked routed-expert parameter."""
-    for e in range(n_experts):
-        yield e, ms_to_hf(ms_name, e)
-
-
 def hf_arrays_to_ms(arrays, n_routed_experts: Optional[int]):
     """In-memory conversion of a whole HF state (name -> numpy array) to MindSpore names, stacking experts.
 
@@ -160,16 +154,4 @@ def hf_arrays_to_ms(arrays, n_routed_experts: Optional[int]):
         if missing:
             raise KeyError(f"{ms_name}: missing experts {missing[:8]} (n_routed_experts={n_routed_experts})")
         out[ms_name] = np.stack([rows[e] for e in range(n_routed_experts)])
-    return out
-
-
-def ms_arrays_to_hf(arrays):
-    """Inverse of hf_arrays_to_ms: MindSpore name -> array to HF name -> array, unstacking experts."""
-    out = {}
-    for ms_name, array in arrays.items():
-        if is_stacked(ms_name):
-            for e in range(array.shape[0]):
-                out[ms_to_hf(ms_name, e)] = array[e]
-        else:
-            out[ms_to_hf(ms_name)] = array
     return out
