@@ -62,6 +62,10 @@ def parse_args(argv=None):
     r.add_argument("--moe-steps", type=int, default=10)
     r.add_argument("--moe-block-size", type=int, default=None,
                    help="force moe_block_size (rows per expert block) in the MoE table; default: the model's plan")
+    r.add_argument("--moe-dispatch", choices=("dropless", "capacity"), default="dropless",
+                   help="moe_dispatch of our model and MoE table (capacity: the expert-parallel layout)")
+    r.add_argument("--expert-capacity-factor", type=float, default=0.0,
+                   help="expert_capacity_factor with --moe-dispatch capacity (0: buffers of every token, no drops)")
     r.add_argument("--skip-model", action="store_true", help="only the MoE table")
     r.add_argument("--skip-moe", action="store_true", help="only the whole-model table")
     r.add_argument("--skip-ref-moe", action="store_true", help="MoE table without the reference")
@@ -145,7 +149,8 @@ def worker_ours(a) -> dict:
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2TrainOneStepCell
     C.silence_mindformers()
     rss_import = C.rss_bytes()
-    cfg = DeepseekV2Config(**model_fields(a), seq_length=a.seq, batch_size=a.batch)
+    cfg = DeepseekV2Config(**model_fields(a), seq_length=a.seq, batch_size=a.batch, moe_dispatch=a.moe_dispatch,
+                           expert_capacity_factor=a.expert_capacity_factor)
     net = DeepseekV2ForCausalLM(cfg)
     C.load_weights_into_ms(net, a.weights, a.experts)
     net.set_train(True)
@@ -267,7 +272,8 @@ def worker_moe_ours(a) -> dict:
         cfg = DeepseekV2Config(**dict(C.COMMON_FIELDS, hidden_size=a.hidden, moe_intermediate_size=a.moe_intermediate,
                                       n_routed_experts=experts, num_experts_per_tok=k, n_shared_experts=None,
                                       num_hidden_layers=1, first_k_dense_replace=0),
-                               moe_block_size=a.moe_block_size)
+                               moe_block_size=a.moe_block_size, moe_dispatch=a.moe_dispatch,
+                               expert_capacity_factor=a.expert_capacity_factor)
         moe = DeepSeekMoE(cfg)
         moe.routed_experts.router.weight.set_data(Tensor(w["router"]))
         for name in ("w1", "w3", "w2"):
@@ -285,8 +291,11 @@ def worker_moe_ours(a) -> dict:
             times.append(time.perf_counter() - start)
         n = w["x"].shape[1] * k
         block, blocks = moe.routed_experts.ffn.plan(n)
+        if a.moe_dispatch == "capacity":                  # E buffers of C rows; "block" = C
+            block, blocks = moe.routed_experts.ffn.capacity(w["x"].shape[1]), experts
         results.append(dict(experts=experts, top_k=k, tokens=w["x"].shape[1], first_s=first,
-                            step_s=C.median(times[1:]), rows=block * blocks, block=block))
+                            step_s=C.median(times[1:]), rows=block * blocks, block=block,
+                            unit="C" if a.moe_dispatch == "capacity" else "B"))
     return dict(cases=results)
 
 
@@ -338,7 +347,7 @@ def moe_table(ours: dict, ref) -> str:
     rows = []
     for c in ours["cases"]:
         r = ref_cases.get((c["experts"], c["top_k"]))
-        rows.append([c["experts"], c["top_k"], c["tokens"] * c["top_k"], f"{c['rows']} (B={c['block']})",
+        rows.append([c["experts"], c["top_k"], c["tokens"] * c["top_k"], f"{c['rows']} ({c.get('unit', 'B')}={c['block']})",
                      f"{c['step_s'] * 1000:.1f}", f"{c['step_s'] / base['step_s']:.2f}",
                      f"{r['step_s'] * 1000:.1f}" if r else "-", C.ratio(c["step_s"], r["step_s"] if r else None)])
     headers = ["experts E", "top_k", "assignments T*k", "expert rows computed (ours)", "ours ms",

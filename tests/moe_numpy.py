@@ -123,13 +123,18 @@ def device_of(idx, num_experts, num_devices):
     return np.asarray(idx) // (num_experts // num_devices)
 
 
-def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor):
+def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor, groups=1):
     """Device-level token dropping (section 2.2.4): keep (T, k) bool.
 
     Budget per device = ceil(capacity_factor * T*k / D) assignments; on each device the assignments with the
     lowest affinity are dropped until the budget is met (ties: the earlier assignment, in token-major order, wins).
-    affinity (T, k): the affinity s_{i,t} of each chosen (token, expert).
+    affinity (T, k): the affinity s_{i,t} of each chosen (token, expert). With groups > 1 (data parallel) the
+    tokens are cut into that many equal consecutive groups and each group has its own budget.
     """
+    if groups > 1:
+        parts = [drop_keep(a, i, num_experts, num_devices, capacity_factor)
+                 for a, i in zip(np.split(np.asarray(affinity), groups), np.split(np.asarray(idx), groups))]
+        return np.concatenate(parts)
     tokens, k = idx.shape
     n = tokens * k
     capacity = math.ceil(capacity_factor * n / num_devices)
@@ -141,6 +146,39 @@ def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor):
         order = members[np.argsort(-aff[members], kind="stable")]
         keep[order[:capacity]] = True
     return keep.reshape(tokens, k)
+
+
+def capacity_keep(priority, idx, num_experts, capacity, groups=1, keep=None):
+    """The capacity dispatch's buffers: keep (T, k) bool.
+
+    Tokens are cut into ``groups`` equal consecutive groups; in each group every expert takes at most ``capacity``
+    of the (still kept) assignments sent to it, those with the highest priority (ties: the earlier assignment).
+    """
+    idx = np.asarray(idx)
+    keep = np.ones(idx.shape, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    out = np.zeros(idx.shape, dtype=bool)
+    prio = np.asarray(priority, np.float64)
+    size = idx.shape[0] // groups
+    for g in range(groups):
+        rows = slice(g * size, (g + 1) * size)
+        gi, gp, gk = idx[rows].reshape(-1), prio[rows].reshape(-1), keep[rows].reshape(-1)
+        go = np.zeros(gi.shape, dtype=bool)
+        for e in range(num_experts):
+            members = np.nonzero((gi == e) & gk)[0]
+            go[members[np.argsort(-gp[members], kind="stable")][:capacity]] = True
+        out[rows] = go.reshape(size, -1)
+    return out
+
+
+def rank_within(bucket, priority):
+    """Per row: each item's rank among the items of its bucket by descending priority (ties: earlier first)."""
+    bucket, priority = np.asarray(bucket), np.asarray(priority, np.float64)
+    rank = np.zeros(bucket.shape, np.int64)
+    for g in range(bucket.shape[0]):
+        for b in np.unique(bucket[g]):
+            members = np.nonzero(bucket[g] == b)[0]
+            rank[g, members[np.argsort(-priority[g, members], kind="stable")]] = np.arange(members.size)
+    return rank
 
 
 def moe_layer(x, params, cfg, keep=None):

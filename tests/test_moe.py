@@ -573,3 +573,116 @@ def test_moe_dropping_graph_mode():
     np.testing.assert_allclose(out.asnumpy().reshape(flat.shape), expected, rtol=RTOL, atol=ATOL)
     alphas = (cfg.aux_loss_alpha, cfg.device_aux_loss_alpha, cfg.comm_aux_loss_alpha)
     np.testing.assert_allclose(float(aux.asnumpy()), sum(a * l for a, l in zip(alphas, losses)), rtol=RTOL)
+
+
+# ============================================================================ capacity dispatch (expert-parallel layout)
+def test_rank_within_matches_numpy():
+    from research.deepseek2.deepseek2_layer import RankWithin
+    rng = np.random.default_rng(20)
+    bucket = rng.integers(0, 5, (3, 17)).astype(np.int32)
+    priority = rng.random((3, 17)).astype(np.float32)
+    priority[1, :4] = -1.0                                               # "dropped" items rank after the real ones
+    got = RankWithin(5)(Tensor(bucket), Tensor(priority)).asnumpy()
+    np.testing.assert_array_equal(got, ref.rank_within(bucket, priority))
+
+
+def test_capacity_rule():
+    cell = RoutedExperts(make_config(moe_dispatch="capacity", expert_capacity_factor=1.5))   # E 8, k 2
+    assert cell.capacity(20) == math.ceil(1.5 * 20 * 2 / 8) == 8
+    assert cell.capacity(2) == 1                                        # ceil(0.75) = 1
+    assert RoutedExperts(make_config(moe_dispatch="capacity", expert_capacity_factor=100.0)).capacity(20) == 20
+    assert RoutedExperts(make_config(moe_dispatch="capacity")).capacity(20) == 20                  # 0: never drops
+
+
+def capacity_cell(groups, **fields):
+    cell = RoutedExperts(make_config(moe_dispatch="capacity", **fields))
+    cell.groups = groups
+    return cell
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("case", ["Tk>>E-auto", "skewed-auto", "each-expert-once-block64", "k1-auto"])
+def test_capacity_dispatch_without_overflow_equals_naive_loop(case, groups):
+    tokens, experts, k, _, routing = EXPERT_CASES[case]
+    tokens = tokens - tokens % groups or groups
+    rng = np.random.default_rng(21)
+    cell = capacity_cell(groups, n_routed_experts=experts, num_experts_per_tok=k)
+    x = rng.standard_normal((tokens, cell.hidden_size)).astype(np.float32)
+    idx, weights = case_routing(rng, tokens, experts, k, routing)
+    keep = rng.random((tokens, k)) < 0.7
+    for mask in (None, keep):
+        out = run_experts(cell, x, idx, weights, mask)
+        expected = ref.naive_routed_experts(x, idx, weights, *expert_arrays(cell), keep=mask)
+        np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL, err_msg=case)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_capacity_dispatch_keeps_the_highest_affinity_per_expert_and_group(mode):
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(22)
+    tokens, experts, k, groups = 24, 8, 2, 2
+    cell = capacity_cell(groups, n_routed_experts=experts, num_experts_per_tok=k, expert_capacity_factor=1.0)
+    capacity = cell.capacity(tokens // groups)
+    x = rng.standard_normal((tokens, cell.hidden_size)).astype(np.float32)
+    idx, weights = random_routing(rng, tokens, experts, k)
+    idx[:9] = [1, 6]                                                     # the first group crowds two experts
+    affinity = rng.random((tokens, k)).astype(np.float32)                # priority differs from the weights
+    keep = ref.capacity_keep(affinity, idx, experts, capacity, groups)
+    assert not keep.all() and (keep != ref.capacity_keep(affinity, idx, experts, capacity * groups)).any(), \
+        "per-group budgets behave like one budget here: the case tests nothing"
+    out = cell(Tensor(x), Tensor(idx), Tensor(weights), None, Tensor(affinity)).asnumpy()
+    expected = ref.naive_routed_experts(x, idx, weights, *expert_arrays(cell), keep=keep)
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+    by_weight = ref.capacity_keep(weights, idx, experts, capacity, groups)
+    assert (by_weight != keep).any()                                     # so ranking by affinity was checked
+
+
+def test_capacity_dispatch_gradients_equal_dropless():
+    rng = np.random.default_rng(23)
+    tokens, experts, k = 16, 4, 2
+    x = rng.standard_normal((tokens, 16)).astype(np.float32)
+    idx, weights = random_routing(rng, tokens, experts, k)
+    probe = Tensor(rng.standard_normal((tokens, 16)).astype(np.float32))
+    grads = []
+    for dispatch in ("dropless", "capacity"):
+        ms.set_seed(7)
+        cell = RoutedExperts(make_config(n_routed_experts=experts, num_experts_per_tok=k, moe_dispatch=dispatch))
+        cell.groups = 2
+
+        def loss(x_in, w_in, cell=cell):
+            return (cell(x_in, Tensor(idx), w_in) * probe).sum()
+
+        (gx, gw), gparams = ms.grad(loss, grad_position=(0, 1), weights=cell.trainable_params())(
+            Tensor(x), Tensor(weights))
+        grads.append([gx.asnumpy(), gw.asnumpy()] + [g.asnumpy() for g in gparams])
+    for dropless, capacity in zip(*grads):
+        np.testing.assert_allclose(capacity, dropless, rtol=1e-5, atol=1e-6)
+        assert np.abs(dropless).max() > 1e-3
+
+
+def test_moe_capacity_dispatch_after_device_dropping_per_group():
+    """Training with both budgets, two data-parallel groups: device-level dropping (capacity_factor, per group) and
+    then the experts' buffers (expert_capacity_factor) - each keeps the highest affinities."""
+    cfg, moe, x, flat, scores, idx, weights = drop_setup(seed=13, batch=4, moe_dispatch="capacity",
+                                                         expert_capacity_factor=1.0, capacity_factor=1.2)
+    moe.parallelize({"dp": 2})
+    moe.routed_experts.ffn.groups = 2
+    affinity = np.take_along_axis(scores, idx.astype(np.int64), 1)
+    device_keep = ref.drop_keep(affinity, idx, cfg.n_routed_experts, cfg.moe_num_devices, cfg.capacity_factor, 2)
+    np.testing.assert_array_equal(moe.drop_mask(Tensor(idx), Tensor(affinity)).asnumpy().astype(bool), device_keep)
+    capacity = moe.routed_experts.ffn.capacity(idx.shape[0] // 2)
+    keep = ref.capacity_keep(affinity, idx, cfg.n_routed_experts, capacity, 2, keep=device_keep)
+    assert not device_keep.all() and (keep != device_keep).any(), "one of the budgets never binds: tests nothing"
+    params = moe_params(moe)
+    moe.set_train(True)
+    out, _ = moe(Tensor(x))
+    expected = ref.naive_routed_experts(flat, idx, weights, params["w1"], params["w3"], params["w2"], keep=keep) + \
+        ref.shared_ffn(flat, params["sw1"], params["sw3"], params["sw2"])
+    np.testing.assert_allclose(out.asnumpy().reshape(flat.shape), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("field, value, text", [("moe_dispatch", "alltoall", "expected one of"),
+                                                ("expert_capacity_factor", -1.0, "expected >= 0")])
+def test_capacity_config_errors_name_the_field(field, value, text):
+    with pytest.raises(ValueError, match=f"DeepseekV2Config.{field} = .*{text}"):
+        make_config(**{field: value})

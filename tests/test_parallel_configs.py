@@ -63,8 +63,9 @@ def test_yaml_layout_and_released_values(name):
     assert config["trainer"]["type"] == "CausalLanguageModelingTrainer"
     assert config["processor"]["tokenizer"]["type"] == "DeepseekV2Tokenizer"
     assert config["processor"]["return_tensors"] == "ms" and "tokenizer_file" in config["processor"]["tokenizer"]
-    # training: semi-auto parallel; predict: collectives only, the model splits itself (research/deepseek2/parallel.py)
-    assert config["use_parallel"] is True and config["parallel"]["parallel_mode"] == (0 if name == PREDICT_YAML else 1)
+    # training: auto parallel, declared key-op strategies propagated; predict: collectives only, the model splits
+    # itself (research/deepseek2/parallel.py)
+    assert config["use_parallel"] is True and config["parallel"]["parallel_mode"] == (0 if name == PREDICT_YAML else 2)
     assert config["context"]["mode"] == 0 and config["context"]["device_target"] == "Ascend"
     assert mc["seq_length"] == 4096 and mc["compute_dtype"] == "bfloat16"
     if name == PREDICT_YAML:
@@ -81,6 +82,7 @@ def test_yaml_layout_and_released_values(name):
         assert config["optimizer"]["type"] == "AdamW" and config["lr_schedule"]["type"] == "CosineWithWarmUpLR"
         assert config["recompute_config"]["recompute"] is True
         assert (mc["device_aux_loss_alpha"], mc["comm_aux_loss_alpha"]) == (0.05, 0.02)
+        assert config["parallel"]["search_mode"] == "sharding_propagation" and mc["moe_dispatch"] == "capacity"
         assert {"MFLossMonitor", "CheckpointMonitor"} <= {cb["type"] for cb in config["callbacks"]}
 
 
@@ -120,6 +122,9 @@ BROKEN = [
     (PREDICT_YAML, "parallel_config", "model_parallel", 12, 12, "num_attention_heads = 128"),
     (PREDICT_YAML, "parallel_config", "pipeline_stage", 2, None, "pipeline_stage = 2: prediction"),
     (PREDICT_YAML, "parallel_config", "data_parallel", 2, None, "batch_size = 1 is not divisible"),
+    (TRAIN_YAMLS[0], "parallel", "parallel_mode", 1, None, "parallel.parallel_mode = 1"),
+    (TRAIN_YAMLS[1], "parallel", "search_mode", "recursive_programming", None, "search_mode sharding_propagation"),
+    (TRAIN_YAMLS[0], "model_config", "moe_dispatch", "dropless", None, "model_config.moe_dispatch = 'dropless'"),
 ]
 
 

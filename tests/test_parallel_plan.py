@@ -2,11 +2,14 @@
 LAYOUT declarations and divides its tensor for the 236B configs; Linear MatMuls get column/row strategies."""
 import os
 
+import numpy as np
 import pytest
 import yaml
+import mindspore as ms
 
 from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-from research.deepseek2.parallel import (apply_semi_auto, check_weight_strategies, split_dims, weight_strategies)
+from research.deepseek2.parallel import (apply_semi_auto, check_weight_strategies, expert_buffers, parallel_sizes,
+                                         split_dims, weight_strategies)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,45 +27,121 @@ def test_236b_weight_strategies_divide(name):
     config, pc = _yaml(name)
     dp, mp = pc.get("data_parallel", 1), pc.get("model_parallel", 1)
     ep = pc.get("expert_parallel", 1) if "predict" not in name else mp     # predict splits experts over mp ranks
-    assert check_weight_strategies(config, dp, mp, ep) == []
-    plan = weight_strategies(config, dp, mp, ep)
+    vocab_emb_dp = pc.get("vocab_emb_dp", True)
+    assert check_weight_strategies(config, dp, mp, ep, vocab_emb_dp) == []
+    plan = weight_strategies(config, dp, mp, ep, vocab_emb_dp)
     assert plan["model.layers.0.attention.l2q_proj.weight"] == (mp, 1)       # heads split
     assert plan["model.layers.0.attention.lkv2kv.weight"] == (mp, 1)
     assert plan["model.layers.0.attention.wo.weight"] == (1, mp)
     assert plan["model.layers.0.attention.kv2l.weight"] == (1, 1)            # latent replicated
-    assert plan["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == (ep, 1, 1)
+    assert plan["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == (ep, mp, 1)   # experts, then widths
+    assert plan["model.layers.1.feed_forward.routed_experts.ffn.w2.weight"] == (ep, 1, mp)
     assert plan["model.layers.1.feed_forward.shared_experts.w2.weight"] == (1, mp)
-    assert plan["model.tok_embeddings.embedding_weight"] == (1, 1)
+    vocab = 1 if vocab_emb_dp else mp
+    assert plan["model.tok_embeddings.embedding_weight"] == (vocab, 1)
+    assert plan["lm_head.weight"] == (vocab, 1)
+    if "predict" not in name:
+        assert not vocab_emb_dp and vocab == 4                               # the training YAMLs split the vocabulary
+
+
+@pytest.mark.parametrize("name", ["run_train_deepseek2_236B.yaml", "finetune_deepseek2_236B.yaml"])
+def test_236b_expert_buffers(name):
+    config, pc = _yaml(name)
+    buffers = expert_buffers(config, pc["data_parallel"], pc["expert_parallel"], pc["model_parallel"])
+    assert buffers["problems"] == []
+    # by hand: T_g = 1 x 4096 tokens per rank, C = ceil(2.0 x 4096 x 6 / 160) = ceil(307.2) = 308 rows per expert
+    assert (buffers["groups"], buffers["group_tokens"], buffers["capacity"]) == (8, 4096, 308)
+    assert buffers["buffer"] == (160, 8 * 308, 5120)
+    assert buffers["per_rank"] == (20, 8 * 308, 5120)                        # ep 8 = dp 8: one rank per expert group
+    dropless = DeepseekV2Config(**dict(config.to_dict(), moe_dispatch="dropless"))
+    assert any("moe_dispatch" in p for p in expert_buffers(dropless, 8, 8, 4)["problems"])
+    assert any("does not divide" in p for p in expert_buffers(config, 8, 16, 4)["problems"])
 
 
 def test_indivisible_plan_is_reported_by_name():
     config = DeepseekV2Config(hidden_size=64, num_attention_heads=6, n_routed_experts=6, num_experts_per_tok=2,
                               moe_intermediate_size=16, intermediate_size=96, kv_lora_rank=16, q_lora_rank=16,
                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
-                              first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, seq_length=8)
-    problems = check_weight_strategies(config, dp=1, mp=4, ep=4)
+                              first_k_dense_replace=1, n_shared_experts=1, vocab_size=66, seq_length=8)
+    problems = check_weight_strategies(config, dp=1, mp=4, ep=4, vocab_emb_dp=False)
     assert any("num_attention_heads" in p and "l2q_proj" in p for p in problems)
     assert any("routed_experts.ffn.w1" in p for p in problems)
+    assert any("embedding_weight" in p for p in problems) and any("lm_head.weight" in p for p in problems)
 
 
-def test_apply_semi_auto_sets_matmul_strategies_from_layout():
-    config = DeepseekV2Config(hidden_size=32, num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
-                              moe_intermediate_size=16, intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
-                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
-                              first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, seq_length=8)
-    net = DeepseekV2ForCausalLM(config)
-    applied = apply_semi_auto(net, dp=2, mp=2)
+def _tiny(**fields):
+    base = dict(hidden_size=32, num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, intermediate_size=64, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=2, first_k_dense_replace=1, n_shared_experts=1,
+                vocab_size=64, seq_length=8, moe_dispatch="capacity")
+    base.update(fields)
+    return DeepseekV2Config(**base)
+
+
+def test_apply_semi_auto_sets_strategies_from_layout():
+    net = DeepseekV2ForCausalLM(_tiny())
+    sizes = {"dp": 2, "mp": 2, "ep": 2, "vocab": 2}
+    applied = apply_semi_auto(net, sizes)
     assert applied["model.layers.0.attention.l2q_proj.matmul"] == ((2, 1), (2, 1))
     assert applied["model.layers.0.attention.wo.matmul"] == ((2, 2), (1, 2))
     assert applied["model.layers.0.feed_forward.w2.matmul"] == ((2, 2), (1, 2))
     assert applied["model.layers.0.attention.kv2l.matmul"] == ((2, 1), (1, 1))
-    assert applied["lm_head.matmul"] == ((2, 1), (1, 1))
+    assert applied["lm_head.matmul"] == ((2, 1), (2, 1))                     # vocabulary split (vocab_emb_dp False)
     cells = dict(net.cells_and_names())
     assert cells["model.layers.0.attention.l2q_proj"].matmul.in_strategy == ((2, 1), (2, 1))
-    # the strategies and the hand-written inference split read the same declarations
+    assert cells["model.tok_embeddings"].gather.in_strategy == ((2, 1), (2, 1))
+    # the expert-parallel dispatch: groups per dp rank, experts by ep, rows by dp // ep, widths by mp
+    ffn = cells["model.layers.1.feed_forward.routed_experts.ffn"]
+    assert ffn.groups == 2 and cells["model.layers.1.feed_forward"].groups == 2
+    assert ffn.bmm_up.in_strategy == ((2, 1, 1), (2, 2, 1))
+    assert ffn.bmm_down.in_strategy == ((2, 1, 2), (2, 1, 2))
+    assert ffn.row_gather.in_strategy == ((2, 1, 1), (2, 1))
+    assert ffn.rank_in_expert.sort_desc.in_strategy == ((2, 1),)
+    # one declaration: the matmuls' weight strategies are the weights' plan
+    plan = weight_strategies(net.config, dp=2, mp=2, ep=2, vocab_emb_dp=False)
+    assert ffn.bmm_up.in_strategy[1] == plan["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"]
+    assert ffn.bmm_down.in_strategy[1] == plan["model.layers.1.feed_forward.routed_experts.ffn.w2.weight"]
+    assert cells["model.layers.0.attention.wo"].matmul.in_strategy[1] == plan["model.layers.0.attention.wo.weight"]
+    # the hand-written inference split reads the same declarations (first declared axis only)
     dims = split_dims(net)
     assert dims["model.layers.0.attention.wo.weight"] == 1
     assert dims["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == 0
+    assert "model.tok_embeddings.embedding_weight" not in dims and "lm_head.weight" not in dims
+
+
+def test_apply_semi_auto_refuses_the_dropless_dispatch():
+    net = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless"))
+    with pytest.raises(ValueError, match="moe_dispatch = 'dropless'"):
+        apply_semi_auto(net, {"dp": 2, "mp": 1, "ep": 2, "vocab": 1})
+
+
+def test_parallel_sizes_from_mindformers_config():
+    from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
+    pc = TransformerOpParallelConfig(data_parallel=8, model_parallel=4, expert_parallel=8, pipeline_stage=2,
+                                     micro_batch_num=16, vocab_emb_dp=False)
+    assert parallel_sizes(pc) == {"dp": 8, "mp": 4, "ep": 8, "vocab": 4}
+    assert parallel_sizes({"data_parallel": 2, "model_parallel": 2}) == {"dp": 2, "mp": 2, "ep": 1, "vocab": 1}
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_laid_out_model_computes_the_same_on_one_device(mode):
+    """The grouped (dp = 2) capacity dispatch, run on one CPU device, gives the logits and loss of the plain model:
+    the layout changes where rows are computed, never what."""
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(3)
+    plain = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless", init_std=0.3))
+    laid_out = DeepseekV2ForCausalLM(_tiny(init_std=0.3))
+    ms.load_param_into_net(laid_out, {p.name: ms.Parameter(p.data.copy(), name=p.name)
+                                      for p in plain.get_parameters()})
+    apply_semi_auto(laid_out, {"dp": 2, "mp": 2, "ep": 2, "vocab": 2})
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32)
+    for net in (plain, laid_out):
+        net.set_train(False)
+    np.testing.assert_allclose(laid_out(ms.Tensor(tokens[:, :8])).asnumpy(), plain(ms.Tensor(tokens[:, :8])).asnumpy(),
+                               rtol=1e-5, atol=1e-5)
+    for net in (plain, laid_out):
+        net.set_train(True)
+    assert abs(float(laid_out(ms.Tensor(tokens)).asnumpy()) - float(plain(ms.Tensor(tokens)).asnumpy())) < 1e-5
 
 
 def test_pipeline_stages_and_recompute_follow_parallel_config():

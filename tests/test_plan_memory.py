@@ -126,6 +126,20 @@ def test_train_plan_by_hand():
     assert recompute["bytes"]["activations"] == 256 + 2208 + 4800
 
 
+def test_capacity_dispatch_rows_by_hand():
+    """moe_dispatch: capacity keeps E buffers of C rows instead of the k*s*b dispatched rows."""
+    parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
+    dropless = plan(_config(TINY, parallel), overhead_gb=0.0)["bytes"]["activations"]
+    per_row = 4 * (16 + 3 * 4 / 2)                     # c (2h + 3 fm / t) = 88 bytes per dispatched row
+    # factor 1.5: C = min(s*b = 4, ceil(1.5 * 2 * 4 / 4) = 3) = 3, rows E*C = 12 instead of k*s*b = 8
+    capacity = plan(_config(dict(TINY, moe_dispatch="capacity", expert_capacity_factor=1.5), parallel),
+                    overhead_gb=0.0)["bytes"]["activations"]
+    assert capacity - dropless == (12 - 8) * per_row
+    # factor 0: C = s*b = 4, rows 16
+    every = plan(_config(dict(TINY, moe_dispatch="capacity"), parallel), overhead_gb=0.0)["bytes"]["activations"]
+    assert every - dropless == (16 - 8) * per_row
+
+
 def test_parallel_optimizer_swap_and_bf16_master_copy():
     parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
     sharded = plan(_config(TINY, parallel, parallel={"enable_parallel_optimizer": True}), overhead_gb=0.0)

@@ -81,6 +81,7 @@ class DeepseekV2Model(nn.Cell):
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
     """DeepSeek-V2 / DeepSeek-V2-Lite with an untied (or tied) lm_head."""
+    LAYOUT = {"lm_head.weight": ("vocab", None)}            # vocabulary rows split only with vocab_emb_dp: False
 
     def __init__(self, config: DeepseekV2Config = None):
         config = config if config is not None else DeepseekV2Config()
@@ -104,9 +105,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         self.argmax = _argmax
         if config.tp_size == 1 and \
                 ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
-            from .parallel import apply_semi_auto      # Ascend training: strategies from the LAYOUT declarations
-            pc = config.parallel_config
-            apply_semi_auto(self, getattr(pc, "data_parallel", 1), getattr(pc, "model_parallel", 1))
+            from .parallel import apply_semi_auto, parallel_sizes   # Ascend training: declared layouts
+            apply_semi_auto(self, parallel_sizes(config.parallel_config))
         if config.checkpoint_name_or_path:
             from .checkpoint_io import load_ms_checkpoint
             load_ms_checkpoint(self, config.checkpoint_name_or_path)

@@ -21,6 +21,7 @@ _BOOKKEEPING_KEYS = ("architectures", "auto_map", "transformers_version", "torch
                      "return_dict", "mlp_bias", "num_nextn_predict_layers", "quantization_config")
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("yarn", "linear", "default")
+_MOE_DISPATCH = ("dropless", "capacity")
 _DTYPES = {"float32": mstype.float32, "fp32": mstype.float32, "float16": mstype.float16, "fp16": mstype.float16,
            "bfloat16": mstype.bfloat16, "bf16": mstype.bfloat16}
 
@@ -113,6 +114,8 @@ class DeepseekV2Config(PretrainedConfig):
                  moe_num_devices: Optional[int] = None,   # D: expert groups/devices for alpha_2, alpha_3, dropping
                  capacity_factor: float = 0.0,            # device-level token dropping; 0 = dropless (default)
                  moe_block_size: Optional[int] = None,    # rows per expert block in the dropless dispatch
+                 moe_dispatch: str = "dropless",          # "capacity": static per-expert buffers (expert parallel)
+                 expert_capacity_factor: float = 0.0,     # capacity dispatch: rows per expert = f * tokens*k / E
                  init_std: float = 0.02,
                  **kwargs):
         for key in _BOOKKEEPING_KEYS:
@@ -174,6 +177,8 @@ class DeepseekV2Config(PretrainedConfig):
         self.moe_num_devices = moe_num_devices if moe_num_devices else (n_group if n_group else 1)
         self.capacity_factor = float(capacity_factor)
         self.moe_block_size = moe_block_size
+        self.moe_dispatch = moe_dispatch
+        self.expert_capacity_factor = float(expert_capacity_factor)
         self.init_std = float(init_std)
         self._validate()
 
@@ -265,6 +270,11 @@ class DeepseekV2Config(PretrainedConfig):
                 fail("n_shared_experts", f"shared FFN width not divisible by tp_size={self.tp_size}")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
+        if self.moe_dispatch not in _MOE_DISPATCH:
+            fail("moe_dispatch", f"expected one of {_MOE_DISPATCH} ('capacity' is the expert-parallel layout of "
+                                 f"semi-auto/auto parallel training)")
+        if self.expert_capacity_factor < 0:
+            fail("expert_capacity_factor", "expected >= 0 (0 = every expert can take every token: nothing dropped)")
         if self.seq_length > self.max_position_embeddings and not self.rope_scaling:
             # RoPE tables are built for seq_length positions; only warn-worthy models need more
             pass

@@ -5,7 +5,9 @@ DeepSeekMoE (router, dropless routed experts, shared experts, the paper's three 
 dropping). Names follow arXiv 2405.04434.
 
 Parallel layout: each Cell that holds weights declares, in ``LAYOUT``, which weight dimension is split by which
-parallel axis ("mp" model/tensor parallel, "ep" expert parallel). ``research.deepseek2.parallel`` reads these
+parallel axis ("mp" model/tensor parallel, "ep" expert parallel, "vocab" the vocabulary split of
+``vocab_emb_dp: False``); cells whose own ops need a layout under semi-auto/auto parallel also have a
+``parallelize(sizes)`` method next to their ``construct``. ``research.deepseek2.parallel`` reads these
 declarations; the math below never mentions devices.
 """
 import math
@@ -18,7 +20,14 @@ from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 __all__ = ["RMSNorm", "Linear", "Embedding", "RotaryEmbedding", "apply_rotary", "FeedForward", "Router",
-           "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables", "PartialSum"]
+           "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables", "PartialSum", "RankWithin",
+           "layout_parts"]
+
+
+def layout_parts(spec, sizes) -> tuple:
+    """Parts each dimension is cut into for a LAYOUT entry, e.g. ("ep", "mp", None) with {"ep": 8, "mp": 4} ->
+    (8, 4, 1). Axes missing from ``sizes`` are not split."""
+    return tuple(int(sizes.get(axis, 1)) if axis else 1 for axis in spec)
 
 
 class PartialSum(nn.Cell):
@@ -82,15 +91,20 @@ class Linear(nn.Cell):
 
 class Embedding(nn.Cell):
     """Token embedding table (vocab, hidden)."""
-    LAYOUT = {}
+    LAYOUT = {"embedding_weight": ("vocab", None)}          # rows split only with vocab_emb_dp: False
 
     def __init__(self, vocab_size: int, hidden_size: int, param_init_type=mstype.float32, init_std: float = 0.02):
         super().__init__()
         self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_init_type),
                                           name="embedding_weight")
+        self.gather = ops.Gather()
+
+    def parallelize(self, sizes):
+        """Table rows by the vocabulary split, token ids by data parallel."""
+        self.gather.shard((layout_parts(self.LAYOUT["embedding_weight"], sizes), (sizes.get("dp", 1), 1)))
 
     def construct(self, tokens):
-        return ops.gather(self.embedding_weight, tokens, 0)                                # (b, s, hidden)
+        return self.gather(self.embedding_weight, tokens, 0)                               # (b, s, hidden)
 
 
 # ---------------------------------------------------------------------------------------------- rotary embedding
@@ -274,16 +288,57 @@ class StackedWeight(nn.Cell):
         self.weight = Parameter(initializer(Normal(init_std), shape, param_init_type), name="weight")
 
 
-class RoutedExperts(nn.Cell):
-    """The routed experts, stacked: w1/w3 (E, inter, hidden), w2 (E, hidden, inter).
+class RankWithin(nn.Cell):
+    """Rank of every item among the items of its bucket by descending priority (0 = first), per group.
 
-    Dropless and static-shaped (graph mode): the T*k (token, expert) assignments are laid out expert after expert,
-    each expert's run padded to a multiple of a block of B rows; every block then belongs to one expert and one
-    batched matmul computes all blocks. Work is at most T*k + min(E, T*k) * (B - 1) rows (rounded up to a block), growing with tokens x top_k,
-    never tokens x experts. B shrinks with the number of assignments (B = 1 when decoding one token: exactly k rows).
-    Under expert parallel the expert dimension is split.
+    bucket (G, N) int32 in [0, num_buckets), priority (G, N) float32 -> (G, N) float32. Items given a priority below
+    every real one (-1 for affinities) rank after all of them. One sort orders the items, a running count per bucket
+    ranks them, a second sort puts the ranks back in item order: O(N log N + N * buckets), never N x N.
     """
-    LAYOUT = {"w1.weight": ("ep", None, None), "w3.weight": ("ep", None, None), "w2.weight": ("ep", None, None)}
+
+    def __init__(self, num_buckets: int):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.sort_desc = ops.Sort(axis=-1, descending=True)
+        self.sort_asc = ops.Sort(axis=-1)
+        self.gather = ops.Gather(batch_dims=1)
+
+    def parallelize(self, sizes):
+        """Every group on its own data-parallel rank; the sorted axis whole."""
+        dp = sizes.get("dp", 1)
+        self.sort_desc.shard(((dp, 1),))
+        self.sort_asc.shard(((dp, 1),))
+        self.gather.shard(((dp, 1), (dp, 1)))
+
+    def construct(self, bucket, priority):
+        if priority.shape[-1] >= 1 << 24:
+            raise ValueError(f"RankWithin: {priority.shape[-1]} items per group; positions are exact in float32 "
+                             f"only below 2^24")
+        _, order = self.sort_desc(ops.stop_gradient(priority))                             # (G, N) best first
+        onehot = ops.one_hot(self.gather(bucket, order, 1), self.num_buckets,
+                             Tensor(1.0, mstype.float32), Tensor(0.0, mstype.float32))      # (G, N, buckets)
+        sorted_rank = ops.reduce_sum((ops.cumsum(onehot, 1) - onehot) * onehot, -1)        # (G, N)
+        _, position = self.sort_asc(ops.cast(order, mstype.float32))                       # where each item went
+        return self.gather(sorted_rank, position, 1)                                       # (G, N) item order
+
+
+class RoutedExperts(nn.Cell):
+    """The routed experts, stacked: w1/w3 (E, inter, hidden), w2 (E, hidden, inter). Two dispatches:
+
+    dropless (default; inference and data-parallel training): the T*k (token, expert) assignments are laid out
+    expert after expert, each expert's run padded to a multiple of a block of B rows; every block then belongs to one
+    expert and one batched matmul computes all blocks. Work is at most T*k + min(E, T*k) * (B - 1) rows (rounded up
+    to a block), growing with tokens x top_k, never tokens x experts. B shrinks with the number of assignments
+    (B = 1 when decoding one token: exactly k rows).
+
+    capacity (``moe_dispatch: capacity``; the expert-parallel layout of semi-auto/auto parallel training): tokens are
+    split into G groups (G = data_parallel; one group otherwise) and every expert gets a static buffer of C rows per
+    group, C = ceil(expert_capacity_factor * T_g*k / E) capped at T_g (factor 0: C = T_g, nothing is ever dropped).
+    An expert holding more than C assignments of a group keeps the C with the highest affinity (the paper's rule for
+    dropping, applied per expert); the rest contribute nothing. The buffers (E, G*C, h) are what expert parallel
+    splits: experts over ep ranks, rows over the dp // ep ranks of each expert group, widths over mp.
+    """
+    LAYOUT = {"w1.weight": ("ep", "mp", None), "w3.weight": ("ep", "mp", None), "w2.weight": ("ep", None, "mp")}
 
     def __init__(self, config, compute_dtype=mstype.float32, param_init_type=mstype.float32):
         super().__init__()
@@ -293,11 +348,39 @@ class RoutedExperts(nn.Cell):
         self.tp_size = config.tp_size
         self.top_k = config.num_experts_per_tok
         self.block_size = config.moe_block_size
+        self.dispatch = config.moe_dispatch
+        self.capacity_factor = config.expert_capacity_factor
+        self.groups = 1                                          # capacity dispatch: token groups (data parallel)
         self.compute_dtype = compute_dtype
         self.w1 = StackedWeight((e, i, h), param_init_type, config.init_std)            # gate_proj of every expert
         self.w3 = StackedWeight((e, i, h), param_init_type, config.init_std)            # up_proj
         self.w2 = StackedWeight((e, h, i), param_init_type, config.init_std)            # down_proj
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        # capacity dispatch
+        self.rank_in_expert = RankWithin(e)
+        self.sort_slots = ops.Sort(axis=-1)
+        self.index_gather = ops.Gather(batch_dims=1)             # (G, N) indices -> (G, M)
+        self.row_gather = ops.Gather(batch_dims=1)               # rows of (G, R, h)
+        self.bmm_up = ops.BatchMatMul(transpose_b=True)          # (E, G*C, h) x (E, i, h)^T
+        self.bmm_down = ops.BatchMatMul(transpose_b=True)        # (E, G*C, i) x (E, h, i)^T
+
+    def parallelize(self, sizes):
+        """Semi-auto/auto parallel layout of the capacity dispatch (sizes: dp, mp, ep).
+
+        Routing, ranking and the gathers stay inside each data-parallel group (dp, 1, ...); the expert matmuls take
+        experts by ep, each expert's G*C rows by dp // ep and widths by mp, so MindSpore moves the dispatched rows
+        from their group's rank to their expert's rank (AlltoAll with enable_alltoall) and back.
+        """
+        dp, mp, ep = sizes.get("dp", 1), sizes.get("mp", 1), sizes.get("ep", 1)
+        if dp % ep:
+            raise ValueError(f"parallel_config.expert_parallel = {ep} does not divide data_parallel = {dp}")
+        self.groups = dp
+        self.rank_in_expert.parallelize(sizes)
+        self.sort_slots.shard(((dp, 1),))
+        self.index_gather.shard(((dp, 1), (dp, 1)))
+        self.row_gather.shard(((dp, 1, 1), (dp, 1)))
+        self.bmm_up.shard(((ep, dp // ep, 1), layout_parts(self.LAYOUT["w1.weight"], sizes)))
+        self.bmm_down.shard(((ep, dp // ep, mp), layout_parts(self.LAYOUT["w2.weight"], sizes)))
 
     def plan(self, num_assignments: int):
         """Static block plan for T*k assignments: (rows per block B, number of blocks)."""
@@ -309,20 +392,33 @@ class RoutedExperts(nn.Cell):
         # every busy expert pads its run by at most block - 1 rows
         return block, -(-(num_assignments + busy * (block - 1)) // block)
 
-    def construct(self, x, topk_idx, topk_weight, keep=None):
-        """x (T, h), topk_idx (T, k) int32, topk_weight (T, k) fp32, keep (T, k) 0/1 or None -> (T, h)."""
-        tokens, k = topk_idx.shape
-        n = tokens * k
-        block, num_blocks = self.plan(n)
-        slots = block * num_blocks
-        one = Tensor(1.0, mstype.float32)
-        zero = Tensor(0.0, mstype.float32)
+    def capacity(self, group_tokens: int) -> int:
+        """Rows per expert and group of the capacity dispatch."""
+        if self.capacity_factor <= 0:
+            return group_tokens
+        wanted = math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts)
+        return max(1, min(group_tokens, wanted))
+
+    def construct(self, x, topk_idx, topk_weight, keep=None, priority=None):
+        """x (T, h), topk_idx (T, k) int32, topk_weight (T, k) fp32, keep (T, k) 0/1 or None, priority (T, k)
+        affinities ranking assignments for the capacity buffers (default topk_weight) -> (T, h)."""
         if self.tp_size > 1:                                   # assignments to other ranks' experts: not here
             local = ops.logical_and(topk_idx >= self.expert_offset,
                                     topk_idx < self.expert_offset + self.num_experts)
             topk_idx = ops.select(local, topk_idx - self.expert_offset, ops.zeros_like(topk_idx))
             local = ops.cast(local, mstype.float32)
             keep = local if keep is None else keep * local
+        if self.dispatch == "capacity":
+            return self.capacity_dispatch(x, topk_idx, topk_weight, keep, topk_weight if priority is None else priority)
+        return self.dropless_dispatch(x, topk_idx, topk_weight, keep)
+
+    def dropless_dispatch(self, x, topk_idx, topk_weight, keep):
+        tokens, k = topk_idx.shape
+        n = tokens * k
+        block, num_blocks = self.plan(n)
+        slots = block * num_blocks
+        one = Tensor(1.0, mstype.float32)
+        zero = Tensor(0.0, mstype.float32)
         expert = ops.reshape(topk_idx, (n,))                                               # (N,)
         onehot = ops.one_hot(expert, self.num_experts, one, zero)                          # (N, E)
         if keep is not None:
@@ -357,6 +453,49 @@ class RoutedExperts(nn.Cell):
         combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
         return ops.cast(combined, x.dtype)                                                 # (T, h)
 
+    def capacity_dispatch(self, x, topk_idx, topk_weight, keep, priority):
+        tokens, k = topk_idx.shape
+        g, e, h = self.groups, self.num_experts, self.hidden_size
+        if tokens % g:
+            raise ValueError(f"RoutedExperts: {tokens} tokens do not split into {g} data-parallel groups")
+        tg = tokens // g
+        n, c = tg * k, self.capacity(tg)
+        expert = ops.reshape(topk_idx, (g, n))                                             # (G, N) a = t*k + j
+        prio = ops.reshape(ops.cast(priority, mstype.float32), (g, n))
+        kept = ops.ones((g, n), mstype.float32) if keep is None else \
+            ops.reshape(ops.cast(keep, mstype.float32), (g, n))
+        prio = kept * (prio + 1.0) - 1.0                                                   # dropped: -1, last
+        rank = self.rank_in_expert(expert, prio)                                           # (G, N) in its expert
+        fits = kept * ops.cast(rank < c, mstype.float32)                                   # (G, N) 0/1
+        # slot of each assignment in the (E*C + 1)-row buffer of its group; row E*C stays zero
+        slot = ops.cast(fits * (ops.cast(expert, mstype.float32) * c + rank) + (1 - fits) * (e * c), mstype.int32)
+        # which assignment fills slot (e, r): sorted by slot, expert e's r-th sits at start_e + r
+        _, by_slot = self.sort_slots(ops.cast(slot, mstype.float32))                       # (G, N)
+        filled = ops.reduce_sum(ops.one_hot(expert, e, Tensor(1.0, mstype.float32), Tensor(0.0, mstype.float32))
+                                * ops.expand_dims(fits, -1), 1)                            # (G, E)
+        start = ops.cumsum(filled, -1) - filled                                            # (G, E)
+        r = ops.cast(ops.arange(c), mstype.float32)                                        # (C,)
+        position = ops.expand_dims(start, -1) + r                                          # (G, E, C)
+        valid = ops.cast(r < ops.expand_dims(filled, -1), mstype.int32)                    # (G, E, C)
+        position = ops.cast(ops.minimum(position, n - 1), mstype.int32)
+        assignment = self.index_gather(by_slot, ops.reshape(position, (g, e * c)), 1)      # (G, E*C)
+        row = (ops.floor_divide(assignment, k) + 1) * ops.reshape(valid, (g, e * c))       # token + 1, 0 = empty
+        x_pad = ops.concat((ops.zeros((g, 1, h), self.compute_dtype),
+                            ops.reshape(ops.cast(x, self.compute_dtype), (g, tg, h))), 1)  # (G, T_g + 1, h)
+        xs = self.row_gather(x_pad, row, 1)                                                # (G, E*C, h)
+        xs = ops.reshape(ops.transpose(ops.reshape(xs, (g, e, c, h)), (1, 0, 2, 3)), (e, g * c, h))
+        w1 = ops.cast(self.w1.weight, self.compute_dtype)                                  # (E, i, h)
+        w3 = ops.cast(self.w3.weight, self.compute_dtype)
+        w2 = ops.cast(self.w2.weight, self.compute_dtype)                                  # (E, h, i)
+        hidden = ops.silu(self.bmm_up(xs, w1)) * self.bmm_up(xs, w3)                       # (E, G*C, i)
+        out = self.bmm_down(hidden, w2)                                                    # (E, G*C, h)
+        out = ops.reshape(ops.transpose(ops.reshape(out, (e, g, c, h)), (1, 0, 2, 3)), (g, e * c, h))
+        out = ops.concat((out, ops.zeros((g, 1, h), out.dtype)), 1)                        # (G, E*C + 1, h)
+        per_assignment = ops.reshape(self.row_gather(out, slot, 1), (tokens, k, h))        # (T, k, h)
+        weights = topk_weight * ops.reshape(fits, (tokens, k))
+        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
+        return ops.cast(combined, x.dtype)                                                 # (T, h)
+
 
 class DeepSeekMoE(nn.Cell):
     """DeepSeekMoE: h = x + sum_i g_i FFN_i(x) over the top-k routed experts + the shared experts' FFN(x).
@@ -381,42 +520,44 @@ class DeepSeekMoE(nn.Cell):
                                           compute_dtype, param_init_type, config.init_std, config.tp_size,
                                           reduce=False) if config.n_shared_experts else None
         self.partial_sum = PartialSum(config.tp_size)         # routed (local experts) + shared (local columns)
+        self.groups = 1                                       # token groups of the drop budget (data parallel)
+        self.rank_in_device = RankWithin(self.num_devices)
+
+    def parallelize(self, sizes):
+        """Dropping and the capacity dispatch work per data-parallel group (one group per dp rank)."""
+        self.groups = sizes.get("dp", 1)
+        self.rank_in_device.parallelize(sizes)
 
     def drop_mask(self, topk_idx, affinity):
         """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones.
 
         topk_idx (T, k) chosen experts, affinity (T, k) their softmax scores s_{i,t} (not the scaled weights).
+        Under data parallel every rank applies the budget to its own tokens (T / dp of them).
         """
         tokens, k = topk_idx.shape
-        n = tokens * k
+        g = self.groups
+        n = tokens * k // g
         capacity = math.ceil(self.capacity_factor * n / self.num_devices)
-        device = ops.reshape(ops.floor_divide(topk_idx, self.num_experts // self.num_devices), (n,))   # (N,)
-        weight = ops.reshape(affinity, (n,))
-        same = ops.equal(ops.expand_dims(device, 1), ops.expand_dims(device, 0))                   # (N, N)
-        order = ops.arange(n)
-        better = ops.logical_or(ops.expand_dims(weight, 0) > ops.expand_dims(weight, 1),
-                                ops.logical_and(ops.expand_dims(weight, 0) == ops.expand_dims(weight, 1),
-                                                ops.expand_dims(order, 0) < ops.expand_dims(order, 1)))
-        rank = ops.reduce_sum(ops.select(ops.logical_and(same, better), ops.ones((n, n), mstype.float32),
-                                         ops.zeros((n, n), mstype.float32)), 1)                  # (N,)
-        keep = ops.select(rank < capacity, ops.fill(mstype.float32, (n,), 1.0), ops.fill(mstype.float32, (n,), 0.0))
-        return ops.reshape(keep, (tokens, k))
+        device = ops.reshape(ops.floor_divide(topk_idx, self.num_experts // self.num_devices), (g, n))  # (G, N)
+        rank = self.rank_in_device(device, ops.reshape(affinity, (g, n)))                            # (G, N)
+        return ops.reshape(ops.cast(rank < capacity, mstype.float32), (tokens, k))
 
     def construct(self, x):
         """x (b, s, h) -> (b, s, h), aux loss scalar (0 outside training)."""
         b, s, h = x.shape
         flat = ops.reshape(x, (b * s, h))
         scores, topk_idx, topk_weight = self.routed_experts.router(flat)
+        affinity = ops.gather_elements(scores, 1, topk_idx)                                # (T, k) s_{i,t}
         keep = None
         aux = ops.zeros((), mstype.float32)
         if self.training:
             if self.capacity_factor > 0:
-                keep = self.drop_mask(topk_idx, ops.gather_elements(scores, 1, topk_idx))   # by affinity s_{i,t}
+                keep = self.drop_mask(topk_idx, affinity)
             if self.alphas[0] > 0 or self.alphas[1] > 0 or self.alphas[2] > 0:
                 expert, device, comm = balance_losses(scores, topk_idx, b, self.num_experts, self.top_k,
                                                       self.num_devices, self.topk_devices)
                 aux = self.alphas[0] * expert + self.alphas[1] * device + self.alphas[2] * comm
-        out = self.routed_experts.ffn(flat, topk_idx, topk_weight, keep)
+        out = self.routed_experts.ffn(flat, topk_idx, topk_weight, keep, affinity)
         out = ops.reshape(out, (b, s, h))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

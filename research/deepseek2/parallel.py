@@ -8,6 +8,7 @@ the latent KV cache) is replicated.
 Loading reads only this rank's slice: from Hugging Face safetensors shards (rows read by offset; only the rank's own
 experts are read at all) or from a converted MindSpore checkpoint (file or shard folder, streamed tensor by tensor).
 """
+import math
 import os
 from typing import Dict, Optional, Tuple
 
@@ -16,14 +17,17 @@ import numpy as np
 from .checkpoint_io import CheckpointError, HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
 from .weight_map import hf_to_ms, ms_to_hf, is_stacked
 
-__all__ = ["split_dims", "local_slice", "load_for_rank", "weight_strategies", "check_weight_strategies",
-           "matmul_strategy", "apply_semi_auto"]
+__all__ = ["split_dims", "local_slice", "load_for_rank", "parallel_sizes", "weight_strategies",
+           "check_weight_strategies", "expert_buffers", "matmul_strategy", "apply_semi_auto"]
 
 PARALLEL_AXES = ("mp", "ep")
 
 
 def split_dims(net) -> Dict[str, int]:
-    """{parameter name: the dimension split across ranks} from the LAYOUT declarations of the net's cells."""
+    """{parameter name: the dimension split across ranks} from the LAYOUT declarations of the net's cells.
+
+    The hand-written inference split cuts a weight along its first "mp"/"ep" axis only (routed experts by count,
+    not also by width); the vocabulary stays whole."""
     params = {p.name for p in net.get_parameters()}
     dims = {}
     for cell_name, cell in net.cells_and_names():
@@ -116,32 +120,48 @@ def load_for_rank(net, path: str, tp_size: int, tp_rank: int, n_experts: Optiona
 
 
 # ------------------------------------------------------------------------------ semi-auto parallel (Ascend training)
-def _axis_size(axis, sizes) -> int:
-    return sizes.get(axis, 1) if axis else 1
+def _get(pc, key, default):
+    return pc.get(key, default) if isinstance(pc, dict) else getattr(pc, key, default)
 
 
-def weight_strategies(config, dp: int, mp: int, ep: int) -> Dict[str, Tuple[int, ...]]:
+def parallel_sizes(parallel_config) -> Dict[str, int]:
+    """{axis: parts} of a MindFormers parallel_config (object or dict): dp, mp, ep, and vocab (= mp when
+    ``vocab_emb_dp`` is False: embedding and lm_head split by vocabulary; 1 otherwise)."""
+    dp = int(_get(parallel_config, "data_parallel", 1) or 1)
+    mp = int(_get(parallel_config, "model_parallel", 1) or 1)
+    ep = int(_get(parallel_config, "expert_parallel", 1) or 1)
+    vocab = 1 if _get(parallel_config, "vocab_emb_dp", True) else mp
+    return {"dp": dp, "mp": mp, "ep": ep, "vocab": vocab}
+
+
+def _layouts():
+    """(parameter-name suffix, LAYOUT entry) of every declaring cell, by where the cell sits in the model."""
+    from .deepseek2 import DeepseekV2ForCausalLM
+    from .deepseek2_layer import Embedding, FeedForward, RoutedExperts
+    from .deepseek2_transformer import MLAttention
+    owners = (("attention.", MLAttention), ("feed_forward.", FeedForward), ("shared_experts.", FeedForward),
+              ("routed_experts.ffn.", RoutedExperts), ("tok_embeddings.", Embedding), ("", DeepseekV2ForCausalLM))
+    return [(owner + suffix, spec) for owner, cls in owners for suffix, spec in cls.LAYOUT.items()]
+
+
+def weight_strategies(config, dp: int, mp: int, ep: int, vocab_emb_dp: bool = True) -> Dict[str, Tuple[int, ...]]:
     """{parameter name: how many parts each dimension is cut into} for the full model of ``config``.
 
     Read from the LAYOUT declarations (by the parameter's suffix), without building the model, so it works for the
     236B shape on any machine. Undeclared weights are replicated (all ones).
     """
     from .weight_map import expected_ms_shapes
-    from .deepseek2_layer import FeedForward, RoutedExperts
-    from .deepseek2_transformer import MLAttention
-    layouts = []
-    for owner, cls in (("attention.", MLAttention), ("feed_forward.", FeedForward),
-                       ("shared_experts.", FeedForward), ("routed_experts.ffn.", RoutedExperts)):
-        layouts += [(owner + suffix, spec) for suffix, spec in cls.LAYOUT.items()]
-    sizes = {"mp": mp, "ep": ep, "dp": dp}
+    from .deepseek2_layer import layout_parts
+    sizes = {"mp": mp, "ep": ep, "dp": dp, "vocab": 1 if vocab_emb_dp else mp}
+    layouts = _layouts()
     plan = {}
     for name, shape in expected_ms_shapes(config).items():
-        spec = next((spec for suffix, spec in layouts if name.endswith("." + suffix)), None)
-        plan[name] = tuple(_axis_size(axis, sizes) for axis in spec) if spec else (1,) * len(shape)
+        spec = next((spec for suffix, spec in layouts if name == suffix or name.endswith("." + suffix)), None)
+        plan[name] = layout_parts(spec, sizes) if spec else (1,) * len(shape)
     return plan
 
 
-def check_weight_strategies(config, dp: int, mp: int, ep: int) -> list:
+def check_weight_strategies(config, dp: int, mp: int, ep: int, vocab_emb_dp: bool = True) -> list:
     """Problems (empty = fine): a weight dimension not divisible by the number of parts it is cut into."""
     from .weight_map import expected_ms_shapes
     shapes = expected_ms_shapes(config)
@@ -149,36 +169,74 @@ def check_weight_strategies(config, dp: int, mp: int, ep: int) -> list:
     if config.num_attention_heads % mp:          # head-major weights must split on head boundaries
         problems.append(f"num_attention_heads = {config.num_attention_heads}: q_proj/l2q_proj/lkv2kv/wo split "
                         f"by heads into {mp} parts")
-    for name, parts in weight_strategies(config, dp, mp, ep).items():
+    for name, parts in weight_strategies(config, dp, mp, ep, vocab_emb_dp).items():
         for dim, (size, part) in enumerate(zip(shapes[name], parts)):
             if size % part:
                 problems.append(f"{name}: dimension {dim} ({size}) is not divisible into {part} parts")
     return problems
 
 
-def matmul_strategy(spec, dp: int, mp: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """Strategy of a Linear's MatMul(x (tokens, in), W (out, in)^T) for its weight LAYOUT entry."""
-    if spec and spec[0] == "mp":                   # column parallel: W split by output rows
-        return (dp, 1), (mp, 1)
-    if spec and len(spec) > 1 and spec[1] == "mp":  # row parallel: W split by input columns, partial sums
-        return (dp, mp), (1, mp)
+def expert_buffers(config, dp: int, ep: int, mp: int = 1) -> dict:
+    """Shapes of the capacity dispatch for one micro-batch of ``batch_size`` sequences per data-parallel rank:
+    groups G = dp, tokens per group T_g = batch_size * seq_length, rows per expert and group C, the buffer
+    (E, G*C, hidden) and its per-rank part (E/ep, G*C/(dp/ep), hidden), plus the problems of that layout."""
+    tokens = config.batch_size * config.seq_length
+    experts, k = config.n_routed_experts, config.num_experts_per_tok
+    f = config.expert_capacity_factor
+    rows = tokens if f <= 0 else max(1, min(tokens, math.ceil(f * tokens * k / experts)))
+    problems = []
+    if config.moe_dispatch != "capacity":
+        problems.append(f"moe_dispatch = {config.moe_dispatch!r}: semi-auto/auto parallel training needs "
+                        f"'capacity' (static per-expert buffers that split over expert_parallel)")
+    if experts % ep:
+        problems.append(f"n_routed_experts = {experts} is not divisible by expert_parallel = {ep}")
+    if dp % ep:
+        problems.append(f"expert_parallel = {ep} does not divide data_parallel = {dp}")
+    if config.moe_intermediate_size % mp:
+        problems.append(f"moe_intermediate_size = {config.moe_intermediate_size} is not divisible by "
+                        f"model_parallel = {mp}")
+    inner = dp // ep if not dp % ep else 1
+    return {"groups": dp, "group_tokens": tokens, "capacity": rows, "buffer": (experts, dp * rows, config.hidden_size),
+            "per_rank": (experts // ep if not experts % ep else None, dp * rows // inner, config.hidden_size),
+            "problems": problems}
+
+
+def matmul_strategy(spec, sizes) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Strategy of a Linear's MatMul(x (tokens, in), W (out, in)^T) for its weight LAYOUT entry; sizes: {axis: parts}
+    with "dp" for the tokens."""
+    dp = sizes.get("dp", 1)
+    if spec and spec[0]:                           # column parallel: W split by output rows
+        return (dp, 1), (sizes.get(spec[0], 1), 1)
+    if spec and len(spec) > 1 and spec[1]:         # row parallel: W split by input columns, partial sums
+        part = sizes.get(spec[1], 1)
+        return (dp, part), (1, part)
     return (dp, 1), (1, 1)
 
 
-def apply_semi_auto(net, dp: int, mp: int) -> Dict[str, tuple]:
-    """Give every Linear's MatMul its strategy from the LAYOUT of the cell owning it (semi-auto parallel on Ascend;
-    the other ops follow by sharding propagation). Returns {matmul path: strategy}. Routed experts keep MindSpore's
-    default strategies here (their expert-parallel dispatch needs Ascend's AlltoAll and is not declared)."""
-    from .deepseek2_layer import Linear
-    applied = {}
+def apply_semi_auto(net, sizes) -> Dict[str, tuple]:
+    """Lay the model out for semi-auto/auto parallel (Ascend training) from the declarations beside the math.
+
+    sizes: {"dp", "mp", "ep", "vocab"} (see ``parallel_sizes``). Every Linear's MatMul gets its strategy from the
+    LAYOUT of the cell owning it; cells with a ``parallelize`` method (embedding, MoE token dropping, the routed
+    experts' capacity dispatch) lay out their own ops. The remaining ops follow by sharding propagation
+    (``parallel_mode: 2``, ``search_mode: sharding_propagation``). Returns {op or cell path: strategy}.
+    """
+    from .deepseek2_layer import Linear, RoutedExperts
     cells = dict(net.cells_and_names())
+    dispatch = {cell.dispatch for cell in cells.values() if isinstance(cell, RoutedExperts)}
+    if dispatch - {"capacity"}:
+        raise ValueError("DeepseekV2Config.moe_dispatch = 'dropless': semi-auto/auto parallel training needs "
+                         "'capacity' (set model.model_config.moe_dispatch: capacity and expert_capacity_factor)")
+    applied = {}
     for path, cell in cells.items():
-        if not isinstance(cell, Linear):
-            continue
-        parent_path, _, child = path.rpartition(".")
-        parent = cells.get(parent_path)
-        spec = getattr(type(parent), "LAYOUT", {}).get(f"{child}.weight") if parent is not None else None
-        strategy = matmul_strategy(spec, dp, mp)
-        cell.matmul.shard(strategy)
-        applied[path + ".matmul"] = strategy
+        if isinstance(cell, Linear):
+            parent_path, _, child = path.rpartition(".")
+            parent = cells.get(parent_path)
+            spec = getattr(type(parent), "LAYOUT", {}).get(f"{child}.weight") if parent is not None else None
+            strategy = matmul_strategy(spec, sizes)
+            cell.matmul.shard(strategy)
+            applied[path + ".matmul"] = strategy
+        elif hasattr(cell, "parallelize"):
+            cell.parallelize(sizes)
+            applied[path + ".parallelize"] = dict(sizes)
     return applied

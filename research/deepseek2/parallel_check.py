@@ -21,6 +21,8 @@ Rules (each problem is reported as one message naming the YAML field):
     pipeline_stage == 0 unless ``model_config.offset`` (MindFormers' per-stage layer offsets, one int per stage,
     stage i gets num_hidden_layers // pipeline_stage + offset[i] layers) gives an uneven split that adds up.
   * sequence parallel (use_seq_parallel with mp > 1): seq_length % mp == 0.
+  * training with mp, ep or pp > 1: parallel_mode 2 (auto) with search_mode sharding_propagation, and
+    model_config.moe_dispatch: capacity (the expert-parallel layout of the routed experts).
 """
 import argparse
 import os
@@ -207,8 +209,27 @@ def load_yaml_checks(path: str, device_num: Optional[int] = None) -> List[str]:
         if _is_pos_int(s.dp) and batch % s.dp:
             problems.append(f"{name}: model_config.batch_size = {batch} is not divisible by parallel_config."
                             f"data_parallel = {s.dp}")
-    elif config.get("use_parallel") and s.pp > 1 and (config.get("parallel") or {}).get("parallel_mode") not in (1, 2):
-        problems.append(f"{name}: parallel.parallel_mode must be 1 (semi-auto) or 2 (auto) with pipeline_stage > 1")
+    elif config.get("use_parallel") and (s.pp > 1 or s.mp > 1 or s.ep > 1):
+        problems += _training_layout_problems(name, config, model_config)
+    return problems
+
+
+def _training_layout_problems(name: str, config: dict, model_config: dict) -> List[str]:
+    """Training beyond data parallel: the model declares strategies for its key ops only (Linear MatMuls, embedding,
+    the MoE dispatch), so MindSpore must propagate the rest (auto parallel + sharding propagation), and the routed
+    experts must use the capacity dispatch, whose static buffers are what expert parallel splits."""
+    problems = []
+    parallel = config.get("parallel") or {}
+    mode, search = parallel.get("parallel_mode"), parallel.get("search_mode")
+    if mode != 2 or search != "sharding_propagation":
+        problems.append(f"{name}: parallel.parallel_mode = {mode!r}, parallel.search_mode = {search!r}: model, "
+                        "expert or pipeline parallel training needs parallel_mode 2 (auto) with search_mode "
+                        "sharding_propagation (the model shards its key ops; semi-auto would leave the others "
+                        "split by batch alone)")
+    if model_config.get("n_routed_experts") and model_config.get("moe_dispatch", "dropless") != "capacity":
+        problems.append(f"{name}: model_config.moe_dispatch = {model_config.get('moe_dispatch', 'dropless')!r}: "
+                        "expected 'capacity' for parallel training (static per-expert buffers split over "
+                        "expert_parallel)")
     return problems
 
 

@@ -36,9 +36,11 @@ Training bytes per card:
                 + b (a/t) s^2 (4 + c)          (norm in/out, latents, q, kv, RoPE'd q/k, context; fp32 softmax
                                                  output + its cast for the PV matmul)
     dense FFN:  s b c [2h + 3f/t]             (norm in/out, gate, up, gate*up)
-    MoE FFN:    s b c [2h + 3 ns fm / t] + 8 s b E + R c [2h + 3fm/t],  R = k s b max(1, capacity_factor)
+    MoE FFN:    s b c [2h + 3 ns fm / t] + 8 s b E + R c [2h + 3fm/t]
                 (norm in/out, shared experts, fp32 router logits + probs, R dispatched rows: input, gate, up,
-                 product, output)
+                 product, output); dropless dispatch R = k s b max(1, capacity_factor), capacity dispatch
+                 (moe_dispatch: capacity) R = E C with C = min(s b, ceil(expert_capacity_factor k s b / E)),
+                 C = s b when the factor is 0
     (the 2h terms and the layer input shrink by t under use_seq_parallel)
     no recompute: in_flight x sum of the stage's layers;  recompute: in_flight x layers x s b h c (layer inputs)
     + the largest layer (one layer re-run at a time). in_flight = min(pp - stage, micro_batch_num) micro-batches
@@ -169,7 +171,11 @@ def _layer_activation_bytes(mc: dict, layer: int, b: float, s: int, t: int, seq_
     attn += b * (a / t) * s * s * (sm + c)
     if _is_moe_layer(mc, layer):
         e, fm, k = mc["n_routed_experts"], mc["moe_intermediate_size"], mc["num_experts_per_tok"]
-        rows = k * s * b * max(1.0, float(mc.get("capacity_factor") or 0.0))
+        if mc.get("moe_dispatch") == "capacity":          # E buffers of C rows (RoutedExperts.capacity)
+            f = float(mc.get("expert_capacity_factor") or 0.0)
+            rows = e * (s * b if f <= 0 else min(s * b, math.ceil(f * s * b * k / e)))
+        else:
+            rows = k * s * b * max(1.0, float(mc.get("capacity_factor") or 0.0))
         ffn = s * b * c * (hh + 3 * (mc.get("n_shared_experts") or 0) * fm / t) + 8 * s * b * e
         ffn += rows * c * (2 * h + 3 * fm / t)
     else:
