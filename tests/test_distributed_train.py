@@ -19,17 +19,14 @@ Why the losses can match exactly:
 import glob
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
+from _launch import ROOT, Job, free_ports, launch_env, read_text, start_launcher, wait_all, worker_log
+
 RUNNER = os.path.join(ROOT, "run_mindformer.py")
 TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
 JOB_TIMEOUT = 420            # seconds for all four jobs together
@@ -56,17 +53,6 @@ def _batch(size):
     return ["--runner_config.batch_size", str(size), "--train_dataset.batch_size", str(size)]
 
 
-def _free_ports(count):
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def _write_rows(path):
     """ROWS rows of a learnable pattern, 33 tokens, labels masking the first 4: the same 28 counted targets."""
     from mindspore.mindrecord import FileWriter
@@ -83,47 +69,16 @@ def _write_rows(path):
     writer.commit()
 
 
-class _Job:
-    """A command running in the background in its own process group, console to a file."""
-
-    def __init__(self, name, argv, cwd, env, console):
-        self.name, self.console_path = name, console
-        self._out = open(console, "w", encoding="utf-8")  # pylint: disable=consider-using-with
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.returncode = None
-
-    def wait(self, deadline):
-        try:
-            self.returncode = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGTERM)   # the launcher forwards it to msrun / its workers
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            self.returncode = "timeout"
-        finally:
-            self._out.close()
-        return self.returncode
-
-    def console(self):
-        with open(self.console_path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start the single, (a) and (b) jobs together; return their folders, exit codes and consoles."""
     tmp = tmp_path_factory.mktemp("dp")
     data = str(tmp / "rows.mindrecord")
     _write_rows(data)
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp / "mf_default"), GLOG_v="3")
-    env.pop("PYTHONPATH", None)                           # the launcher puts the project root first
+    env = launch_env(tmp / "mf_default", 3)               # no PYTHONPATH: the launcher puts the project root first
     common = ["--config", TINY_YAML, "--run_mode", "train", "--train_data", data, *SMALL]
     dp_args = ["--use_parallel", "True", "--parallel_config.data_parallel", str(RANKS), *_batch(PER_RANK_BATCH)]
-    port_a, port_b = _free_ports(2)
+    port_a, port_b = free_ports(2)
     out = {name: tmp / name for name in ("single", "dp", "nodes")}
 
     def launcher_cmd(output_dir):
@@ -131,18 +86,17 @@ def runs(tmp_path_factory):
         return " ".join(f"'{word}'" if " " in word else word for word in words)
 
     jobs = [
-        _Job("single", [sys.executable, RUNNER, *common, *_batch(PER_RANK_BATCH * RANKS), "--output_dir",
-                        str(out["single"])], str(tmp), dict(env, PYTHONPATH=ROOT), str(tmp / "single.console")),
-        _Job("dp", ["bash", LAUNCHER, launcher_cmd(out["dp"]), str(RANKS), str(port_a), str(tmp / "log_dp"),
-                    "True", CLUSTER_TIME_OUT], str(tmp), env, str(tmp / "dp.console")),
+        Job("single", [sys.executable, RUNNER, *common, *_batch(PER_RANK_BATCH * RANKS), "--output_dir",
+                       str(out["single"])], str(tmp), dict(env, PYTHONPATH=ROOT), str(tmp / "single.console")),
+        start_launcher("dp", [launcher_cmd(out["dp"]), str(RANKS), str(port_a), str(tmp / "log_dp"), "True",
+                              CLUSTER_TIME_OUT], str(tmp), env, str(tmp / "dp.console")),
     ]
     for node in range(2):
-        jobs.append(_Job(f"node{node}", ["bash", LAUNCHER, launcher_cmd(out["nodes"]), str(RANKS), "1", "127.0.0.1",
-                                         str(port_b), str(node), str(tmp / f"log_node{node}"), "True",
-                                         CLUSTER_TIME_OUT], str(tmp), env, str(tmp / f"node{node}.console")))
+        jobs.append(start_launcher(f"node{node}", [launcher_cmd(out["nodes"]), str(RANKS), "1", "127.0.0.1",
+                                                   str(port_b), str(node), str(tmp / f"log_node{node}"), "True",
+                                                   CLUSTER_TIME_OUT], str(tmp), env, str(tmp / f"node{node}.console")))
     started = time.monotonic()
-    deadline = started + JOB_TIMEOUT
-    codes = {job.name: job.wait(deadline) for job in jobs}
+    codes = dict(zip((job.name for job in jobs), wait_all(jobs, JOB_TIMEOUT)))
     print(f"\ndistributed jobs finished in {time.monotonic() - started:.0f} s: {codes}")
     return {"tmp": tmp, "out": out, "codes": codes, "jobs": {job.name: job for job in jobs}}
 
@@ -153,17 +107,12 @@ def _log_lines(text):
     return [(step, *found[step]) for step in sorted(found)]
 
 
-def _read(path):
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return handle.read()
-
-
 def _worker_logs(runs, kind):
     """{rank: worker log text} of job kind 'dp' (one log folder) or 'nodes' (one folder per node)."""
     tmp = runs["tmp"]
     if kind == "dp":
-        return {rank: _read(tmp / "log_dp" / f"worker_{rank}.log") for rank in range(RANKS)}
-    return {rank: _read(tmp / f"log_node{rank}" / f"worker_{rank}.log") for rank in range(RANKS)}
+        return {rank: worker_log(tmp / "log_dp", rank) for rank in range(RANKS)}
+    return {rank: worker_log(tmp / f"log_node{rank}", rank) for rank in range(RANKS)}
 
 
 def _check_ok(runs, names):
@@ -207,7 +156,7 @@ def _check_distributed(runs, kind):
         assert shards == {(rank, RANKS)}, f"rank {rank} dataset shard lines: {shards}"
         per_rank[rank] = _log_lines(text)
         assert [step for step, _, _ in per_rank[rank]] == list(range(1, STEPS + 1)), text[-3000:]
-        info = _read(runs["out"][kind] / "log" / f"rank_{rank}" / "info.log")   # MindFormers' own per-rank log
+        info = read_text(runs["out"][kind] / "log" / f"rank_{rank}" / "info.log")   # MindFormers' own per-rank log
         assert len(LINE.findall(info)) == STEPS
     worst_loss = worst_norm = 0.0
     for index, (step, loss, norm) in enumerate(single):

@@ -6,73 +6,39 @@ seconds, and they start independent jobs concurrently (each on its own free port
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(REPO, "scripts", "msrun_launcher.sh")
+from _launch import ROOT as REPO, TIMEOUT, free_port, launch_env, run_launcher, start_launcher, wait_all
+
 PROBE = os.path.join(REPO, "tests", "_mccl_probe.py")
 JOB_TIMEOUT = 240     # seconds before a test gives up on a launcher
 CLUSTER_TIME_OUT = "90"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(tmp_path):
-    env = dict(os.environ)
-    env["LOCAL_DEFAULT_PATH"] = str(tmp_path / "mf_output")
-    env["MS_NODE_TIMEOUT"] = "10"     # heartbeat timeout: the scheduler notices a dead worker within ~10 s
-    env["GLOG_v"] = "2"               # fewer INFO lines in the logs
-    env.pop("PYTHONPATH", None)
-    return env
+    """MS_NODE_TIMEOUT is the heartbeat timeout: the scheduler notices a dead worker within ~10 s.
+    GLOG_v=2: fewer INFO lines in the logs."""
+    return launch_env(tmp_path / "mf_output", 2, MS_NODE_TIMEOUT="10")
 
 
 def _run_fast(args, cwd, tmp_path):
-    return subprocess.run(["bash", LAUNCHER, *args], cwd=cwd, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=60, check=False)
+    return run_launcher(args, cwd, _env(tmp_path), timeout=60)
 
 
-class _Job:
+def _job(args, cwd, tmp_path, name):
     """One launcher invocation running in the background."""
-
-    def __init__(self, args, cwd, tmp_path, name):
-        self.name = name
-        self.out_path = tmp_path / f"{name}.console"
-        self._out = open(self.out_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
-        self.proc = subprocess.Popen(["bash", LAUNCHER, *args], cwd=cwd, env=_env(tmp_path), stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, deadline):
-        try:
-            self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGTERM)     # the launcher forwards it to msrun / its workers
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            pytest.fail(f"launcher job {self.name} did not finish in {JOB_TIMEOUT} s:\n{self.console()[-3000:]}")
-        finally:
-            self._out.close()
-        return self.proc.returncode
-
-    def console(self):
-        return self.out_path.read_text(encoding="utf-8", errors="replace")
+    return start_launcher(name, args, cwd, _env(tmp_path), tmp_path / f"{name}.console")
 
 
 def _wait_all(jobs):
-    deadline = time.monotonic() + JOB_TIMEOUT
-    return [job.wait(deadline) for job in jobs]
+    codes = wait_all(jobs, JOB_TIMEOUT)
+    for job, code in zip(jobs, codes):
+        if code == TIMEOUT:
+            pytest.fail(f"launcher job {job.name} did not finish in {JOB_TIMEOUT} s:\n{job.console()[-3000:]}")
+    return codes
 
 
 def _results(out_dir):
@@ -137,8 +103,7 @@ def test_unbalanced_quotes_exit_2(tmp_path):
 def _dry_run(args, cwd, tmp_path):
     env = _env(tmp_path)
     env["MSRUN_LAUNCHER_DRY_RUN"] = "1"
-    return subprocess.run(["bash", LAUNCHER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    return run_launcher(args, cwd, env, timeout=60)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -207,13 +172,13 @@ def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
     work = tmp_path / "work" / "sub"
     work.mkdir(parents=True)
     probe_rel = os.path.relpath(PROBE, work)
-    port_one, port_two = _free_port(), _free_port()
+    port_one, port_two = free_port(), free_port()
     jobs = [   # 'one node': a quoted argument with a space must reach the script whole (README's --predict_data)
-        _Job([f"{probe_rel} --out_dir 'one node'", "2", str(port_one), "logs_one", "False", CLUSTER_TIME_OUT],
+        _job([f"{probe_rel} --out_dir 'one node'", "2", str(port_one), "logs_one", "False", CLUSTER_TIME_OUT],
              work, tmp_path, "one_node"),
-        _Job([f"python {probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "0", "logs_n0",
+        _job([f"python {probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "0", "logs_n0",
               "False", CLUSTER_TIME_OUT], work, tmp_path, "node0"),
-        _Job([f"{probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "1", "logs_n1", "True",
+        _job([f"{probe_rel} --out_dir two_nodes", "2", "1", "127.0.0.1", str(port_two), "1", "logs_n1", "True",
               CLUSTER_TIME_OUT], work, tmp_path, "node1"),
     ]
     codes = _wait_all(jobs)
@@ -242,14 +207,14 @@ def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
 
 def test_failing_worker_makes_launcher_fail(tmp_path):
     """A worker exiting 3 after init(): non-zero with JOIN False and True, and on both nodes of a 2-node job."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     fail = f"{PROBE} --out_dir {tmp_path / 'res'} --fail_rank 1"
     jobs = [
-        _Job([fail, "2", str(ports[0]), "logs_false", "False", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_false"),
-        _Job([fail, "2", str(ports[1]), "logs_true", "True", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_true"),
-        _Job([fail, "2", "1", "127.0.0.1", str(ports[2]), "0", "logs_n0", "False", CLUSTER_TIME_OUT], tmp_path,
+        _job([fail, "2", str(ports[0]), "logs_false", "False", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_false"),
+        _job([fail, "2", str(ports[1]), "logs_true", "True", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_true"),
+        _job([fail, "2", "1", "127.0.0.1", str(ports[2]), "0", "logs_n0", "False", CLUSTER_TIME_OUT], tmp_path,
              tmp_path, "node0"),
-        _Job([fail, "2", "1", "127.0.0.1", str(ports[2]), "1", "logs_n1", "False", CLUSTER_TIME_OUT], tmp_path,
+        _job([fail, "2", "1", "127.0.0.1", str(ports[2]), "1", "logs_n1", "False", CLUSTER_TIME_OUT], tmp_path,
              tmp_path, "node1"),
     ]
     codes = _wait_all(jobs)

@@ -6,34 +6,21 @@ equal a single process's.
 """
 import json
 import os
-import socket
-import subprocess
 
 import numpy as np
 import pytest
 import mindspore as ms
 
 import reference as R
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from _launch import ROOT, free_port, launch_env, run_launcher, worker_log_tails
 
 
 def _launch_two_ranks(cmd, tmp_path, **env_extra):
     """Run ``cmd`` on 2 workers through msrun_launcher.sh (loopback); assert both exit 0, showing worker logs."""
-    env = dict(os.environ, PYTHONPATH=ROOT, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3",
-               MS_NODE_TIMEOUT="20", **env_extra)
+    env = launch_env(tmp_path / "logs", 3, PYTHONPATH=ROOT, MS_NODE_TIMEOUT="20", **env_extra)
     logs = str(tmp_path / "msrun_log")
-    proc = subprocess.run(["bash", LAUNCHER, cmd, "2", str(_free_port()), logs, "True", "120"], cwd=str(tmp_path),
-                          env=env, capture_output=True, text=True, timeout=600)
-    worker_logs = "".join(open(os.path.join(logs, f), errors="replace").read()[-2000:]
-                          for f in sorted(os.listdir(logs)) if f.startswith("worker")) if os.path.isdir(logs) else ""
+    proc = run_launcher([cmd, "2", str(free_port()), logs, "True", "120"], str(tmp_path), env, timeout=600)
+    worker_logs = worker_log_tails(logs, 2000)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + worker_logs
 
 
