@@ -123,17 +123,20 @@ def device_of(idx, num_experts, num_devices):
     return np.asarray(idx) // (num_experts // num_devices)
 
 
-def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor, groups=1):
+def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor, groups=1, exempt=None):
     """Device-level token dropping (section 2.2.4): keep (T, k) bool.
 
     Budget per device = ceil(capacity_factor * T*k / D) assignments; on each device the assignments with the
     lowest affinity are dropped until the budget is met (ties: the earlier assignment, in token-major order, wins).
     affinity (T, k): the affinity s_{i,t} of each chosen (token, expert). With groups > 1 (data parallel) the
-    tokens are cut into that many equal consecutive groups and each group has its own budget.
+    tokens are cut into that many equal consecutive groups and each group has its own budget. exempt (T, k) bool:
+    assignments never dropped; they use up their device's budget first, the others fill what is left.
     """
+    exempt = np.zeros(np.shape(idx), dtype=bool) if exempt is None else np.asarray(exempt, dtype=bool)
     if groups > 1:
-        parts = [drop_keep(a, i, num_experts, num_devices, capacity_factor)
-                 for a, i in zip(np.split(np.asarray(affinity), groups), np.split(np.asarray(idx), groups))]
+        parts = [drop_keep(a, i, num_experts, num_devices, capacity_factor, exempt=x)
+                 for a, i, x in zip(np.split(np.asarray(affinity), groups), np.split(np.asarray(idx), groups),
+                                    np.split(exempt, groups))]
         return np.concatenate(parts)
     tokens, k = idx.shape
     n = tokens * k
@@ -141,10 +144,12 @@ def drop_keep(affinity, idx, num_experts, num_devices, capacity_factor, groups=1
     device = device_of(idx, num_experts, num_devices).reshape(n)
     aff = np.asarray(affinity, np.float64).reshape(n)
     keep = np.zeros(n, dtype=bool)
+    free = exempt.reshape(n)
     for d in range(num_devices):
-        members = np.nonzero(device == d)[0]                                             # token-major order
+        keep[(device == d) & free] = True
+        members = np.nonzero((device == d) & ~free)[0]                                   # token-major order
         order = members[np.argsort(-aff[members], kind="stable")]
-        keep[order[:capacity]] = True
+        keep[order[:max(0, capacity - int(((device == d) & free).sum()))]] = True
     return keep.reshape(tokens, k)
 
 

@@ -686,3 +686,57 @@ def test_moe_capacity_dispatch_after_device_dropping_per_group():
 def test_capacity_config_errors_name_the_field(field, value, text):
     with pytest.raises(ValueError, match=f"DeepseekV2Config.{field} = .*{text}"):
         make_config(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------- never-dropped sequences
+def test_exempt_assignments_are_kept_and_take_the_budget_first():
+    cfg, moe, _, _, scores, idx, _ = drop_setup(seed=14, batch=4)
+    affinity = np.take_along_axis(scores, idx.astype(np.int64), 1)
+    seq = idx.shape[0] // 4
+    exempt = np.zeros(idx.shape, dtype=bool)
+    exempt[seq:2 * seq] = True                                           # sequence 1 is never dropped
+    keep = moe.drop_mask(Tensor(idx), Tensor(affinity), Tensor(exempt.astype(np.float32))).asnumpy().astype(bool)
+    expected = ref.drop_keep(affinity, idx, cfg.n_routed_experts, cfg.moe_num_devices, cfg.capacity_factor,
+                             exempt=exempt)
+    np.testing.assert_array_equal(keep, expected)
+    assert keep[exempt].all()
+    plain = ref.drop_keep(affinity, idx, cfg.n_routed_experts, cfg.moe_num_devices, cfg.capacity_factor)
+    assert not plain[exempt].all(), "sequence 1 would keep everything anyway: the case tests nothing"
+    assert (keep[~exempt] != plain[~exempt]).any()                       # the others lost budget to it
+
+
+def test_never_drop_share_of_sequences():
+    cfg = make_config(**dict(DROP, never_drop_seq_ratio=0.3))
+    moe = DeepSeekMoE(cfg)
+    chosen = moe.exempt_sequences(2000, 3).asnumpy().reshape(2000, 3 * cfg.num_experts_per_tok)
+    assert (chosen == chosen[:, :1]).all()                               # whole sequences
+    assert abs(chosen[:, 0].mean() - 0.3) < 0.05
+    draws = [moe.exempt_sequences(64, 1).asnumpy()[:, 0] for _ in range(2)]
+    assert (draws[0] != draws[1]).any()                                  # drawn afresh every step
+
+
+def test_all_sequences_exempt_means_nothing_dropped():
+    cfg, moe, x, flat, scores, idx, weights = drop_setup(seed=10, never_drop_seq_ratio=1.0)
+    moe.set_train(True)
+    out_train, _ = moe(Tensor(x))
+    params = moe_params(moe)
+    expected, _, _, _ = ref.moe_layer(flat, params, cfg)
+    np.testing.assert_allclose(out_train.asnumpy().reshape(flat.shape), expected, rtol=RTOL, atol=ATOL)
+    dropped = ref.naive_routed_experts(flat, idx, weights, params["w1"], params["w3"], params["w2"],
+                                       keep=oracle_keep(cfg, scores, idx))
+    assert np.abs(dropped + ref.shared_ffn(flat, params["sw1"], params["sw3"], params["sw2"]) - expected).max() > 1e-2, \
+        "the budget never binds: the case tests nothing"
+
+
+def test_never_drop_ratio_must_be_a_share():
+    with pytest.raises(ValueError, match="DeepseekV2Config.never_drop_seq_ratio = 1.5"):
+        make_config(never_drop_seq_ratio=1.5)
+
+
+def test_never_drop_graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cfg, moe, x, flat, _, _, _ = drop_setup(seed=12, never_drop_seq_ratio=1.0, moe_dispatch="capacity")
+    moe.set_train(True)
+    out, _ = moe(Tensor(x))
+    expected, _, _, _ = ref.moe_layer(flat, moe_params(moe), cfg)
+    np.testing.assert_allclose(out.asnumpy().reshape(flat.shape), expected, rtol=RTOL, atol=ATOL)

@@ -83,6 +83,7 @@ def test_yaml_layout_and_released_values(name):
         assert config["recompute_config"]["recompute"] is True
         assert (mc["device_aux_loss_alpha"], mc["comm_aux_loss_alpha"]) == (0.05, 0.02)
         assert config["parallel"]["search_mode"] == "sharding_propagation" and mc["moe_dispatch"] == "capacity"
+        assert mc["capacity_factor"] == 1.0 and mc["never_drop_seq_ratio"] == 0.1        # the paper's dropping
         assert {"MFLossMonitor", "CheckpointMonitor"} <= {cb["type"] for cb in config["callbacks"]}
 
 

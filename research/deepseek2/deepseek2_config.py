@@ -113,6 +113,7 @@ class DeepseekV2Config(PretrainedConfig):
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
                  moe_num_devices: Optional[int] = None,   # D: expert groups/devices for alpha_2, alpha_3, dropping
                  capacity_factor: float = 0.0,            # device-level token dropping; 0 = dropless (default)
+                 never_drop_seq_ratio: float = 0.0,       # share of training sequences exempt from dropping (0.1)
                  moe_block_size: Optional[int] = None,    # rows per expert block in the dropless dispatch
                  moe_dispatch: str = "dropless",          # "capacity": static per-expert buffers (expert parallel)
                  expert_capacity_factor: float = 0.0,     # capacity dispatch: rows per expert = f * tokens*k / E
@@ -176,6 +177,7 @@ class DeepseekV2Config(PretrainedConfig):
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
         self.moe_num_devices = moe_num_devices if moe_num_devices else (n_group if n_group else 1)
         self.capacity_factor = float(capacity_factor)
+        self.never_drop_seq_ratio = float(never_drop_seq_ratio)
         self.moe_block_size = moe_block_size
         self.moe_dispatch = moe_dispatch
         self.expert_capacity_factor = float(expert_capacity_factor)
@@ -270,6 +272,9 @@ class DeepseekV2Config(PretrainedConfig):
                 fail("n_shared_experts", f"shared FFN width not divisible by tp_size={self.tp_size}")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
+        if not 0.0 <= self.never_drop_seq_ratio <= 1.0:
+            fail("never_drop_seq_ratio", "expected a share in [0, 1] (0.1 in the paper: about 10% of the training "
+                                         "sequences are never dropped)")
         if self.moe_dispatch not in _MOE_DISPATCH:
             fail("moe_dispatch", f"expected one of {_MOE_DISPATCH} ('capacity' is the expert-parallel layout of "
                                  f"semi-auto/auto parallel training)")

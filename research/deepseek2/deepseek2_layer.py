@@ -501,7 +501,8 @@ class DeepSeekMoE(nn.Cell):
     """DeepSeekMoE: h = x + sum_i g_i FFN_i(x) over the top-k routed experts + the shared experts' FFN(x).
 
     Training adds the balance losses (alpha_1 expert-level, alpha_2 device-level, alpha_3 communication) and, when
-    capacity_factor > 0, drops the lowest-affinity assignments on each over-budget device group.
+    capacity_factor > 0, drops the lowest-affinity assignments on each over-budget device group; the tokens of about
+    never_drop_seq_ratio of the sequences (drawn afresh every step) are never dropped (paper section 2.2.4).
     """
     LAYOUT = {}
 
@@ -522,16 +523,19 @@ class DeepSeekMoE(nn.Cell):
         self.partial_sum = PartialSum(config.tp_size)         # routed (local experts) + shared (local columns)
         self.groups = 1                                       # token groups of the drop budget (data parallel)
         self.rank_in_device = RankWithin(self.num_devices)
+        self.never_drop_ratio = config.never_drop_seq_ratio
+        self.uniform = ops.UniformReal()
 
     def parallelize(self, sizes):
         """Dropping and the capacity dispatch work per data-parallel group (one group per dp rank)."""
         self.groups = sizes.get("dp", 1)
         self.rank_in_device.parallelize(sizes)
 
-    def drop_mask(self, topk_idx, affinity):
+    def drop_mask(self, topk_idx, affinity, exempt=None):
         """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones.
 
-        topk_idx (T, k) chosen experts, affinity (T, k) their softmax scores s_{i,t} (not the scaled weights).
+        topk_idx (T, k) chosen experts, affinity (T, k) their softmax scores s_{i,t} (not the scaled weights),
+        exempt (T, k) 0/1 or None: assignments never dropped; they take their device's budget first.
         Under data parallel every rank applies the budget to its own tokens (T / dp of them).
         """
         tokens, k = topk_idx.shape
@@ -539,8 +543,16 @@ class DeepSeekMoE(nn.Cell):
         n = tokens * k // g
         capacity = math.ceil(self.capacity_factor * n / self.num_devices)
         device = ops.reshape(ops.floor_divide(topk_idx, self.num_experts // self.num_devices), (g, n))  # (G, N)
-        rank = self.rank_in_device(device, ops.reshape(affinity, (g, n)))                            # (G, N)
-        return ops.reshape(ops.cast(rank < capacity, mstype.float32), (tokens, k))
+        priority = affinity if exempt is None else affinity + 2.0 * exempt                # exempt rank first
+        rank = self.rank_in_device(device, ops.reshape(priority, (g, n)))                            # (G, N)
+        keep = ops.reshape(ops.cast(rank < capacity, mstype.float32), (tokens, k))
+        return keep if exempt is None else ops.maximum(keep, exempt)
+
+    def exempt_sequences(self, batch: int, tokens_per_sequence: int):
+        """(batch * tokens_per_sequence, k) 0/1: the assignments of about never_drop_ratio of the sequences."""
+        chosen = ops.cast(self.uniform((batch, 1, 1)) < self.never_drop_ratio, mstype.float32)        # (b, 1, 1)
+        return ops.reshape(ops.broadcast_to(chosen, (batch, tokens_per_sequence, self.top_k)),
+                           (batch * tokens_per_sequence, self.top_k))
 
     def construct(self, x):
         """x (b, s, h) -> (b, s, h), aux loss scalar (0 outside training)."""
@@ -548,16 +560,20 @@ class DeepSeekMoE(nn.Cell):
         flat = ops.reshape(x, (b * s, h))
         scores, topk_idx, topk_weight = self.routed_experts.router(flat)
         affinity = ops.gather_elements(scores, 1, topk_idx)                                # (T, k) s_{i,t}
+        priority = affinity
         keep = None
         aux = ops.zeros((), mstype.float32)
         if self.training:
             if self.capacity_factor > 0:
-                keep = self.drop_mask(topk_idx, affinity)
+                exempt = self.exempt_sequences(b, s) if self.never_drop_ratio > 0 else None
+                keep = self.drop_mask(topk_idx, affinity, exempt)
+                if exempt is not None:
+                    priority = affinity + 2.0 * exempt                                     # first in expert buffers
             if self.alphas[0] > 0 or self.alphas[1] > 0 or self.alphas[2] > 0:
                 expert, device, comm = balance_losses(scores, topk_idx, b, self.num_experts, self.top_k,
                                                       self.num_devices, self.topk_devices)
                 aux = self.alphas[0] * expert + self.alphas[1] * device + self.alphas[2] * comm
-        out = self.routed_experts.ffn(flat, topk_idx, topk_weight, keep, affinity)
+        out = self.routed_experts.ffn(flat, topk_idx, topk_weight, keep, priority)
         out = ops.reshape(out, (b, s, h))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
