@@ -19,6 +19,8 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
+from .moe_shapes import expert_capacity
+
 __all__ = ["RMSNorm", "Linear", "Embedding", "RotaryEmbedding", "apply_rotary", "FeedForward", "Router",
            "RoutedExperts", "DeepSeekMoE", "balance_losses", "rope_tables", "PartialSum", "RankWithin",
            "layout_parts"]
@@ -393,11 +395,8 @@ class RoutedExperts(nn.Cell):
         return block, -(-(num_assignments + busy * (block - 1)) // block)
 
     def capacity(self, group_tokens: int) -> int:
-        """Rows per expert and group of the capacity dispatch."""
-        if self.capacity_factor <= 0:
-            return group_tokens
-        wanted = math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts)
-        return max(1, min(group_tokens, wanted))
+        """Rows per expert and group of the capacity dispatch (moe_shapes.expert_capacity)."""
+        return expert_capacity(group_tokens, self.top_k, self.num_experts, self.capacity_factor)
 
     def construct(self, x, topk_idx, topk_weight, keep=None, priority=None):
         """x (T, h), topk_idx (T, k) int32, topk_weight (T, k) fp32, keep (T, k) 0/1 or None, priority (T, k)

@@ -8,12 +8,12 @@ the latent KV cache) is replicated.
 Loading reads only this rank's slice: from Hugging Face safetensors shards (rows read by offset; only the rank's own
 experts are read at all) or from a converted MindSpore checkpoint (file or shard folder, streamed tensor by tensor).
 """
-import math
 import os
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .moe_shapes import expert_capacity
 from .checkpoint_io import CheckpointError, HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
 from .weight_map import hf_to_ms, ms_to_hf, is_stacked
 
@@ -182,8 +182,7 @@ def expert_buffers(config, dp: int, ep: int, mp: int = 1) -> dict:
     (E, G*C, hidden) and its per-rank part (E/ep, G*C/(dp/ep), hidden), plus the problems of that layout."""
     tokens = config.batch_size * config.seq_length
     experts, k = config.n_routed_experts, config.num_experts_per_tok
-    f = config.expert_capacity_factor
-    rows = tokens if f <= 0 else max(1, min(tokens, math.ceil(f * tokens * k / experts)))
+    rows = expert_capacity(tokens, k, experts, config.expert_capacity_factor)
     problems = []
     if config.moe_dispatch != "capacity":
         problems.append(f"moe_dispatch = {config.moe_dispatch!r}: semi-auto/auto parallel training needs "

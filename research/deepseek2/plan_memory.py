@@ -67,8 +67,10 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from parallel_check import check_parallel_config, layers_per_stage, parallel_shape  # noqa: E402
+    from moe_shapes import expert_capacity  # noqa: E402
 else:
     from .parallel_check import check_parallel_config, layers_per_stage, parallel_shape
+    from .moe_shapes import expert_capacity
 
 __all__ = ["count_parameters", "plan", "smallest_cluster", "format_plan", "GIB"]
 
@@ -172,8 +174,7 @@ def _layer_activation_bytes(mc: dict, layer: int, b: float, s: int, t: int, seq_
     if _is_moe_layer(mc, layer):
         e, fm, k = mc["n_routed_experts"], mc["moe_intermediate_size"], mc["num_experts_per_tok"]
         if mc.get("moe_dispatch") == "capacity":          # E buffers of C rows (RoutedExperts.capacity)
-            f = float(mc.get("expert_capacity_factor") or 0.0)
-            rows = e * (s * b if f <= 0 else min(s * b, math.ceil(f * s * b * k / e)))
+            rows = e * expert_capacity(s * b, k, e, float(mc.get("expert_capacity_factor") or 0.0))
         else:
             rows = k * s * b * max(1.0, float(mc.get("capacity_factor") or 0.0))
         ffn = s * b * c * (hh + 3 * (mc.get("n_shared_experts") or 0) * fm / t) + 8 * s * b * e
