@@ -597,7 +597,20 @@ def test_capacity_rule():
 def capacity_cell(groups, **fields):
     cell = RoutedExperts(make_config(moe_dispatch="capacity", **fields))
     cell.groups = groups
+    cell.set_train(True)                                                 # the capacity dispatch is for training
     return cell
+
+
+def test_capacity_dispatch_is_for_training_only():
+    rng = np.random.default_rng(24)
+    cell = capacity_cell(1, n_routed_experts=8, num_experts_per_tok=2, expert_capacity_factor=0.5)
+    x = rng.standard_normal((24, cell.hidden_size)).astype(np.float32)
+    idx, weights = random_routing(rng, 24, 8, 2)
+    idx[:12] = [1, 6]
+    full = ref.naive_routed_experts(x, idx, weights, *expert_arrays(cell))
+    assert np.abs(run_experts(cell, x, idx, weights) - full).max() > 1e-2          # training: over capacity drops
+    cell.set_train(False)
+    np.testing.assert_allclose(run_experts(cell, x, idx, weights), full, rtol=RTOL, atol=ATOL)   # inference: never
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -648,6 +661,7 @@ def test_capacity_dispatch_gradients_equal_dropless():
         ms.set_seed(7)
         cell = RoutedExperts(make_config(n_routed_experts=experts, num_experts_per_tok=k, moe_dispatch=dispatch))
         cell.groups = 2
+        cell.set_train(True)
 
         def loss(x_in, w_in, cell=cell):
             return (cell(x_in, Tensor(idx), w_in) * probe).sum()

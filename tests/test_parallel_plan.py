@@ -125,8 +125,9 @@ def test_parallel_sizes_from_mindformers_config():
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_laid_out_model_computes_the_same_on_one_device(mode):
-    """The grouped (dp = 2) capacity dispatch, run on one CPU device, gives the logits and loss of the plain model:
-    the layout changes where rows are computed, never what."""
+    """The grouped (dp = 2) capacity dispatch, run on one CPU device, gives the loss of the plain model (and, in
+    inference, where it falls back to the dropless dispatch, its logits): the layout changes where rows are
+    computed, never what."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(3)
     plain = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless", init_std=0.3))

@@ -338,7 +338,8 @@ class RoutedExperts(nn.Cell):
     group, C = ceil(expert_capacity_factor * T_g*k / E) capped at T_g (factor 0: C = T_g, nothing is ever dropped).
     An expert holding more than C assignments of a group keeps the C with the highest affinity (the paper's rule for
     dropping, applied per expert); the rest contribute nothing. The buffers (E, G*C, h) are what expert parallel
-    splits: experts over ep ranks, rows over the dp // ep ranks of each expert group, widths over mp.
+    splits: experts over ep ranks, rows over the dp // ep ranks of each expert group, widths over mp. It is a
+    training layout: outside training the dropless dispatch runs, so inference never drops.
     """
     LAYOUT = {"w1.weight": ("ep", "mp", None), "w3.weight": ("ep", "mp", None), "w2.weight": ("ep", None, "mp")}
 
@@ -407,7 +408,7 @@ class RoutedExperts(nn.Cell):
             topk_idx = ops.select(local, topk_idx - self.expert_offset, ops.zeros_like(topk_idx))
             local = ops.cast(local, mstype.float32)
             keep = local if keep is None else keep * local
-        if self.dispatch == "capacity":
+        if self.dispatch == "capacity" and self.training:      # a training layout: inference never drops
             return self.capacity_dispatch(x, topk_idx, topk_weight, keep, topk_weight if priority is None else priority)
         return self.dropless_dispatch(x, topk_idx, topk_weight, keep)
 
