@@ -93,7 +93,6 @@ def batch_ids(a):
 # ---------------------------------------------------------------------------------------------- whole model
 def worker_ref(a) -> dict:
     """transformers' model: loss.backward() + AdamW.step() in eager PyTorch."""
-    import time
     import torch
     import transformers
     torch.set_num_threads(os.cpu_count())
@@ -117,30 +116,14 @@ def worker_ref(a) -> dict:
         opt.step()
         return float(loss)
 
-    start = time.perf_counter()
-    first_loss = step()
-    first = time.perf_counter() - start
-    for _ in range(a.warmup - 1):
-        step()
-    peak_run = C.peak_rss_bytes()
-    C.reset_peak_rss()
-    rss_steady = C.rss_bytes()
-    times = []
-    for _ in range(a.steps):
-        start = time.perf_counter()
-        last_loss = step()
-        times.append(time.perf_counter() - start)
-    peak_step = C.peak_rss_bytes()
-    return dict(framework=f"transformers {transformers.__version__} / torch {torch.__version__} (eager)",
-                first_step_s=first, step_s=C.median(times), times=times, first_loss=first_loss, last_loss=last_loss,
-                rss_import=rss_import, rss_build=rss_build, peak_run=max(peak_run, peak_step),
-                rss_steady=rss_steady, peak_step=peak_step,
+    return dict(C.run_train_steps(step, a.warmup, a.steps),
+                framework=f"transformers {transformers.__version__} / torch {torch.__version__} (eager)",
+                rss_import=rss_import, rss_build=rss_build,
                 params=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads())
 
 
 def worker_ours(a) -> dict:
     """This model in MindSpore GRAPH_MODE: nn.TrainOneStepCell (or the package's wrapper) with MindFormers' AdamW."""
-    import time
     import numpy as np
     import mindspore as ms
     from mindspore import nn, Tensor
@@ -172,23 +155,8 @@ def worker_ours(a) -> dict:
         loss = out[0] if isinstance(out, (tuple, list)) else out
         return float(loss.asnumpy())                                               # blocks until the step ends
 
-    start = time.perf_counter()
-    first_loss = step()                                                            # compiles, then runs
-    first = time.perf_counter() - start
-    for _ in range(a.warmup - 1):
-        step()
-    peak_run = C.peak_rss_bytes()
-    C.reset_peak_rss()
-    rss_steady = C.rss_bytes()
-    times = []
-    for _ in range(a.steps):
-        start = time.perf_counter()
-        last_loss = step()
-        times.append(time.perf_counter() - start)
-    peak_step = C.peak_rss_bytes()
-    return dict(framework=f"MindSpore {ms.__version__} graph mode", first_step_s=first, step_s=C.median(times),
-                times=times, first_loss=first_loss, last_loss=last_loss, rss_import=rss_import,
-                rss_build=rss_build, peak_run=max(peak_run, peak_step), rss_steady=rss_steady, peak_step=peak_step,
+    return dict(C.run_train_steps(step, a.warmup, a.steps),                        # the first step compiles
+                framework=f"MindSpore {ms.__version__} graph mode", rss_import=rss_import, rss_build=rss_build,
                 params=int(sum(int(np.prod(p.shape)) for p in params)))
 
 
@@ -239,7 +207,6 @@ def moe_weights(a, experts: int):
 def worker_moe_ours(a) -> dict:
     """DeepSeekMoE (routed experts only) forward + backward (input and weight gradients) in GRAPH_MODE."""
     import time
-    import numpy as np
     import mindspore as ms
     from mindspore import nn, ops, Tensor, ParameterTuple
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")

@@ -239,3 +239,24 @@ def timed(fn, *args) -> float:
     fn(*args)
     return time.perf_counter() - start
 
+
+def run_train_steps(step, warmup: int, steps: int) -> dict:
+    """Times a training ``step()`` (returns the loss): the first call alone (it compiles), warmup - 1 more untimed,
+    then ``steps`` timed calls. Peak RSS of the warm-up and of the timed steps, as the training table reports."""
+    start = time.perf_counter()
+    first_loss = step()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    peak_run = peak_rss_bytes()
+    reset_peak_rss()
+    rss_steady = rss_bytes()
+    times = []
+    last_loss = first_loss
+    for _ in range(steps):
+        start = time.perf_counter()
+        last_loss = step()
+        times.append(time.perf_counter() - start)
+    peak_step = peak_rss_bytes()
+    return dict(first_step_s=first, step_s=median(times), times=times, first_loss=first_loss, last_loss=last_loss,
+                peak_run=max(peak_run, peak_step), rss_steady=rss_steady, peak_step=peak_step)
