@@ -11,10 +11,8 @@ parallel axis ("mp" model/tensor parallel, "ep" expert parallel, "vocab" the voc
 declarations; the math below never mentions devices.
 """
 import math
-from typing import Optional
 
 import numpy as np
-import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
@@ -559,11 +557,12 @@ class DeepSeekMoE(nn.Cell):
         b, s, h = x.shape
         flat = ops.reshape(x, (b * s, h))
         scores, topk_idx, topk_weight = self.routed_experts.router(flat)
-        affinity = ops.gather_elements(scores, 1, topk_idx)                                # (T, k) s_{i,t}
-        priority = affinity
+        priority = None                                       # ranks assignments; used by training only
         keep = None
         aux = ops.zeros((), mstype.float32)
         if self.training:
+            affinity = ops.gather_elements(scores, 1, topk_idx)                            # (T, k) s_{i,t}
+            priority = affinity
             if self.capacity_factor > 0:
                 exempt = self.exempt_sequences(b, s) if self.never_drop_ratio > 0 else None
                 keep = self.drop_mask(topk_idx, affinity, exempt)
