@@ -9,7 +9,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore.communication import init, get_rank, get_group_size  # noqa: E402
 

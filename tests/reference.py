@@ -6,7 +6,6 @@ the softmax scale by yarn_get_mscale(factor, mscale_all_dim) ** 2. ``build_refer
 import copy
 import math
 
-import numpy as np
 import torch
 
 from research.deepseek2.deepseek2_config import DeepseekV2Config, yarn_get_mscale

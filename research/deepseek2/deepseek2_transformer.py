@@ -11,7 +11,6 @@ Incremental decoding keeps only [c^KV | RoPE(k^R)] per token and layer (kv_lora_
 and absorbs the up-projections: q^C is projected into the latent space through the key half of W^UKV, attention
 runs against the latent cache as a single shared head, and the value half of W^UKV is applied after attention.
 """
-import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer

@@ -27,7 +27,7 @@ Rules (each problem is reported as one message naming the YAML field):
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import yaml
 

@@ -8,7 +8,7 @@ and exit code 2.
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List
 
 import yaml
 
