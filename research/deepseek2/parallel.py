@@ -15,7 +15,7 @@ import numpy as np
 
 from .moe_shapes import expert_capacity
 from .checkpoint_io import CheckpointError, HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
-from .weight_map import hf_to_ms, ms_to_hf, is_stacked
+from .weight_map import ms_to_hf, is_stacked
 
 __all__ = ["split_dims", "local_slice", "load_for_rank", "parallel_sizes", "weight_strategies",
            "check_weight_strategies", "expert_buffers", "matmul_strategy", "apply_semi_auto"]
@@ -120,18 +120,15 @@ def load_for_rank(net, path: str, tp_size: int, tp_rank: int, n_experts: Optiona
 
 
 # ------------------------------------------------------------------------------ semi-auto parallel (Ascend training)
-def _get(pc, key, default):
-    return pc.get(key, default) if isinstance(pc, dict) else getattr(pc, key, default)
-
-
 def parallel_sizes(parallel_config) -> Dict[str, int]:
-    """{axis: parts} of a MindFormers parallel_config (object or dict): dp, mp, ep, and vocab (= mp when
-    ``vocab_emb_dp`` is False: embedding and lm_head split by vocabulary; 1 otherwise)."""
-    dp = int(_get(parallel_config, "data_parallel", 1) or 1)
-    mp = int(_get(parallel_config, "model_parallel", 1) or 1)
-    ep = int(_get(parallel_config, "expert_parallel", 1) or 1)
-    vocab = 1 if _get(parallel_config, "vocab_emb_dp", True) else mp
-    return {"dp": dp, "mp": mp, "ep": ep, "vocab": vocab}
+    """{axis: parts} of a MindFormers parallel_config (object or dict; defaults as parallel_check.parallel_shape):
+    dp, mp, ep, and vocab (= mp when ``vocab_emb_dp`` is False: embedding and lm_head split by vocabulary)."""
+    from .parallel_check import parallel_shape
+    keys = ("data_parallel", "model_parallel", "expert_parallel", "vocab_emb_dp")
+    given = parallel_config if isinstance(parallel_config, dict) else \
+        {key: getattr(parallel_config, key) for key in keys if hasattr(parallel_config, key)}
+    shape = parallel_shape(given)
+    return {"dp": shape.dp, "mp": shape.mp, "ep": shape.ep, "vocab": 1 if shape.vocab_emb_dp else shape.mp}
 
 
 def _layouts():
@@ -152,7 +149,8 @@ def weight_strategies(config, dp: int, mp: int, ep: int, vocab_emb_dp: bool = Tr
     """
     from .weight_map import expected_ms_shapes
     from .deepseek2_layer import layout_parts
-    sizes = {"mp": mp, "ep": ep, "dp": dp, "vocab": 1 if vocab_emb_dp else mp}
+    sizes = parallel_sizes({"data_parallel": dp, "model_parallel": mp, "expert_parallel": ep,
+                            "vocab_emb_dp": vocab_emb_dp})
     layouts = _layouts()
     plan = {}
     for name, shape in expected_ms_shapes(config).items():
