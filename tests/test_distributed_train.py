@@ -4,7 +4,7 @@ One module fixture starts four jobs side by side (each on its own free port) and
   * ``single``: one process, ``run_mindformer.py`` directly, batch 4;
   * ``dp``:     (a) 2 workers on one node through the launcher, per-rank batch 2 (global batch 4);
   * ``node0`` + ``node1``: (b) the same 2-rank job as two launcher calls, one worker each, node ranks 0 and 1.
-All use the tiny model of tests/test_training.py (SMALL), 16 rows, 1 epoch = 4 steps, shuffle off.
+All use the tiny model of tests/test_training.py (TINY_MODEL), 16 rows, 1 epoch = 4 steps, shuffle off.
 
 Why the losses can match exactly:
   * MindDataset shards rows *strided* (shard r of n gets rows r, r+n, r+2n, ...; checked below), so with per-rank
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from _launch import ROOT, Job, free_ports, launch_env, read_text, start_launcher, wait_all, worker_log
+from test_training import TINY_MODEL
 
 RUNNER = os.path.join(ROOT, "run_mindformer.py")
 TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
@@ -36,17 +37,13 @@ STEPS = ROWS // (PER_RANK_BATCH * RANKS)
 LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[([0-9.eE+-]+|nan|inf)/"
                   r".*?global_norm: \[?([0-9.eE+-]+|nan|inf)")
 SHARD = re.compile(r"shard_id: (\d+), num_shards: (\d+)")
-SMALL = ["--model.model_config.seq_length", "32", "--model.model_config.hidden_size", "32",
-         "--model.model_config.intermediate_size", "64", "--model.model_config.moe_intermediate_size", "16",
-         "--model.model_config.kv_lora_rank", "16", "--model.model_config.q_lora_rank", "16",
-         "--model.model_config.qk_rope_head_dim", "8", "--model.model_config.qk_nope_head_dim", "8",
-         "--model.model_config.v_head_dim", "8", "--model.model_config.vocab_size", "64",
-         "--lr_schedule.learning_rate", "0.01", "--runner_config.epochs", "1",
-         "--train_dataset.data_loader.shuffle", "False",
-         "--model.model_config.aux_loss_alpha", "0.0", "--model.model_config.device_aux_loss_alpha", "0.0",
-         "--model.model_config.comm_aux_loss_alpha", "0.0",
-         "--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, prefix: tiny, "
-                        f"save_checkpoint_steps: {STEPS}, keep_checkpoint_max: 2, integrated_save: False}}]"]
+SMALL = TINY_MODEL + [
+    "--lr_schedule.learning_rate", "0.01", "--runner_config.epochs", "1",
+    "--train_dataset.data_loader.shuffle", "False",
+    "--model.model_config.aux_loss_alpha", "0.0", "--model.model_config.device_aux_loss_alpha", "0.0",
+    "--model.model_config.comm_aux_loss_alpha", "0.0",
+    "--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, prefix: tiny, "
+                   f"save_checkpoint_steps: {STEPS}, keep_checkpoint_max: 2, integrated_save: False}}]"]
 
 
 def _batch(size):

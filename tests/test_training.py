@@ -12,14 +12,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
 LOSS = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[([0-9.eE+-]+|nan|inf)/")
-SMALL = ["--model.model_config.seq_length", "32", "--model.model_config.hidden_size", "32",
-         "--model.model_config.intermediate_size", "64", "--model.model_config.moe_intermediate_size", "16",
-         "--model.model_config.kv_lora_rank", "16", "--model.model_config.q_lora_rank", "16",
-         "--model.model_config.qk_rope_head_dim", "8", "--model.model_config.qk_nope_head_dim", "8",
-         "--model.model_config.v_head_dim", "8", "--model.model_config.vocab_size", "64",
-         "--runner_config.batch_size", "4", "--train_dataset.batch_size", "4", "--lr_schedule.learning_rate", "0.01",
-         "--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, prefix: tiny, "
-                        "save_checkpoint_steps: 4, keep_checkpoint_max: 10, integrated_save: False}]"]
+# the tiny model every CLI training test shrinks the YAML to (also tests/test_distributed_train.py)
+TINY_MODEL = ["--model.model_config.seq_length", "32", "--model.model_config.hidden_size", "32",
+              "--model.model_config.intermediate_size", "64", "--model.model_config.moe_intermediate_size", "16",
+              "--model.model_config.kv_lora_rank", "16", "--model.model_config.q_lora_rank", "16",
+              "--model.model_config.qk_rope_head_dim", "8", "--model.model_config.qk_nope_head_dim", "8",
+              "--model.model_config.v_head_dim", "8", "--model.model_config.vocab_size", "64"]
+SMALL = TINY_MODEL + [
+    "--runner_config.batch_size", "4", "--train_dataset.batch_size", "4", "--lr_schedule.learning_rate", "0.01",
+    "--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, prefix: tiny, "
+                   "save_checkpoint_steps: 4, keep_checkpoint_max: 10, integrated_save: False}]"]
 
 
 def _run(args, tmp_path, expect=0):
