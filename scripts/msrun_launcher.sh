@@ -17,6 +17,11 @@
 #     though its workers succeed. Such a node's workers are started directly with the environment msrun gives
 #     workers (MS_WORKER_NUM, MS_SCHED_HOST, MS_SCHED_PORT, MS_TOPO_TIMEOUT, MS_ROLE=MS_WORKER, MS_NODE_ID,
 #     RANK_ID, RANK_SIZE, DEVICE_ID; see mindspore/parallel/cluster/process_entity/_api.py) and watched here.
+#   * When the job fails, it prints to stderr, for each failed worker of this node (msrun path: each worker of
+#     this node whose log shows an error, as msrun does not say which rank failed; then scheduler.log if no
+#     worker log does), the log path and its last error lines: the final exception (or a line like
+#     `run_mindformer.py: error: ...`) and the latest lines matching error/Error/ERROR/Traceback/Exception, at
+#     most 15, MindSpore/MindFormers INFO/WARNING lines left out.
 #
 # MSRUN_LAUNCHER_DRY_RUN=1 prints the msrun command (or the worker environment) instead of running it.
 #
@@ -194,6 +199,136 @@ if [ "$DIRECT_WORKERS" -eq 0 ] && [ "$MASTER_STATE" -eq 0 ]; then
   echo "msrun_launcher.sh: scheduler log: $LOG_DIR/scheduler.log"
 fi
 
+# ---------------------------------------------------------------- failure report: the last error lines of logs
+# report_errors START_EPOCH KIND NAME LOG [KIND NAME LOG ...] prints, to stdout, a short block per log:
+#   KIND "failed:STATUS"  a worker known to have failed: its error lines (or, if none, its last lines);
+#   KIND "worker"         a worker that may have failed: its error lines, nothing if its log shows none;
+#   KIND "scheduler"      only when no block was printed for the logs before it: its error lines.
+# "worker"/"scheduler" logs last written before START_EPOCH (left by an earlier job) are skipped.
+# Exit status 0 when some block was printed, 1 otherwise.
+report_errors() {
+  "$PYTHON" - "$@" <<'EOF'
+import os, re, sys
+
+MAX_LINES = 15                 # error lines per log
+MAX_CHARS = 300                # a longer line is cut
+TAIL_BYTES = 1 << 20           # only the end of a log is read
+ERROR = re.compile(r"error|Error|ERROR|Traceback|Exception")
+NOISE = re.compile(r"^\s*\[(DEBUG|INFO|WARNING|WARN)\]"          # MindSpore: [WARNING] ME(pid,...):time [...] ...
+                   r"|^\S.{0,200}? - (DEBUG|INFO|WARNING) - "      # MindFormers: time - name[file:line] - INFO - ...
+                   r"|^\S+:\d+: [A-Z]\w*Warning: ")                # Python warnings: file.py:12: UserWarning: ...
+USAGE_ERROR = re.compile(r"^\S+: error: ")                         # argparse-style: run_mindformer.py: error: ...
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def read_tail(path):
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - TAIL_BYTES))
+        data = handle.read()
+    lines = [ANSI.sub("", line).rstrip() for line in data.decode("utf-8", "replace").splitlines()]
+    return lines[1:] if size > TAIL_BYTES else lines      # the first line may be cut
+
+
+def cut(line):
+    return line if len(line) <= MAX_CHARS else line[:MAX_CHARS] + " ..."
+
+
+def error_lines(lines):
+    """The lines to show (in log order, "..." where a traceback's frames are left out); [] if none."""
+    priority = {}                                   # line index -> 0 (the cause), 1 (its context), 2 (other)
+    final = None                                    # (first, last) line of the final traceback
+    tb = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")),
+             default=None)
+    if tb is not None:
+        i, frame = tb + 1, None
+        while i < len(lines) and lines[i][:1] in (" ", "\t"):       # frames: "  File ...", "    code", "    ^^^"
+            if lines[i].lstrip().startswith('File "'):
+                frame = i
+            i += 1
+        priority[tb] = 1
+        if frame is not None:
+            priority[frame] = 1
+            if frame + 1 < i and not lines[frame + 1].lstrip().startswith(('File "', "^", "~")):
+                priority[frame + 1] = 1
+        start = i
+        while i < len(lines) and i - start < 4 and lines[i].strip() and not NOISE.search(lines[i]) \
+                and not lines[i].startswith("-----"):
+            priority[i] = 0                         # the exception line(s)
+            i += 1
+        final = (tb, i - 1)
+    usage = [i for i, line in enumerate(lines) if USAGE_ERROR.search(line)]
+    if usage:
+        priority[usage[-1]] = 0
+    similar = {}                                    # other error lines, the latest first; lines that differ
+    for i in range(len(lines) - 1, -1, -1):         # only in numbers (pids, times, counters) are shown once
+        line = lines[i]
+        if i in priority or (final and final[0] <= i <= final[1]) or not ERROR.search(line) or NOISE.search(line):
+            continue
+        key = re.sub(r"\d+", "#", line)
+        if key in similar:
+            similar[key][1] += 1
+        else:
+            similar[key] = [i, 1]
+            priority[i] = 2
+    repeats = {i: count for i, count in similar.values() if count > 1}
+    chosen = sorted(sorted(priority, key=lambda i: (priority[i], -i))[:MAX_LINES])
+    shown, previous = [], None
+    for i in chosen:
+        if final and previous is not None and final[0] <= previous and i <= final[1] \
+                and any(lines[j].lstrip().startswith('File "') for j in range(previous + 1, i)):
+            shown.append("  ...")                   # frames left out
+        shown.append(cut(lines[i]) + (f"  [{repeats[i]} similar lines]" if i in repeats else ""))
+        previous = i
+    return shown
+
+
+def last_lines(lines, count=8):
+    kept = [line for line in lines if line.strip() and not NOISE.search(line)]
+    return [cut(line) for line in kept[-count:]]
+
+
+def main(argv):
+    start, entries = float(argv[0]), [argv[i:i + 3] for i in range(1, len(argv) - 2, 3)]
+    printed = False
+    for kind, name, path in entries:
+        if kind == "scheduler" and printed:
+            continue
+        failed = kind.startswith("failed:")
+        try:
+            if not failed and os.path.getmtime(path) < start - 1:
+                continue                            # left by an earlier job
+            lines = read_tail(path)
+        except OSError as exc:
+            if failed:
+                print(f"msrun_launcher.sh: {name} failed (exit status {kind[7:]}); cannot read its log {path}: "
+                      f"{exc.strerror}")
+                printed = True
+            continue
+        shown = error_lines(lines)
+        if failed and shown:
+            print(f"msrun_launcher.sh: {name} failed (exit status {kind[7:]}); last error lines of {path}:")
+        elif failed:
+            shown = last_lines(lines)
+            print(f"msrun_launcher.sh: {name} failed (exit status {kind[7:]}); no error line in {path}, "
+                  f"its last lines:")
+        elif shown and kind == "scheduler":
+            print(f"msrun_launcher.sh: no worker log of this node shows an error; last error lines of {path}:")
+        elif shown:
+            print(f"msrun_launcher.sh: {name} log shows errors; last error lines of {path}:")
+        else:
+            continue
+        for line in shown:
+            print("    " + line)
+        printed = True
+    return 0 if printed else 1
+
+
+sys.exit(main(sys.argv[1:]))
+EOF
+}
+
 # ---------------------------------------------------------------- path 1: msrun (always joined)
 run_with_msrun() {
   local msrun_cmd=(msrun)
@@ -208,6 +343,8 @@ run_with_msrun() {
     echo "msrun_launcher.sh: dry run: $(printf '%q ' "${full[@]}")"
     return 0
   fi
+  local start_epoch
+  start_epoch="$(date +%s)"
   "${full[@]}" &
   local msrun_pid=$!
   # msrun kills its workers on SIGINT; forward INT/TERM to it.
@@ -219,6 +356,16 @@ run_with_msrun() {
     kill -0 "$msrun_pid" 2>/dev/null || break   # wait was interrupted by a trapped signal: wait again
   done
   trap - INT TERM
+  if [ "$status" -ne 0 ]; then
+    # msrun does not say which rank failed: show every worker log of this node with errors (else scheduler.log).
+    local -a entries=()
+    local i
+    for (( i = 0; i < LOCAL_WORKER; i++ )); do
+      entries+=(worker "rank $(( FIRST_RANK + i ))" "$LOG_DIR/worker_$(( FIRST_RANK + i )).log")
+    done
+    entries+=(scheduler scheduler "$LOG_DIR/scheduler.log")
+    report_errors "$start_epoch" "${entries[@]}" >&2
+  fi
   return "$status"
 }
 
@@ -266,8 +413,10 @@ run_direct_workers() {
   trap 'kill_workers; [ -n "'"$tail_pid"'" ] && kill '"$tail_pid"' 2>/dev/null; exit 130' INT TERM
 
   # Poll: a finished worker is reaped by bash, then `wait PID` returns its saved status.
+  # Every worker found failed in the same round is reported (the others are then killed, and not reported).
   local -a running=("${WORKER_PIDS[@]}")
-  local status=0 failed_log="" pid idx
+  local -a failed=()                       # report_errors entries: failed:STATUS "rank R" LOG
+  local status=0 pid idx
   while [ ${#running[@]} -gt 0 ] && [ "$status" -eq 0 ]; do
     sleep 1
     for idx in "${!running[@]}"; do
@@ -277,12 +426,13 @@ run_direct_workers() {
       local rc=$?
       unset 'running[idx]'
       if [ "$rc" -ne 0 ]; then
+        local failed_log=""
         for (( i = 0; i < LOCAL_WORKER; i++ )); do
           [ "${WORKER_PIDS[$i]}" = "$pid" ] && failed_log="${logs[$i]}" && rank=$(( FIRST_RANK + i ))
         done
         echo "msrun_launcher.sh: worker rank $rank (pid $pid) exited with status $rc; killing the others" >&2
+        failed+=("failed:$rc" "rank $rank" "$failed_log")
         status=1
-        break
       fi
     done
   done
@@ -293,10 +443,7 @@ run_direct_workers() {
     wait "$tail_pid" 2>/dev/null
   fi
   trap - INT TERM
-  if [ -n "$failed_log" ]; then
-    echo "msrun_launcher.sh: last lines of $failed_log:" >&2
-    tail -n 20 "$failed_log" >&2
-  fi
+  [ ${#failed[@]} -eq 0 ] || report_errors 0 "${failed[@]}" >&2
   return "$status"
 }
 

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from _launch import ROOT as REPO, TIMEOUT, free_port, launch_env, run_launcher, start_launcher, wait_all
+from _launch import (ROOT as REPO, TIMEOUT, Job, free_port, launch_env, launcher_argv, read_text, run_launcher,
+                     start_launcher, wait_all)
 
 PROBE = os.path.join(REPO, "tests", "_mccl_probe.py")
 JOB_TIMEOUT = 240     # seconds before a test gives up on a launcher
@@ -223,9 +224,200 @@ def test_failing_worker_makes_launcher_fail(tmp_path):
         assert "job FAILED" in job.console()
     assert "probe: rank 1 fails on purpose" in (tmp_path / "logs_false" / "worker_1.log").read_text()
     assert "worker rank 1 (pid" in jobs[3].console() and "exited with status 3" in jobs[3].console()
+    # the probe's exit leaves no error line in its log: the report shows the log's last lines instead
+    assert (f"rank 1 failed (exit status 3); no error line in {tmp_path / 'logs_n1' / 'worker_1.log'}, its last lines:"
+            in jobs[3].console())
+    assert "    probe: rank 1 fails on purpose" in jobs[3].console()
     # no worker left behind
     left = subprocess.run(["pgrep", "-f", fail], capture_output=True, text=True, check=False).stdout.split()
     assert not left, f"probe processes still running: {left}"
+
+
+# ---------------------------------------------------------------------------------------------- failure report
+USAGE_ERROR = "run_mindformer.py: error: parallel_config.model_parallel = 1 but 2 ranks were launched"
+VALUE_ERROR = "ValueError: distinctive failure 7f3a on rank {rank}"
+NOISE_MARK = "NOISE_MARK"
+REPORT_MARKS = ("error lines of", "its last lines", "failed (exit status")   # in every report block's header
+FAILING_WORKER = f'''"""Worker for the failure-report tests of scripts/msrun_launcher.sh: HOW FAIL_RANKS [init] [spam].
+
+Prints MindSpore/MindFormers-style INFO/WARNING noise mentioning errors, with "init" joins the cluster, with
+"spam" prints 20 distinct and then 40 near-identical error lines; then the ranks in FAIL_RANKS (RANK_ID,
+comma-separated) fail as HOW says ("usage": exit with a run_mindformer.py-style usage error, "value": a ValueError
+two calls deep) while the other ranks sleep until killed. With no failing rank, every rank prints a harmless
+line with the word Error and exits 0.
+"""
+import os, sys, time
+
+how, fail_ranks, flags = sys.argv[1], {{int(r) for r in sys.argv[2].split(",") if r}}, sys.argv[3:]
+print("[WARNING] ME(11:22,MainProcess):2026-11-30-12:00:00.000.000 [noise.py:1] {NOISE_MARK} an Error warning")
+print("2026-11-30 12:00:00,000 - mindformers[noise.py:2] - INFO - {NOISE_MARK} Exception-looking info")
+sys.stdout.flush()
+if "init" in flags:
+    from mindspore.communication import init
+    init()
+    if os.environ.get("MS_ROLE") == "MS_SCHED":      # msrun's scheduler runs this script too
+        sys.exit(0)
+rank = int(os.environ["RANK_ID"])
+if "spam" in flags:
+    for i in range(20):
+        print(f"distinct error " + chr(ord("A") + i))
+    for i in range(40):
+        print(f"attempt {{i}}: connection error {{i}}")
+sys.stdout.flush()
+
+
+def load(rank):
+    check(rank)
+
+
+def check(rank):
+    raise ValueError(f"distinctive failure 7f3a on rank {{rank}}")
+
+
+if rank in fail_ranks:
+    if how == "usage":
+        sys.exit("{USAGE_ERROR}")
+    load(rank)
+if fail_ranks:
+    time.sleep(120)
+print("training note: Error-free so far")
+'''
+
+
+def _failing_worker(tmp_path):
+    """The worker script above, written into tmp_path; its path."""
+    path = tmp_path / "failing_worker.py"
+    path.write_text(FAILING_WORKER, encoding="utf-8")
+    return str(path)
+
+
+def _blocks(stderr):
+    """The failure report's blocks in the launcher's stderr: {header line: [its indented lines]}."""
+    blocks, current = {}, None
+    for line in stderr.splitlines():
+        if line.startswith("msrun_launcher.sh: ") and any(mark in line for mark in REPORT_MARKS[:2]):
+            current = blocks.setdefault(line, [])
+        elif current is not None and line.startswith("    "):
+            current.append(line[4:])
+        else:
+            current = None
+    return blocks
+
+
+def _assert_no_report(stderr):
+    for mark in REPORT_MARKS:
+        assert mark not in stderr, stderr[-3000:]
+
+
+class _SplitJob(Job):
+    """A launcher call in the background like start_launcher's, but with stderr in its own file."""
+
+    def __init__(self, name, args, cwd, env, tmp_path):  # pylint: disable=super-init-not-called
+        self.name, self.console_path = name, tmp_path / f"{name}.console"
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        self._out = open(self.console_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        with open(self.stderr_path, "w", encoding="utf-8") as err:
+            self.proc = subprocess.Popen(launcher_argv(args), cwd=cwd, env=env, stdout=self._out, stderr=err,
+                                         start_new_session=True)
+        self.returncode = None
+
+    def stderr(self):
+        return read_text(self.stderr_path)
+
+    def console(self):
+        return read_text(self.console_path) + read_text(self.stderr_path)
+
+
+def test_direct_worker_failure_reports_its_last_error_lines(tmp_path):
+    """Node 1 of 2 on this host (workers started without msrun): rank 3 raises, rank 2 is killed by the launcher.
+
+    The report names rank 3's log, ends with the exception, keeps at most 15 lines (the latest), folds lines that
+    differ only in numbers, leaves out INFO/WARNING noise, and says nothing of the killed rank 2.
+    """
+    script = _failing_worker(tmp_path)
+    result = run_launcher([f"{script} value 3 spam", "4", "2", "127.0.0.1", str(free_port()), "1", "logs", "False",
+                           "60"], tmp_path, _env(tmp_path), timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = tmp_path / "logs" / "worker_3.log"
+    header = f"msrun_launcher.sh: rank 3 failed (exit status 1); last error lines of {log}:"
+    blocks = _blocks(result.stderr)
+    assert list(blocks) == [header], result.stderr
+    lines = blocks[header]
+    assert 0 < len(lines) <= 16, lines                           # 15 lines and one "..." for the left-out frames
+    assert lines[-1] == VALUE_ERROR.format(rank=3)                  # the cause last
+    # the traceback shortened to its last frame (the one that raised, with its code line)
+    assert lines[-5:-1] == ["Traceback (most recent call last):", "  ...", lines[-3],
+                            '    raise ValueError(f"distinctive failure 7f3a on rank {rank}")'], lines
+    assert lines[-3].startswith(f'  File "{script}"') and lines[-3].endswith("in check"), lines
+    assert "distinct error T" in lines and "distinct error A" not in lines            # the latest kept
+    assert "attempt 39: connection error 39  [40 similar lines]" in lines
+    assert NOISE_MARK not in result.stderr and "worker_2.log" not in result.stderr
+    assert "job FAILED (status 1)" in result.stderr
+
+
+def test_direct_worker_usage_error_is_reported(tmp_path):
+    """A worker exiting with a run_mindformer.py-style usage message: that line is the report's cause."""
+    script = _failing_worker(tmp_path)
+    result = run_launcher([f"{script} usage 1", "2", "1", "127.0.0.1", str(free_port()), "1", "logs", "False", "60"],
+                          tmp_path, _env(tmp_path), timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = tmp_path / "logs" / "worker_1.log"
+    assert _blocks(result.stderr) == {
+        f"msrun_launcher.sh: rank 1 failed (exit status 1); last error lines of {log}:":
+            [USAGE_ERROR]}, result.stderr
+
+
+def test_direct_workers_passing_print_no_report(tmp_path):
+    """Workers that exit 0 print no report, even though their logs hold lines with the word Error."""
+    script = _failing_worker(tmp_path)
+    result = run_launcher([f"{script} value ''", "4", "2", "127.0.0.1", str(free_port()), "1", "logs", "False",
+                           "60"], tmp_path, _env(tmp_path), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Error-free" in (tmp_path / "logs" / "worker_3.log").read_text(encoding="utf-8")
+    _assert_no_report(result.stderr)
+
+
+def test_msrun_jobs_report_failed_workers_error_lines_and_passing_jobs_none(tmp_path):
+    """Real msrun jobs (2 workers on 127.0.0.1, init() first), run side by side:
+
+    * both ranks exit with run_mindformer.py's usage error: the report shows that line and a failed log's path;
+    * rank 1 raises a ValueError, rank 0 is killed by msrun: the report shows rank 1's log and the exception,
+      and not rank 0's log (killed, no error in it);
+    * no rank fails (JOIN True): exit 0 and no report, though the logs hold a line with the word Error.
+    msrun does not say which rank failed, so the report is about the worker logs that show errors.
+    """
+    script = _failing_worker(tmp_path)
+    env = _env(tmp_path)
+    jobs = [_SplitJob(name, [f"{script} {how} init", "2", str(free_port()), f"logs_{name}", join, CLUSTER_TIME_OUT],
+                      tmp_path, env, tmp_path)
+            for name, how, join in (("usage", "usage 0,1", "False"), ("value", "value 1", "False"),
+                                    ("passing", "value ''", "True"))]
+    codes = _wait_all(jobs)
+    usage, value, passing = jobs
+
+    assert codes[0] != 0, usage.console()[-3000:]
+    blocks = _blocks(usage.stderr())
+    logs = [tmp_path / "logs_usage" / f"worker_{rank}.log" for rank in (0, 1)]
+    headers = [f"msrun_launcher.sh: rank {rank} log shows errors; last error lines of {log}:"
+               for rank, log in enumerate(logs)]
+    assert blocks and set(blocks) <= set(headers), usage.stderr()[-3000:]
+    for lines in blocks.values():
+        assert lines[-1] == USAGE_ERROR, lines
+    assert NOISE_MARK not in usage.stderr()
+
+    assert codes[1] != 0, value.console()[-3000:]
+    log = tmp_path / "logs_value" / "worker_1.log"
+    blocks = _blocks(value.stderr())
+    assert list(blocks) == [f"msrun_launcher.sh: rank 1 log shows errors; last error lines of {log}:"], \
+        value.stderr()[-3000:]
+    lines = list(blocks.values())[0]
+    assert lines[-1] == VALUE_ERROR.format(rank=1) and "Traceback (most recent call last):" in lines, lines
+    assert "worker_0.log" not in value.stderr() and NOISE_MARK not in value.stderr()
+    assert value.stderr().rstrip().endswith(f"job FAILED (status {codes[1]}); see the logs in {log.parent}")
+
+    assert codes[2] == 0, passing.console()[-3000:]
+    assert "Error-free" in (tmp_path / "logs_passing" / "worker_1.log").read_text(encoding="utf-8")
+    _assert_no_report(passing.stderr())
 
 
 if __name__ == "__main__":
