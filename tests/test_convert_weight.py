@@ -1,19 +1,17 @@
-"""Weight conversion Hugging Face <-> MindSpore for DeepSeek-V2 (research/deepseek2/convert_weight.py, checkpoint_io.py).
+"""Weight conversion Hugging Face <-> MindSpore for DeepSeek-V2 (convert_weight.py, checkpoint_io.py and its ckpt_*).
 
 Tiny HF models are built with transformers' own DeepseekV2ForCausalLM, saved in every layout the converter reads
 (single safetensors, sharded safetensors, pytorch_model.bin, bf16), converted, and compared tensor by tensor.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
 os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="mf_log_"))  # keep mindformers' logs out of cwd
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,11 +23,13 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import DeepseekV2Config as HFConfig, DeepseekV2ForCausalLM as HFModel  # noqa: E402
 
 from research.deepseek2 import checkpoint_io as cio  # noqa: E402
-from research.deepseek2.convert_weight import (convert_hf_to_ms, convert_ms_to_hf, load_config, main,  # noqa: E402
-                                               name_map_markdown, parse_size)
+from research.deepseek2 import ckpt_mindspore  # noqa: E402
+from research.deepseek2.convert_weight import (convert_hf_to_ms, convert_ms_to_hf, load_model_config,  # noqa: E402
+                                               main, name_map_markdown, parse_size)
 from research.deepseek2.deepseek2_config import DeepseekV2Config  # noqa: E402
 from research.deepseek2.weight_map import expected_ms_shapes, hf_to_ms, is_stacked  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "research", "deepseek2", "convert_weight.py")
 TINY = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
@@ -74,7 +74,12 @@ def hf(tmp_path_factory):
 
 
 def _config(folder) -> DeepseekV2Config:
-    return load_config(os.path.join(folder, "config.json"))
+    return load_model_config(os.path.join(folder, "config.json"))
+
+
+# MindSpore names are spelled by weight_map only: derive them from the HF names the tests use
+LM_HEAD = hf_to_ms("lm_head.weight")[0]
+EXPERTS_W1 = hf_to_ms("model.layers.1.mlp.experts.0.gate_proj.weight")[0]  # layer 1's stacked routed experts
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -161,7 +166,7 @@ def test_ckpt_writer_byte_identical_to_save_checkpoint(tmp_path, hf):
 
 
 def test_ckpt_large_tensor_is_split_like_save_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(cio, "CKPT_CHUNK_BYTES", 24)  # split a 64-byte tensor into 24+24+16
+    monkeypatch.setattr(ckpt_mindspore, "CKPT_CHUNK_BYTES", 24)  # split a 64-byte tensor into 24+24+16
     array = np.arange(16, dtype=np.float32).reshape(4, 4)
     with cio.CkptWriter(str(tmp_path / "x.ckpt")) as writer:
         writer.write("w", array)
@@ -293,10 +298,10 @@ def test_sharded_output_index_and_loader(hf, tmp_path):
         np.testing.assert_array_equal(param.asnumpy(), params[param.name])
     shapes = dict(expected_ms_shapes(config))
     shapes["model.extra.weight"] = (2,)
-    del shapes["lm_head.weight"]
-    with pytest.raises(cio.CheckpointError, match=r"model\.extra\.weight.*|lm_head\.weight") as err:
+    del shapes[LM_HEAD]
+    with pytest.raises(cio.CheckpointError, match="does not match the net") as err:
         cio.load_ms_checkpoint(DummyNet(shapes), str(out))
-    assert "model.extra.weight" in str(err.value) and "lm_head.weight" in str(err.value)
+    assert "model.extra.weight" in str(err.value) and LM_HEAD in str(err.value)
 
 
 def test_load_hf_checkpoint_into_net(hf, tmp_path):
@@ -308,9 +313,9 @@ def test_load_hf_checkpoint_into_net(hf, tmp_path):
     params = {p.name: p.asnumpy() for p in net.get_parameters()}
     assert all(v.dtype == np.float32 for v in params.values())
     _check_against_hf(params, {k: v.float() for k, v in state.items()}, config)
-    with pytest.raises(cio.CheckpointError, match="lm_head.weight"):
+    with pytest.raises(cio.CheckpointError, match=re.escape(LM_HEAD)):
         shapes = dict(expected_ms_shapes(config))
-        shapes["lm_head.weight"] = (7, 32)
+        shapes[LM_HEAD] = (7, 32)
         cio.load_hf_checkpoint(DummyNet(shapes), folder)
 
 
@@ -322,10 +327,77 @@ def test_safetensors_reader_slices_and_bf16(hf):
     full = reader.get(name)
     assert full.dtype == cio.BF16 and np.array_equal(_bits(full), _bits(_np(state[name])))
     for index in (np.s_[1:5], np.s_[3], np.s_[-1], np.s_[::3], np.s_[5:1:-2], np.s_[2:6, 1:4], (np.s_[:], 2),
-                  np.s_[7:3]):
-        np.testing.assert_array_equal(_bits(reader.get(name, index)), _bits(full[index]), err_msg=str(index))
+                  np.s_[7:3], np.s_[100:200], (np.s_[::-1], np.s_[1::2]), (1, np.s_[-3:]), np.s_[..., 1]):
+        part = reader.get(name, index)
+        assert part.shape == full[index].shape, index
+        np.testing.assert_array_equal(_bits(part), _bits(full[index]), err_msg=str(index))
     assert str(ms.Tensor(reader.get(name, np.s_[0:2])).dtype) == "BFloat16"
+    with pytest.raises(IndexError):
+        reader.get(name, 10**6)
     reader.close()
+
+
+def test_safetensors_bf16_through_the_library_both_ways(tmp_path):
+    """bf16 without torch: files written by safetensors.numpy are read by SafetensorsReader, files written by
+    SafetensorsWriter are read by the library (numpy and torch), bit for bit."""
+    from safetensors.numpy import save_file as save_numpy  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(3)
+    tensors = {"w": rng.standard_normal((6, 5)).astype(np.float32).astype(cio.BF16),
+               "h": rng.standard_normal((4,)).astype(np.float16), "s": np.array(2.5, np.float32).astype(cio.BF16),
+               "n": np.arange(6, dtype=np.int32).reshape(3, 2), "e": np.zeros((0, 3), cio.BF16)}
+    theirs = str(tmp_path / "theirs.safetensors")
+    save_numpy(tensors, theirs, metadata={"format": "pt"})
+    with cio.SafetensorsReader(theirs) as reader:
+        assert reader.metadata == {"format": "pt"} and set(reader.keys()) == set(tensors)
+        for name, array in tensors.items():
+            got = reader.get(name)
+            assert reader.dtype(name) == got.dtype == array.dtype and reader.shape(name) == got.shape == array.shape
+            np.testing.assert_array_equal(_bits(got), _bits(array), err_msg=name)
+        np.testing.assert_array_equal(_bits(reader.get("w", np.s_[::-2, 1:4])), _bits(tensors["w"][::-2, 1:4]))
+    ours = str(tmp_path / "ours.safetensors")
+    writer = cio.SafetensorsWriter(ours, [(n, a.dtype, a.shape) for n, a in tensors.items()], {"format": "pt"})
+    for name in reversed(list(tensors)):  # any order
+        writer.write(name, tensors[name])
+    writer.close()
+    with safe_open(ours, framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, array in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == array.dtype and got.shape == array.shape, name
+            np.testing.assert_array_equal(_bits(got), _bits(array), err_msg=name)
+    with safe_open(ours, framework="pt") as f:
+        assert f.get_tensor("w").dtype == torch.bfloat16
+        for name, array in tensors.items():
+            np.testing.assert_array_equal(_bits(_np(f.get_tensor(name))), _bits(array), err_msg=name)
+
+
+@pytest.mark.parametrize("parser", ["mindspore", "streaming"])
+def test_iter_ckpt_mindspore_parser_and_streaming_reader_agree(tmp_path, monkeypatch, parser):
+    """iter_ckpt hands small files to mindspore.load_checkpoint and streams large ones: same names, dtypes, bits."""
+    calls = []
+    load = ms.load_checkpoint
+    monkeypatch.setattr(ms, "load_checkpoint", lambda *a, **k: calls.append(a) or load(*a, **k))
+    if parser == "streaming":
+        monkeypatch.setattr(ckpt_mindspore, "MS_PARSER_MAX_BYTES", 0)
+    rng = np.random.default_rng(4)
+    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32).astype(cio.BF16),
+               "a.weight": rng.standard_normal((4,)).astype(np.float16),
+               "c.weight": rng.standard_normal((2, 3, 4)).astype(np.float32),
+               "d.count": np.arange(6, dtype=np.int32).reshape(2, 3), "e.scalar": np.array(1.5, np.float32),
+               "f.mask": np.array([True, False])}
+    ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in tensors.items()], str(tmp_path / "crc.ckpt"),
+                       crc_check=True)
+    monkeypatch.setattr(ckpt_mindspore, "CKPT_CHUNK_BYTES", 8)  # every tensor above 8 bytes split into pieces
+    with cio.CkptWriter(str(tmp_path / "split.ckpt")) as writer:
+        for name, array in tensors.items():
+            writer.write(name, array)
+    for file in ("crc.ckpt", "split.ckpt"):
+        back = list(cio.iter_ckpt(str(tmp_path / file)))
+        assert [n for n, _ in back] == list(tensors), file
+        for name, array in back:
+            assert array.dtype == tensors[name].dtype and array.shape == tensors[name].shape, (file, name)
+            np.testing.assert_array_equal(_bits(array), _bits(tensors[name]), err_msg=f"{file} {name}")
+    assert len(calls) == (2 if parser == "mindspore" else 0)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -403,10 +475,9 @@ def test_existing_output_folder_keeps_other_files_and_replaces_nothing_on_error(
 
 
 @pytest.mark.parametrize("case,pattern", [
-    ("missing", r"missing: \['lm_head\.weight'\]"),
+    ("missing", r"missing: \[" + re.escape(repr(LM_HEAD)) + r"\]"),
     ("extra", r"unexpected.*model\.bogus\.weight"),
-    ("wrong_shape", r"model\.layers\.1\.feed_forward\.routed_experts\.ffn\.w1\.weight.*shape \(3, 16, 32\), "
-                    r"expected \(4, 16, 32\)"),
+    ("wrong_shape", re.escape(EXPERTS_W1) + r".*shape \(3, 16, 32\), expected \(4, 16, 32\)"),
     ("truncated", r"truncated"),
 ])
 def test_bad_ms_checkpoints_fail_cleanly(hf, tmp_path, case, pattern):
@@ -415,12 +486,12 @@ def test_bad_ms_checkpoints_fail_cleanly(hf, tmp_path, case, pattern):
     convert_hf_to_ms(folder, str(src), progress=False)
     params = dict(cio.iter_ckpt(str(src)))
     if case == "missing":
-        params.pop("lm_head.weight")
+        params.pop(LM_HEAD)
     elif case == "extra":
         params["model.bogus.weight"] = np.zeros(3, np.float32)
     elif case == "wrong_shape":
-        name = "model.layers.1.feed_forward.routed_experts.ffn.w1.weight"
-        params[name] = params[name][:3]
+        assert is_stacked(EXPERTS_W1)
+        params[EXPERTS_W1] = params[EXPERTS_W1][:3]
     if case != "truncated":
         with cio.CkptWriter(str(src)) as writer:
             for name, array in params.items():
@@ -433,13 +504,109 @@ def test_bad_ms_checkpoints_fail_cleanly(hf, tmp_path, case, pattern):
     _assert_no_output(tmp_path, str(out))
 
 
+def _point_outside(index_file, tmp_path, escape: str):
+    """Make the first weight_map entry of index_file name a real copy of its shard outside the folder.
+
+    Returns the entry's tensor name."""
+    index = json.loads(open(index_file).read())
+    name, shard = sorted(index["weight_map"].items())[0]
+    outside = tmp_path / ("outside" + os.path.splitext(shard)[1])
+    shutil.copy(os.path.join(os.path.dirname(index_file), shard), outside)  # it exists: refused for where it is
+    index["weight_map"][name] = f"../{outside.name}" if escape == "parent" else str(outside)
+    with open(index_file, "w") as f:
+        json.dump(index, f)
+    return name
+
+
+def _assert_refused(err, index_file, name):
+    message = str(err.value)
+    assert str(index_file) in message and repr(name) in message and "outside the checkpoint folder" in message
+
+
+@pytest.mark.parametrize("escape", ["parent", "absolute"])
+@pytest.mark.parametrize("layout,index_name", [("sharded", "model.safetensors.index.json"),
+                                               ("bin_sharded", "pytorch_model.bin.index.json")])
+def test_hf_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, layout, index_name, escape):
+    folder = _copy(hf[layout][0], tmp_path / "src")
+    index_file = os.path.join(folder, index_name)
+    name = _point_outside(index_file, tmp_path, escape)
+    out = str(tmp_path / "out.ckpt")
+    with pytest.raises(cio.CheckpointError) as err:
+        convert_hf_to_ms(folder, out, progress=False)
+    _assert_refused(err, index_file, name)
+    with pytest.raises(cio.CheckpointError) as err:
+        cio.load_hf_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), folder)
+    _assert_refused(err, index_file, name)
+    assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", out, "--no_progress"]) == 1
+    _assert_no_output(tmp_path, out)
+
+
+@pytest.mark.parametrize("escape", ["parent", "absolute"])
+def test_ms_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, escape):
+    folder = hf["sharded"][0]
+    msdir = tmp_path / "msdir"
+    convert_hf_to_ms(folder, str(msdir) + "/", progress=False)
+    index_file = msdir / cio.MS_INDEX_NAME
+    name = _point_outside(str(index_file), tmp_path, escape)
+    out = str(tmp_path / "hf_out")
+    for call in (lambda: convert_ms_to_hf(str(msdir), out, folder, progress=False),
+                 lambda: cio.load_ms_checkpoint(None, str(msdir)),
+                 lambda: cio.load_ms_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), str(index_file))):
+        with pytest.raises(cio.CheckpointError) as err:
+            call()
+        _assert_refused(err, index_file, name)
+    assert main(["--reverse", "--mindspore_ckpt_path", str(msdir), "--torch_ckpt_path", out, "--config", folder,
+                 "--no_progress"]) == 1
+    _assert_no_output(tmp_path, out)
+
+
+_WITHOUT_TORCH = """
+import sys
+from importlib.machinery import PathFinder
+
+class _NoTorch(PathFinder):  # torch is not installed, as far as any import can tell
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] == "torch" else PathFinder.find_spec(name, path, target)
+
+sys.meta_path = [_NoTorch if f is PathFinder else f for f in sys.meta_path]
+from research.deepseek2.checkpoint_io import CheckpointError
+from research.deepseek2.convert_weight import convert_hf_to_ms, convert_ms_to_hf
+src, out, back, bin_dir = sys.argv[1:]
+convert_hf_to_ms(src, out, progress=False)
+convert_ms_to_hf(out, back, src, max_shard_size="30KB", progress=False)
+try:
+    convert_hf_to_ms(bin_dir, out + ".bin.ckpt", progress=False)
+except CheckpointError as err:
+    print("BIN:", err)
+assert "torch" not in sys.modules, "torch was imported"
+print("NO TORCH OK")
+"""
+
+
+def test_safetensors_and_ckpt_need_no_torch(hf, tmp_path):
+    """With torch absent: bf16 safetensors -> .ckpt -> safetensors works; .bin weights fail with a clear error."""
+    folder, state = hf["bf16"]
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"))
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, folder, str(tmp_path / "m.ckpt"),
+                           str(tmp_path / "back"), hf["bin"][0]],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "NO TORCH OK" in proc.stdout, proc.stderr[-3000:]
+    assert re.search(r"BIN: .*pytorch_model\.bin: reading pytorch_model\*\.bin weights needs torch", proc.stdout)
+    assert not os.path.exists(str(tmp_path / "m.ckpt.bin.ckpt"))
+    back = _read_hf_dir(str(tmp_path / "back"))
+    for name, tensor in state.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor), name
+
+
 def test_cli_flags_and_helpers():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
     with pytest.raises(ValueError):
         parse_size("five")
     table = name_map_markdown()
     assert "`model.layers.{L}.mlp.experts.{E}.gate_proj.weight`" in table
-    assert "`model.layers.{L}.feed_forward.routed_experts.ffn.w1.weight`" in table
+    experts_template = EXPERTS_W1.replace("layers.1.", "layers.{L}.")
+    assert f"`{experts_template}`" in table and "(n_routed_experts, out, in)" in table
     assert main(["--reverse", "--mindspore_ckpt_path", "x.ckpt", "--torch_ckpt_path", "y"]) == 1  # needs --config
 
 
@@ -467,17 +634,10 @@ def test_cli_both_invocations(hf, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-def _lead_model():
-    try:
-        from research.deepseek2 import DeepseekV2Config as Config, DeepseekV2ForCausalLM  # pylint: disable=C0415
-    except Exception as err:  # pylint: disable=broad-except
-        pytest.skip(f"research.deepseek2 model not importable yet: {err}")
-    return Config, DeepseekV2ForCausalLM
-
-
 @pytest.mark.parametrize("layout", ["qlora_greedy", "lite_grouped"])
 def test_converted_checkpoint_fits_the_model(hf, tmp_path, layout):
-    config_cls, model_cls = _lead_model()
+    from research.deepseek2 import DeepseekV2Config as config_cls  # pylint: disable=import-outside-toplevel
+    from research.deepseek2 import DeepseekV2ForCausalLM as model_cls  # pylint: disable=import-outside-toplevel
     folder, _ = hf[layout]
     out = tmp_path / "m.ckpt"
     convert_hf_to_ms(folder, str(out), progress=False)

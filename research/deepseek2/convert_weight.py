@@ -10,7 +10,8 @@ MindSpore -> Hugging Face (safetensors shards + model.safetensors.index.json + c
 
 Everything is checked before the output is put in place (missing, unknown and mis-shaped tensors, truncated files);
 on any error the command names the tensor/file, leaves no output behind, and exits with status 1.
-Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled.
+Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled (a .ckpt input of up
+to 1 GiB is parsed whole by MindSpore: see ckpt_mindspore.MS_PARSER_MAX_BYTES).
 """
 import argparse
 import json
@@ -18,29 +19,26 @@ import os
 import re
 import sys
 
-if __package__ in (None, ""):  # run as a script: `python convert_weight.py` or `python research/deepseek2/...`
-    _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if _REPO_ROOT not in sys.path:
-        sys.path.insert(0, _REPO_ROOT)
-
-# pylint: disable=wrong-import-position
 import numpy as np
 from mindformers.tools.logger import logger
 
-from research.deepseek2.checkpoint_io import (HF_INDEX_NAME, MS_INDEX_NAME, CheckpointError, CkptWriter, HFCheckpoint,
-                                              MSCheckpoint, SafetensorsWriter, StagedDir, cast_array,
-                                              check_hf_tensors, dtype_name, iter_hf_as_ms, np_dtype)
+from research.deepseek2.ckpt_common import cast_array, dtype_name, np_dtype
+from research.deepseek2.ckpt_folders import HF_INDEX_NAME, MS_INDEX_NAME, HFCheckpoint, MSCheckpoint
+from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
+from research.deepseek2.ckpt_mindspore import CkptWriter
+from research.deepseek2.ckpt_safetensors import SafetensorsWriter
 from research.deepseek2.deepseek2_config import DeepseekV2Config
+from research.deepseek2.dtypes import DTYPE_NAMES
+from research.deepseek2.errors import CheckpointError
+from research.deepseek2.fileio import StagedDir
 from research.deepseek2.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms, is_stacked,
                                            ms_to_hf)
 
-__all__ = ["load_config", "parse_size", "convert_hf_to_ms", "convert_ms_to_hf", "name_map_markdown", "main"]
-
-DTYPE_CHOICES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+__all__ = ["load_model_config", "parse_size", "convert_hf_to_ms", "convert_ms_to_hf", "name_map_markdown", "main"]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def load_config(path: str) -> DeepseekV2Config:
+def load_model_config(path: str) -> DeepseekV2Config:
     """DeepseekV2Config from a HF folder (its config.json), a config.json, or a MindFormers YAML
     (``model: {model_config: {...}}``)."""
     if os.path.isdir(path):
@@ -112,7 +110,7 @@ def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progre
     Returns: {"files": [...], "params": count, "bytes": total tensor bytes}.
     """
     if config is None:
-        config = load_config(os.path.join(hf_dir, "config.json"))
+        config = load_model_config(os.path.join(hf_dir, "config.json"))
     hf = HFCheckpoint(hf_dir)
     check_hf_tensors(hf, config)
     expected = expected_ms_shapes(config)
@@ -190,12 +188,12 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
 
     Writes ``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json`` and ``config.json`` (from
     ``config.to_hf_dict()``) into ``hf_dir``, loadable by transformers' ``DeepseekV2ForCausalLM.from_pretrained``.
-    ``config``: a DeepseekV2Config or a path for ``load_config``. ``dtype`` None keeps the stored dtypes.
+    ``config``: a DeepseekV2Config or a path for ``load_model_config``. ``dtype`` None keeps the stored dtypes.
     Returns {"files": [...], "params": HF tensor count, "bytes": total}.
     """
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     if not isinstance(config, DeepseekV2Config):
-        config = load_config(config)
+        config = load_model_config(config)
     limit = parse_size(max_shard_size)
     source = MSCheckpoint(ms_path)
     info = source.tensor_info()
@@ -287,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mindspore_ckpt_path", required=True,
                         help="MindSpore checkpoint: output (X.ckpt, or a folder - existing or ending in '/' - for "
                              f"one .ckpt per input shard + {MS_INDEX_NAME}), or the input with --reverse")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="output dtype; default: keep each tensor's source dtype (released HF weights are bf16)")
     parser.add_argument("--reverse", action="store_true", help="MindSpore -> Hugging Face safetensors")
     parser.add_argument("--config", default=None,
@@ -308,7 +306,7 @@ def main(argv=None) -> int:
             convert_ms_to_hf(args.mindspore_ckpt_path, args.torch_ckpt_path, args.config, args.dtype,
                              args.max_shard_size, progress=not args.no_progress)
         else:
-            config = load_config(args.config) if args.config else None
+            config = load_model_config(args.config) if args.config else None
             convert_hf_to_ms(args.torch_ckpt_path, args.mindspore_ckpt_path, args.dtype, config,
                              progress=not args.no_progress)
     except (CheckpointError, ValueError, OSError) as err:

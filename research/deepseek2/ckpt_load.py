@@ -1,0 +1,167 @@
+"""Loading checkpoints into a net: a MindSpore ``.ckpt`` (file or converted folder) or a Hugging Face folder.
+
+Both loaders compare the checkpoint's names and shapes with the net's parameters before loading anything, then hand
+tensors to ``mindspore.load_param_into_net`` in batches: memory is one batch or one input shard, never the model.
+"""
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import mindspore as ms
+from mindformers.tools.logger import logger
+from tqdm import tqdm
+
+from research.deepseek2.ckpt_common import cast_array, describe, np_dtype
+from research.deepseek2.ckpt_folders import HFCheckpoint, MSCheckpoint
+from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
+from research.deepseek2.errors import CheckpointError
+from research.deepseek2.inventory import buffers as declared_buffers
+from research.deepseek2.weight_map import expected_ms_shapes
+
+__all__ = ["load_ms_checkpoint", "load_hf_checkpoint"]
+
+# training state a MindFormers checkpoint may carry beside the weights (optimizer moments, step counters ...)
+_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.", "accum_grads.",
+                   "global_step", "learning_rate", "current_iterator_step", "last_overflow_iterator_step",
+                   "epoch_num", "step_num", "loss_scale", "scale_sense", "global_batch_size")
+
+
+def _net_params(net) -> Dict[str, "ms.Parameter"]:
+    return {p.name: p for p in net.get_parameters()}
+
+
+def _declared_buffers(net) -> set:
+    """The net's non-weights, as the inventory declares them (the latent KV cache); empty for a net without one."""
+    config = getattr(net, "config", None)
+    return set(declared_buffers(config)) if config is not None else set()
+
+
+def _check_names(net_params, ckpt_shapes, source: str, strict: bool, buffers_declared=frozenset()):
+    """Missing/unexpected/mis-shaped names between a net and a checkpoint; raise (strict) or warn.
+
+    Tolerated (logged): the net's declared non-weights (``inventory.buffers``: the latent KV cache) absent from the
+    checkpoint, and checkpoint entries that are optimizer/training state (``_STATE_PREFIXES``).
+    """
+    absent = set(net_params) - set(ckpt_shapes)
+    buffers = sorted(absent & set(buffers_declared))
+    missing = sorted(absent - set(buffers))
+    extra = set(ckpt_shapes) - set(net_params)
+    state = sorted(n for n in extra if n.startswith(_STATE_PREFIXES))
+    unexpected = sorted(extra - set(state))
+    if buffers:
+        logger.info(f"{source}: net buffers not in the checkpoint keep their values: {describe(buffers)}")
+    if state:
+        logger.info(f"{source}: skipping {len(state)} training-state entries: {describe(state, 5)}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) of the net missing from the checkpoint: {describe(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected checkpoint parameter(s) not in the net: "
+                        f"{describe(unexpected)}")
+    for name in sorted(set(net_params) & set(ckpt_shapes)):
+        want, got = tuple(net_params[name].shape), tuple(ckpt_shapes[name])
+        if want != got:
+            problems.append(f"parameter {name!r}: net has shape {want}, checkpoint has {got}")
+    if problems:
+        message = f"{source} does not match the net: " + "; ".join(problems)
+        if strict:
+            raise CheckpointError(message)
+        logger.warning(message)
+
+
+def _to_parameter(name: str, array: np.ndarray, dtype) -> "ms.Parameter":
+    return ms.Parameter(ms.Tensor(cast_array(array, dtype)), name=name, requires_grad=False)
+
+
+def _load_batch(net, batch: dict):
+    if not batch:
+        return
+    not_loaded, _ = ms.load_param_into_net(net, batch, strict_load=False)
+    failed = sorted(set(batch) & set(not_loaded))
+    if failed:
+        raise CheckpointError(f"load_param_into_net did not load {describe(failed)}")
+    batch.clear()
+
+
+def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1 << 30):
+    """Load a ``.ckpt`` file or a converted checkpoint folder into ``net`` shard by shard.
+
+    Args:
+        net: a ``mindspore.nn.Cell`` or None.
+        path: a ``.ckpt`` file, a folder of ``.ckpt`` shards (with ``MS_INDEX_NAME``) or that index json.
+        strict: raise ``CheckpointError`` listing missing/unexpected/mis-shaped names (else log a warning and load
+            what matches).
+        batch_bytes: tensors are handed to ``mindspore.load_param_into_net`` in batches of about this size, so a
+            single large ``.ckpt`` never sits whole in memory.
+    Returns:
+        net None: {name: Parameter} of the whole checkpoint (dtype as stored). Otherwise the list of loaded names.
+        Every tensor is cast to the dtype of the net parameter it fills.
+    """
+    source = MSCheckpoint(path)
+    if net is None:
+        out = {}
+        for _, tensors in source.iter_files():
+            for name, array in tensors:
+                out[name] = _to_parameter(name, array, None)
+        return out
+    info = source.tensor_info()
+    params = _net_params(net)
+    _check_names(params, {n: v[0] for n, v in info.items()}, path, strict, _declared_buffers(net))
+    loaded, batch, size = [], {}, 0
+    with tqdm(total=len(info), desc="loading", unit="tensor") as bar:
+        for file, tensors in source.iter_files():
+            logger.info(f"loading {file}")
+            for name, array in tensors:
+                bar.update(1)
+                if name not in params or tuple(params[name].shape) != tuple(array.shape):
+                    continue
+                batch[name] = _to_parameter(name, array, np_dtype(params[name].dtype))
+                loaded.append(name)
+                size += array.nbytes
+                del array
+                if size >= batch_bytes:
+                    _load_batch(net, batch)
+                    size = 0
+            _load_batch(net, batch)
+            size = 0
+    return loaded
+
+
+def _hf_config(hf_dir: str):
+    from research.deepseek2.deepseek2_config import DeepseekV2Config  # pylint: disable=import-outside-toplevel
+    config_file = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{config_file} not found (pass config= to load_hf_checkpoint)")
+    with open(config_file) as f:
+        return DeepseekV2Config(**json.load(f))
+
+
+def load_hf_checkpoint(net, hf_dir: str, dtype=None, config=None, strict: bool = True) -> List[str]:
+    """Load Hugging Face DeepSeek-V2 weights (safetensors shards or .bin) straight into ``net``, one shard at a time.
+
+    Names are mapped through ``weight_map`` and routed experts stacked on the fly. ``config`` defaults to
+    ``DeepseekV2Config(**hf_dir/config.json)``; ``dtype`` None casts each tensor to its net parameter's dtype,
+    otherwise to ``dtype`` (MindSpore then converts to the parameter's dtype if it differs).
+    Raises ``CheckpointError`` listing missing/unexpected/mis-shaped names before loading anything (strict).
+    Returns the loaded parameter names.
+    """
+    if config is None:
+        config = _hf_config(hf_dir)
+    hf = HFCheckpoint(hf_dir)
+    check_hf_tensors(hf, config)
+    params = _net_params(net)
+    _check_names(params, expected_ms_shapes(config), hf_dir, strict, _declared_buffers(net))
+    want = None if dtype is None else np_dtype(dtype)
+    loaded, batch, shard = [], {}, 0
+    for i, name, array in iter_hf_as_ms(hf, config, dtype=None):
+        if i != shard:
+            _load_batch(net, batch)
+            shard = i
+        if name not in params or tuple(params[name].shape) != tuple(array.shape):
+            continue
+        batch[name] = _to_parameter(name, array, want if want is not None else np_dtype(params[name].dtype))
+        loaded.append(name)
+        del array
+    _load_batch(net, batch)
+    return loaded
