@@ -24,8 +24,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as C  # noqa: E402  (sets the environment before any framework import)
+import common as C  # bench/common.py, beside this script; sets the environment before any framework import
 
 SCRIPT = os.path.abspath(__file__)
 

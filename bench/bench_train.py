@@ -25,8 +25,7 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as C  # noqa: E402  (sets the environment before any framework import)
+import common as C  # bench/common.py, beside this script; sets the environment before any framework import
 
 SCRIPT = os.path.abspath(__file__)
 
@@ -211,7 +210,7 @@ def worker_moe_ours(a) -> dict:
     from mindspore import nn, ops, Tensor, ParameterTuple
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     from research.deepseek2 import DeepseekV2Config
-    from research.deepseek2.deepseek2_layer import DeepSeekMoE
+    from research.deepseek2.moe import DeepSeekMoE
     C.silence_mindformers()
 
     class Objective(nn.Cell):
@@ -242,9 +241,9 @@ def worker_moe_ours(a) -> dict:
                                moe_block_size=a.moe_block_size, moe_dispatch=a.moe_dispatch,
                                expert_capacity_factor=a.expert_capacity_factor)
         moe = DeepSeekMoE(cfg)
-        moe.routed_experts.router.weight.set_data(Tensor(w["router"]))
+        moe.router.weight.set_data(Tensor(w["router"]))
         for name in ("w1", "w3", "w2"):
-            getattr(moe.routed_experts.ffn, name).weight.set_data(Tensor(w[name]))
+            getattr(moe.routed_experts, name).set_data(Tensor(w[name]))
         cell = FwdBwd(Objective(moe))
         cell.set_train(True)
         x = Tensor(w["x"])
@@ -257,9 +256,9 @@ def worker_moe_ours(a) -> dict:
             cell(x)[0][0].asnumpy()
             times.append(time.perf_counter() - start)
         n = w["x"].shape[1] * k
-        block, blocks = moe.routed_experts.ffn.plan(n)
+        block, blocks = moe.routed_experts.plan(n)
         if a.moe_dispatch == "capacity":                  # E buffers of C rows; "block" = C
-            block, blocks = moe.routed_experts.ffn.capacity(w["x"].shape[1]), experts
+            block, blocks = moe.routed_experts.capacity(w["x"].shape[1]), experts
         results.append(dict(experts=experts, top_k=k, tokens=w["x"].shape[1], first_s=first,
                             step_s=C.median(times[1:]), rows=block * blocks, block=block,
                             unit="C" if a.moe_dispatch == "capacity" else "B"))

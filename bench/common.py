@@ -19,8 +19,6 @@ import time
 from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 # `import mindformers` writes output/log under the working directory unless pointed elsewhere
 os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(tempfile.gettempdir(), "ds2_bench_logs"))
 os.environ.setdefault("GLOG_v", "3")                  # MindSpore's C++ log: errors only
@@ -99,10 +97,11 @@ def build_reference(fields: dict, seed: int = 0):
 def save_reference_weights(model, path: str) -> None:
     """The reference's state (HF names, float32) to ``path`` (.npz), written under a temporary name then renamed."""
     import numpy as np
+    from research.deepseek2.fileio import staged_path
     arrays = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with staged_path(path) as tmp:
+        with open(tmp, "wb") as handle:                   # a file object: np.savez would append ".npz" to a name
+            np.savez(handle, **arrays)
 
 
 def load_weights_into_ms(net, path: str, n_routed_experts: int) -> None:
@@ -114,7 +113,8 @@ def load_weights_into_ms(net, path: str, n_routed_experts: int) -> None:
         arrays = {name: data[name] for name in data.files}
     params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in hf_arrays_to_ms(arrays, n_routed_experts).items()}
     not_loaded, unused = ms.load_param_into_net(net, params, strict_load=True)
-    missing = [n for n in not_loaded if "kv_cache" not in n and "last_aux_loss" not in n]
+    from research.deepseek2.inventory import buffers
+    missing = [n for n in not_loaded if n not in buffers(net.config)]
     if missing or unused:
         raise RuntimeError(f"{path}: weights do not fit the model: not loaded {missing[:5]}, unused {unused[:5]}")
 
@@ -133,10 +133,8 @@ def write_result(result: dict) -> None:
     if not path:
         print(json.dumps(result, indent=1))
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(result, handle)
-    os.replace(tmp, path)
+    from research.deepseek2.fileio import atomic_write_text
+    atomic_write_text(path, json.dumps(result))
 
 
 def run_worker(script: str, argv: Sequence[str], label: str, verbose: bool = False,

@@ -17,7 +17,8 @@ from mindspore.common import dtype as mstype
 
 import moe_numpy as ref
 from research.deepseek2.deepseek2_config import DeepseekV2Config
-from research.deepseek2.deepseek2_layer import DeepSeekMoE, RoutedExperts, Router, balance_losses
+from research.deepseek2.inventory import LocalShape
+from research.deepseek2.moe import DeepSeekMoE, RankWithin, RoutedExperts as _RoutedExperts, Router, balance_losses
 
 RTOL = ATOL = 1e-5
 
@@ -54,14 +55,18 @@ def by_expert(idx, weights):
 
 def moe_params(moe):
     """The DeepSeekMoE weights as NumPy arrays, named as ``moe_numpy.moe_layer`` expects."""
-    ffn = moe.routed_experts.ffn
-    params = {"router": moe.routed_experts.router.weight.asnumpy(), "w1": ffn.w1.weight.asnumpy(),
-              "w3": ffn.w3.weight.asnumpy(), "w2": ffn.w2.weight.asnumpy()}
+    ffn = moe.routed_experts
+    params = {"router": moe.router.weight.asnumpy(), "w1": ffn.w1.asnumpy(),
+              "w3": ffn.w3.asnumpy(), "w2": ffn.w2.asnumpy()}
     if moe.shared_experts is not None:
         shared = moe.shared_experts
         params.update(sw1=shared.w1.weight.asnumpy(), sw3=shared.w3.weight.asnumpy(),
                       sw2=shared.w2.weight.asnumpy())
     return params
+
+
+def RoutedExperts(cfg, groups=1):  # noqa: N802  (all experts of cfg, in `groups` token groups)
+    return _RoutedExperts(cfg, cfg.n_routed_experts, token_groups=groups)
 
 
 def num_devices_limit(cfg):
@@ -72,10 +77,6 @@ def num_devices_limit(cfg):
 
 
 # ============================================================================================== Router
-# BUG (research/deepseek2/deepseek2_layer.py:214, Router.construct): with norm_topk_prob and top_k > 1 the router
-# calls ops.reduce_sum(topk_weight, -1, keep_dims=True); in MindSpore 2.9 ops.reduce_sum is a ReduceSum primitive
-# instance that takes no keep_dims argument -> TypeError. Every norm_topk_prob case below ("*-norm") fails on it.
-# Suggested fix: ops.sum(topk_weight, -1, keepdim=True) (or ops.ReduceSum(keep_dims=True)(topk_weight, -1)).
 ROUTER_CASES = {
     "greedy-k2": dict(n_routed_experts=8, num_experts_per_tok=2),
     "greedy-k3-norm": dict(n_routed_experts=8, num_experts_per_tok=3, norm_topk_prob=True),
@@ -152,7 +153,7 @@ def run_experts(cell, x, idx, weights, keep=None):
 
 
 def expert_arrays(cell):
-    return cell.w1.weight.asnumpy(), cell.w3.weight.asnumpy(), cell.w2.weight.asnumpy()
+    return cell.w1.asnumpy(), cell.w3.asnumpy(), cell.w2.asnumpy()
 
 
 @pytest.mark.parametrize("case", list(EXPERT_CASES))
@@ -239,11 +240,6 @@ def test_plan_does_not_grow_with_experts(block):
 
 @pytest.mark.parametrize("k", [1, 2, 6])
 def test_plan_decode_computes_exactly_k_rows(k):
-    # BUG (research/deepseek2/deepseek2_layer.py, RoutedExperts.plan): the docstring promises "B = 1 when decoding
-    # one token: exactly k rows", but plan returns ceil(n/B) + min(E, n) blocks = 2k rows for B = 1, although with
-    # B = 1 no run is padded and n rows always suffice: decoding computes every routed expert twice.
-    # Suggested fix: num_blocks = -(-(num_assignments + busy * (block - 1)) // block), the exact worst case
-    # (<= the current count, == n when B = 1).
     rows_per_block, num_blocks = plans(64, None)(k)
     assert rows_per_block == 1
     assert rows_per_block * num_blocks == k, f"decoding 1 token with top_k={k} computes {num_blocks} rows"
@@ -281,7 +277,7 @@ def test_routed_experts_gradients_match_torch(tokens, experts, k, block, routing
 
     params = cell.trainable_params()
     (gx, gw), gparams = ms.grad(loss, grad_position=(0, 1), weights=params)(Tensor(x), Tensor(weights))
-    names = [p.name.split(".")[-2] for p in params]                     # w1 / w3 / w2
+    names = [p.name.split(".")[-1] for p in params]                     # w1 / w3 / w2
     tx, tw = t64(x), t64(weights)
     tparams = {name: t64(p.asnumpy()) for name, p in zip(names, params)}
     (torch_routed(tx, torch.tensor(idx, dtype=torch.long), tw, tparams["w1"], tparams["w3"], tparams["w2"])
@@ -339,7 +335,6 @@ def torch_moe(x, params, cfg, batch=None):
     return out, aux, idx
 
 
-# "greedy-norm" hits the Router BUG noted above ROUTER_CASES (norm_topk_prob -> TypeError).
 MOE_CASES = {
     "group-limited": dict(n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
                           topk_group=2, moe_num_devices=4, n_shared_experts=2, routed_scaling_factor=2.0,
@@ -374,8 +369,8 @@ def test_moe_gradients_reach_router_through_weights_and_losses(case):
     g_aux = ms.grad(aux_loss, grad_position=None, weights=params)(Tensor(x))
 
     arrays = moe_params(moe)
-    key = {"routed_experts.router.weight": "router", "routed_experts.ffn.w1.weight": "w1",
-           "routed_experts.ffn.w3.weight": "w3", "routed_experts.ffn.w2.weight": "w2",
+    key = {"router.weight": "router", "routed_experts.w1": "w1",
+           "routed_experts.w3": "w3", "routed_experts.w2": "w2",
            "shared_experts.w1.weight": "sw1", "shared_experts.w3.weight": "sw3", "shared_experts.w2.weight": "sw2"}
     for which, grads in (("output", g_out), ("aux", g_aux)):
         tparams = {name: t64(a) for name, a in arrays.items()}
@@ -477,13 +472,13 @@ def test_moe_aux_zero_when_alphas_zero():
 DROP = dict(MOE_CASES["group-limited"], capacity_factor=1.0)
 
 
-def drop_setup(seed=10, batch=2, seq=8, **fields):
+def drop_setup(seed=10, batch=2, seq=8, groups=1, **fields):
     cfg = make_config(**dict(DROP, **fields))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, seq, cfg.hidden_size)).astype(np.float32)
-    moe = DeepSeekMoE(cfg)
+    moe = DeepSeekMoE(cfg, LocalShape(token_groups=groups))
     flat = x.reshape(-1, cfg.hidden_size)
-    scores, idx, weights = moe.routed_experts.router(Tensor(flat))
+    scores, idx, weights = moe.router(Tensor(flat))
     return cfg, moe, x, flat, scores.asnumpy(), idx.asnumpy(), weights.asnumpy()
 
 
@@ -539,12 +534,6 @@ def test_large_capacity_drops_nothing():
 
 
 def test_drop_mask_ranks_by_affinity_when_weights_are_normalised():
-    # BUG (research/deepseek2/deepseek2_layer.py, DeepSeekMoE.drop_mask / construct): the paper drops "the tokens
-    # with the lowest affinity scores" (s_{i,t}), but construct ranks by topk_weight. That is the same order only
-    # when topk_weight = s * routed_scaling_factor; with norm_topk_prob (k > 1) each token's weights are divided by
-    # its own sum, which reorders assignments across tokens (s = 0.4 of a token with sum 0.9 outranks s = 0.3 of a
-    # token with sum 0.35 by affinity, not by normalised weight). Suggested fix: in construct pass the affinities,
-    # ops.gather_elements(scores, 1, topk_idx), to drop_mask instead of topk_weight.
     cfg, moe, x, flat, scores, idx, weights = drop_setup(
         seed=12, norm_topk_prob=True, topk_method="greedy", n_group=None, topk_group=None, num_experts_per_tok=2)
     params = moe_params(moe)
@@ -577,7 +566,6 @@ def test_moe_dropping_graph_mode():
 
 # ============================================================================ capacity dispatch (expert-parallel layout)
 def test_rank_within_matches_numpy():
-    from research.deepseek2.deepseek2_layer import RankWithin
     rng = np.random.default_rng(20)
     bucket = rng.integers(0, 5, (3, 17)).astype(np.int32)
     priority = rng.random((3, 17)).astype(np.float32)
@@ -595,8 +583,7 @@ def test_capacity_rule():
 
 
 def capacity_cell(groups, **fields):
-    cell = RoutedExperts(make_config(moe_dispatch="capacity", **fields))
-    cell.groups = groups
+    cell = RoutedExperts(make_config(moe_dispatch="capacity", **fields), groups)
     cell.set_train(True)                                                 # the capacity dispatch is for training
     return cell
 
@@ -659,8 +646,7 @@ def test_capacity_dispatch_gradients_equal_dropless():
     grads = []
     for dispatch in ("dropless", "capacity"):
         ms.set_seed(7)
-        cell = RoutedExperts(make_config(n_routed_experts=experts, num_experts_per_tok=k, moe_dispatch=dispatch))
-        cell.groups = 2
+        cell = RoutedExperts(make_config(n_routed_experts=experts, num_experts_per_tok=k, moe_dispatch=dispatch), 2)
         cell.set_train(True)
 
         def loss(x_in, w_in, cell=cell):
@@ -670,21 +656,23 @@ def test_capacity_dispatch_gradients_equal_dropless():
             Tensor(x), Tensor(weights))
         grads.append([gx.asnumpy(), gw.asnumpy()] + [g.asnumpy() for g in gparams])
     for dropless, capacity in zip(*grads):
-        np.testing.assert_allclose(capacity, dropless, rtol=1e-5, atol=1e-6)
-        assert np.abs(dropless).max() > 1e-3
+        # the two dispatches sum the same float32 products in different orders (and thread counts change the
+        # order again): each gradient entry sums up to 16 tokens x 2 experts x 16-wide products, so agreement is
+        # to a few ulps of the largest entry, not of each entry
+        scale = np.abs(dropless).max()
+        np.testing.assert_allclose(capacity, dropless, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+        assert scale > 1e-3
 
 
 def test_moe_capacity_dispatch_after_device_dropping_per_group():
     """Training with both budgets, two data-parallel groups: device-level dropping (capacity_factor, per group) and
     then the experts' buffers (expert_capacity_factor) - each keeps the highest affinities."""
-    cfg, moe, x, flat, scores, idx, weights = drop_setup(seed=13, batch=4, moe_dispatch="capacity",
+    cfg, moe, x, flat, scores, idx, weights = drop_setup(seed=13, batch=4, groups=2, moe_dispatch="capacity",
                                                          expert_capacity_factor=1.0, capacity_factor=1.2)
-    moe.parallelize({"dp": 2})
-    moe.routed_experts.ffn.groups = 2
     affinity = np.take_along_axis(scores, idx.astype(np.int64), 1)
     device_keep = ref.drop_keep(affinity, idx, cfg.n_routed_experts, cfg.moe_num_devices, cfg.capacity_factor, 2)
     np.testing.assert_array_equal(moe.drop_mask(Tensor(idx), Tensor(affinity)).asnumpy().astype(bool), device_keep)
-    capacity = moe.routed_experts.ffn.capacity(idx.shape[0] // 2)
+    capacity = moe.routed_experts.capacity(idx.shape[0] // 2)
     keep = ref.capacity_keep(affinity, idx, cfg.n_routed_experts, capacity, 2, keep=device_keep)
     assert not device_keep.all() and (keep != device_keep).any(), "one of the budgets never binds: tests nothing"
     params = moe_params(moe)

@@ -1,5 +1,6 @@
-"""The semi-auto parallel plan (Ascend training) as far as a CPU can check it: every weight strategy comes from the
-LAYOUT declarations and divides its tensor for the 236B configs; Linear MatMuls get column/row strategies."""
+"""The parameter inventory and the parallel plan, as far as a CPU can check them: the built model holds exactly the
+inventory's weights; weight and op strategies for the 236B configs and the per-rank slices of hand-written tensor
+parallel are held against values written out by hand (not recomputed from the same declarations)."""
 import os
 
 import numpy as np
@@ -7,9 +8,11 @@ import pytest
 import yaml
 import mindspore as ms
 
-from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-from research.deepseek2.parallel import (apply_semi_auto, check_weight_strategies, expert_buffers, parallel_sizes,
-                                         split_dims, weight_strategies)
+from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, reference as R
+from research.deepseek2.inventory import (LocalShape, buffers, divisibility_problems, expected_shapes, local_shape,
+                                          parameters)
+from research.deepseek2.parallel import (ParallelSizes, apply_semi_auto, expert_buffers, parallel_sizes,
+                                         training_local_shape, weight_strategies)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,14 +31,15 @@ def test_236b_weight_strategies_divide(name):
     dp, mp = pc.get("data_parallel", 1), pc.get("model_parallel", 1)
     ep = pc.get("expert_parallel", 1) if "predict" not in name else mp     # predict splits experts over mp ranks
     vocab_emb_dp = pc.get("vocab_emb_dp", True)
-    assert check_weight_strategies(config, dp, mp, ep, vocab_emb_dp) == []
-    plan = weight_strategies(config, dp, mp, ep, vocab_emb_dp)
+    sizes = ParallelSizes(dp=dp, mp=mp, ep=ep, vocab=1 if vocab_emb_dp else mp)
+    assert divisibility_problems(config, sizes.axes()) == []
+    plan = weight_strategies(config, sizes)
     assert plan["model.layers.0.attention.l2q_proj.weight"] == (mp, 1)       # heads split
     assert plan["model.layers.0.attention.lkv2kv.weight"] == (mp, 1)
     assert plan["model.layers.0.attention.wo.weight"] == (1, mp)
     assert plan["model.layers.0.attention.kv2l.weight"] == (1, 1)            # latent replicated
-    assert plan["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == (ep, mp, 1)   # experts, then widths
-    assert plan["model.layers.1.feed_forward.routed_experts.ffn.w2.weight"] == (ep, 1, mp)
+    assert plan["model.layers.1.feed_forward.routed_experts.w1"] == (ep, mp, 1)   # experts, then widths
+    assert plan["model.layers.1.feed_forward.routed_experts.w2"] == (ep, 1, mp)
     assert plan["model.layers.1.feed_forward.shared_experts.w2.weight"] == (1, mp)
     vocab = 1 if vocab_emb_dp else mp
     assert plan["model.tok_embeddings.embedding_weight"] == (vocab, 1)
@@ -47,15 +51,11 @@ def test_236b_weight_strategies_divide(name):
 @pytest.mark.parametrize("name", ["run_train_deepseek2_236B.yaml", "finetune_deepseek2_236B.yaml"])
 def test_236b_expert_buffers(name):
     config, pc = _yaml(name)
-    buffers = expert_buffers(config, pc["data_parallel"], pc["expert_parallel"], pc["model_parallel"])
-    assert buffers["problems"] == []
+    buffers = expert_buffers(config, parallel_sizes(pc))
     # by hand: T_g = 1 x 4096 tokens per rank, C = ceil(2.0 x 4096 x 6 / 160) = ceil(307.2) = 308 rows per expert
     assert (buffers["groups"], buffers["group_tokens"], buffers["capacity"]) == (8, 4096, 308)
     assert buffers["buffer"] == (160, 8 * 308, 5120)
     assert buffers["per_rank"] == (20, 8 * 308, 5120)                        # ep 8 = dp 8: one rank per expert group
-    dropless = DeepseekV2Config(**dict(config.to_dict(), moe_dispatch="dropless"))
-    assert any("moe_dispatch" in p for p in expert_buffers(dropless, 8, 8, 4)["problems"])
-    assert any("does not divide" in p for p in expert_buffers(config, 8, 16, 4)["problems"])
 
 
 def test_indivisible_plan_is_reported_by_name():
@@ -63,10 +63,10 @@ def test_indivisible_plan_is_reported_by_name():
                               moe_intermediate_size=16, intermediate_size=96, kv_lora_rank=16, q_lora_rank=16,
                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=2,
                               first_k_dense_replace=1, n_shared_experts=1, vocab_size=66, seq_length=8)
-    problems = check_weight_strategies(config, dp=1, mp=4, ep=4, vocab_emb_dp=False)
-    assert any("num_attention_heads" in p and "l2q_proj" in p for p in problems)
-    assert any("routed_experts.ffn.w1" in p for p in problems)
-    assert any("embedding_weight" in p for p in problems) and any("lm_head.weight" in p for p in problems)
+    problems = divisibility_problems(config, {"mp": 4, "ep": 4, "vocab": 4})
+    assert any("num_attention_heads = 6" in p and "l2q_proj" in p for p in problems)
+    assert any("n_routed_experts = 6" in p and "routed_experts.w1" in p for p in problems)
+    assert any("vocab_size = 66" in p and "embedding_weight" in p for p in problems)
 
 
 def _tiny(**fields):
@@ -78,9 +78,9 @@ def _tiny(**fields):
     return DeepseekV2Config(**base)
 
 
-def test_apply_semi_auto_sets_strategies_from_layout():
-    net = DeepseekV2ForCausalLM(_tiny())
-    sizes = {"dp": 2, "mp": 2, "ep": 2, "vocab": 2}
+def test_apply_semi_auto_sets_strategies_from_the_plan():
+    sizes = ParallelSizes(dp=2, mp=2, ep=2, vocab=2)
+    net = DeepseekV2ForCausalLM(_tiny(), training_local_shape(sizes, semi_auto=True))
     applied = apply_semi_auto(net, sizes)
     assert applied["model.layers.0.attention.l2q_proj.matmul"] == ((2, 1), (2, 1))
     assert applied["model.layers.0.attention.wo.matmul"] == ((2, 2), (1, 2))
@@ -91,36 +91,73 @@ def test_apply_semi_auto_sets_strategies_from_layout():
     assert cells["model.layers.0.attention.l2q_proj"].matmul.in_strategy == ((2, 1), (2, 1))
     assert cells["model.tok_embeddings"].gather.in_strategy == ((2, 1), (2, 1))
     # the expert-parallel dispatch: groups per dp rank, experts by ep, rows by dp // ep, widths by mp
-    ffn = cells["model.layers.1.feed_forward.routed_experts.ffn"]
+    ffn = cells["model.layers.1.feed_forward.routed_experts"]
     assert ffn.groups == 2 and cells["model.layers.1.feed_forward"].groups == 2
-    assert ffn.bmm_up.in_strategy == ((2, 1, 1), (2, 2, 1))
+    assert ffn.bmm_up.in_strategy == ((2, 1, 1), (2, 2, 1))                # experts by ep, widths by mp
     assert ffn.bmm_down.in_strategy == ((2, 1, 2), (2, 1, 2))
     assert ffn.row_gather.in_strategy == ((2, 1, 1), (2, 1))
     assert ffn.rank_in_expert.sort_desc.in_strategy == ((2, 1),)
-    # one declaration: the matmuls' weight strategies are the weights' plan
-    plan = weight_strategies(net.config, dp=2, mp=2, ep=2, vocab_emb_dp=False)
-    assert ffn.bmm_up.in_strategy[1] == plan["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"]
-    assert ffn.bmm_down.in_strategy[1] == plan["model.layers.1.feed_forward.routed_experts.ffn.w2.weight"]
-    assert cells["model.layers.0.attention.wo"].matmul.in_strategy[1] == plan["model.layers.0.attention.wo.weight"]
-    # the hand-written inference split reads the same declarations (first declared axis only)
-    dims = split_dims(net)
-    assert dims["model.layers.0.attention.wo.weight"] == 1
-    assert dims["model.layers.1.feed_forward.routed_experts.ffn.w1.weight"] == 0
-    assert "model.tok_embeddings.embedding_weight" not in dims and "lm_head.weight" not in dims
+    assert cells["model.layers.1.feed_forward.rank_in_device"].gather.in_strategy == ((2, 1), (2, 1))
+
+
+def test_apply_semi_auto_needs_the_token_groups():
+    sizes = ParallelSizes(dp=2, mp=1, ep=2)
+    with pytest.raises(ValueError, match="token group"):
+        apply_semi_auto(DeepseekV2ForCausalLM(_tiny()), sizes)
+
+
+def test_inference_slices_by_hand():
+    """Rank 1 of 2 of the V2-style reference config (4 heads, q_head_dim 24, v_head_dim 12, 8 experts of width 24,
+    2 shared experts, dense FFN 96): shapes written out by hand."""
+    config = DeepseekV2Config(**R.V2_STYLE, seq_length=16)
+    local = local_shape(config, 2, 1)
+    assert (local.tp, local.first_expert) == (2, 4)                          # experts 4..7
+    net = DeepseekV2ForCausalLM(config, local)
+    got = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    by_hand = {
+        "model.layers.0.attention.l2q_proj.weight": (2 * 24, 32),             # 2 of 4 heads x (16 nope + 8 rope)
+        "model.layers.0.attention.lkv2kv.weight": (2 * (16 + 12), 24),        # 2 heads x (nope + value), latent 24
+        "model.layers.0.attention.wo.weight": (64, 2 * 12),                   # rows of 2 heads' values
+        "model.layers.0.attention.kv2l.weight": (24 + 8, 64),                 # latent + rope key: whole
+        "model.layers.0.feed_forward.w1.weight": (48, 64),                    # dense FFN 96 / 2
+        "model.layers.0.feed_forward.w2.weight": (64, 48),
+        "model.layers.1.feed_forward.router.weight": (8, 64),                 # router: whole
+        "model.layers.1.feed_forward.routed_experts.w1": (4, 24, 64),         # 4 of 8 experts, full width
+        "model.layers.1.feed_forward.routed_experts.w2": (4, 64, 24),
+        "model.layers.1.feed_forward.shared_experts.w1.weight": (24, 64),     # 2 x 24 shared width / 2
+        "model.tok_embeddings.embedding_weight": (160, 64),                   # vocabulary: whole
+        "lm_head.weight": (160, 64),
+    }
+    assert {name: got[name] for name in by_hand} == by_hand
+    with pytest.raises(ValueError, match="num_attention_heads = 4"):
+        local_shape(config, 3, 0)
+
+
+@pytest.mark.parametrize("fields", [R.V2_STYLE, R.LITE_STYLE, dict(R.LITE_STYLE, tie_word_embeddings=True),
+                                    dict(R.V2_STYLE, attention_bias=True, moe_layer_freq=2, num_hidden_layers=4)],
+                         ids=["v2", "lite", "tied", "bias-freq2"])
+def test_built_model_holds_exactly_the_inventory(fields):
+    config = DeepseekV2Config(**fields, seq_length=16, use_past=True)
+    net = DeepseekV2ForCausalLM(config)
+    got = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    weights = {n: s for n, s in got.items() if n not in buffers(config)}
+    assert weights == expected_shapes(config)
+    assert set(got) - set(weights) == set(buffers(config)) and buffers(config)   # the latent caches, declared
+    assert [p.name for p in parameters(config)] == list(expected_shapes(config))
 
 
 def test_apply_semi_auto_refuses_the_dropless_dispatch():
     net = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless"))
     with pytest.raises(ValueError, match="moe_dispatch = 'dropless'"):
-        apply_semi_auto(net, {"dp": 2, "mp": 1, "ep": 2, "vocab": 1})
+        apply_semi_auto(net, ParallelSizes(dp=2, mp=1, ep=2))
 
 
 def test_parallel_sizes_from_mindformers_config():
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
     pc = TransformerOpParallelConfig(data_parallel=8, model_parallel=4, expert_parallel=8, pipeline_stage=2,
                                      micro_batch_num=16, vocab_emb_dp=False)
-    assert parallel_sizes(pc) == {"dp": 8, "mp": 4, "ep": 8, "vocab": 4}
-    assert parallel_sizes({"data_parallel": 2, "model_parallel": 2}) == {"dp": 2, "mp": 2, "ep": 1, "vocab": 1}
+    assert parallel_sizes(pc) == ParallelSizes(dp=8, mp=4, ep=8, vocab=4)
+    assert parallel_sizes({"data_parallel": 2, "model_parallel": 2}) == ParallelSizes(dp=2, mp=2, ep=1, vocab=1)
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
@@ -130,11 +167,12 @@ def test_laid_out_model_computes_the_same_on_one_device(mode):
     computed, never what."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(3)
+    sizes = ParallelSizes(dp=2, mp=2, ep=2, vocab=2)
     plain = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless", init_std=0.3))
-    laid_out = DeepseekV2ForCausalLM(_tiny(init_std=0.3))
+    laid_out = DeepseekV2ForCausalLM(_tiny(init_std=0.3), training_local_shape(sizes, semi_auto=True))
     ms.load_param_into_net(laid_out, {p.name: ms.Parameter(p.data.copy(), name=p.name)
                                       for p in plain.get_parameters()})
-    apply_semi_auto(laid_out, {"dp": 2, "mp": 2, "ep": 2, "vocab": 2})
+    apply_semi_auto(laid_out, sizes)
     tokens = np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32)
     for net in (plain, laid_out):
         net.set_train(False)

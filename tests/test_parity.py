@@ -8,7 +8,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-import reference as R
+from research.deepseek2 import reference as R
 
 LAYOUTS = {"v2": R.V2_STYLE, "lite": R.LITE_STYLE}
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}

@@ -1,12 +1,33 @@
 """DeepSeek-V2 (MLA + DeepSeekMoE) for MindSpore, registered in MindFormers.
 
-Importing this package registers the config, model, tokenizer and CPU train-step wrapper with MindFormers'
-registry, so YAML files can name them (``type: DeepseekV2ForCausalLM`` ...).
+Importing the package is light (no MindSpore): the plain-Python tools (plan_memory, parallel_check, inventory) run
+on a login node. The public names below load their modules on first use, and ``register()`` imports every module
+that registers itself with MindFormers' registry (config, model, tokenizer, train-step wrapper, callback) so a YAML
+can name them (``type: DeepseekV2ForCausalLM`` ...); ``run_mindformer.py`` calls it.
 """
-from .deepseek2_config import DeepseekV2Config
-from .deepseek2 import DeepseekV2ForCausalLM, DeepseekV2Model
-from .train_wrapper import DeepseekV2TrainOneStepCell, LossGuard
-from .deepseek2_tokenizer import DeepseekV2Tokenizer, build_chat_prompt
+import importlib
 
 __all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "DeepseekV2Model", "DeepseekV2Tokenizer", "build_chat_prompt",
-           "DeepseekV2TrainOneStepCell", "LossGuard"]
+           "DeepseekV2TrainOneStepCell", "LossGuard", "register"]
+
+_EXPORTS = {
+    "DeepseekV2Config": "deepseek2_config",
+    "DeepseekV2ForCausalLM": "deepseek2",
+    "DeepseekV2Model": "deepseek2",
+    "DeepseekV2Tokenizer": "deepseek2_tokenizer",
+    "build_chat_prompt": "deepseek2_tokenizer",
+    "DeepseekV2TrainOneStepCell": "train_wrapper",
+    "LossGuard": "train_wrapper",
+}
+
+
+def register():
+    """Import the modules that register the config, model, tokenizer, wrapper and callback with MindFormers."""
+    for module in sorted(set(_EXPORTS.values())):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

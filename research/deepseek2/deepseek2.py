@@ -1,27 +1,60 @@
-"""DeepSeek-V2 for causal language modelling, a MindFormers model (``generate`` comes from its GenerationMixin).
+"""DeepSeek-V2 for causal language modelling, a MindFormers model (``generate`` comes from its GenerationMixin):
+the decoder layer (MLA + dense FFN or DeepSeekMoE), the stack, and the language-model head.
 
 Inputs follow MindFormers: in training ``input_ids`` (and optional ``labels``) hold seq_length + 1 tokens per row and
 the model shifts them itself; the result is the scalar loss (cross-entropy over labels != -100, plus the MoE balance
 losses). In inference the result is the float32 logits (batch, seq, vocab) of every position.
+
+The constructor builds the model and nothing else: no checkpoint is read and no parallel context is consulted.
+Callers load weights (``checkpoint_io.load_ms_checkpoint``) and lay the model out (``parallel.apply_semi_auto``); a process
+that holds part of the model (hand-written inference tensor parallel, token groups of the capacity dispatch) says so
+with a ``LocalShape`` from the plan (``inventory.local_shape``).
 """
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Tensor
 from mindspore.common import dtype as mstype
-from mindspore.common.initializer import initializer
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 from .deepseek2_config import DeepseekV2Config
-from .deepseek2_layer import RMSNorm, Linear, Embedding, RotaryEmbedding
-from .deepseek2_transformer import DecoderLayer
+from .inventory import LocalShape
+from .layers import RMSNorm, Linear, Embedding, FeedForward
+from .mla import MLAttention
+from .moe import DeepSeekMoE
+from .rope import RotaryEmbedding
 
-__all__ = ["DeepseekV2Model", "DeepseekV2ForCausalLM"]
+__all__ = ["DecoderLayer", "DeepseekV2Model", "DeepseekV2ForCausalLM"]
 
 
 def _argmax(logits, axis=-1):
     """Greedy choice with an op that has a CPU kernel (MindFormers' default mint.argmax has none)."""
     return ops.Argmax(axis=axis, output_type=mstype.int32)(logits)
+
+
+class DecoderLayer(nn.Cell):
+    """Pre-norm block: h = x + MLA(norm(x)); y = h + FFN(norm(h)), FFN dense or DeepSeekMoE."""
+
+    def __init__(self, config, layer_idx: int, local: LocalShape = LocalShape()):
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
+        self.attention = MLAttention(config, layer_idx, local.tp)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
+        if self.is_moe:
+            self.feed_forward = DeepSeekMoE(config, local)
+        else:
+            self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.compute_dtype,
+                                            config.param_init_type, config.init_std, local.tp)
+
+    def construct(self, x, cos, sin, mask=None, batch_valid_length=None):
+        """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, batch_valid_length)
+        if self.is_moe:
+            ffn, aux = self.feed_forward(self.ffn_norm(h))
+        else:
+            ffn, aux = self.feed_forward(self.ffn_norm(h)), ops.zeros((), mstype.float32)
+        return h + ffn, aux
 
 
 class DeepseekV2PreTrainedModel(PreTrainedModel):
@@ -32,14 +65,14 @@ class DeepseekV2PreTrainedModel(PreTrainedModel):
 class DeepseekV2Model(nn.Cell):
     """Embedding, the decoder stack and the final norm: tokens (b, s) -> hidden (b, s, h), balance loss."""
 
-    def __init__(self, config: DeepseekV2Config):
+    def __init__(self, config: DeepseekV2Config, local: LocalShape = LocalShape()):
         super().__init__()
         self.config = config
         self.use_past = config.use_past
         self.is_first_iteration = True
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, config.param_init_type,
                                         config.init_std)
-        self.layers = nn.CellList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.CellList([DecoderLayer(config, i, local) for i in range(config.num_hidden_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
         self.rotary = RotaryEmbedding(config, max(config.seq_length, 1))
         self.pipeline_stages = self._place_layers(config)
@@ -83,15 +116,17 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
     """DeepSeek-V2 / DeepSeek-V2-Lite with an untied (or tied) lm_head."""
     LAYOUT = {"lm_head.weight": ("vocab", None)}            # vocabulary rows split only with vocab_emb_dp: False
 
-    def __init__(self, config: DeepseekV2Config = None):
+    def __init__(self, config: DeepseekV2Config = None, local: LocalShape = None):
+        """config: the model; local: what this process holds of it (default: all of it, see inventory.LocalShape)."""
         config = config if config is not None else DeepseekV2Config()
         super().__init__(config, auto_prefix=True)
         self.config = config
+        self.local = local if local is not None else LocalShape()
         self.use_past = config.use_past
         self.is_first_iteration = True
         self.ignore_token_id = config.ignore_token_id
         self.pad_token_id = config.pad_token_id
-        self.model = DeepseekV2Model(config)
+        self.model = DeepseekV2Model(config, self.local)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, compute_dtype=config.compute_dtype,
                               param_init_type=config.param_init_type, init_std=config.init_std)
         if config.tie_word_embeddings:
@@ -99,17 +134,10 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         stages = getattr(config.parallel_config, "pipeline_stage", 1)
         if stages > 1:
             self.lm_head.pipeline_stage = stages - 1
-        # the balance loss of the last training step, readable by callbacks (graph mode cannot return side values)
-        self.last_aux_loss = Parameter(initializer("zeros", (), mstype.float32), name="last_aux_loss",
-                                       requires_grad=False)
+        # training returns (loss, balance loss) instead of the loss alone when a train-step wrapper that logs the
+        # balance loss asks for it (``add_flags_recursive(return_moe_loss=True)``; see train_wrapper.py)
+        self.return_moe_loss = False
         self.argmax = _argmax
-        if config.tp_size == 1 and \
-                ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
-            from .parallel import apply_semi_auto, parallel_sizes   # Ascend training: declared layouts
-            apply_semi_auto(self, parallel_sizes(config.parallel_config))
-        if config.checkpoint_name_or_path:
-            from .checkpoint_io import load_ms_checkpoint
-            load_ms_checkpoint(self, config.checkpoint_name_or_path)
 
     # MindFormers' GenerationMixin sets is_first_iteration on every cell through this hook
     def add_flags_custom(self, is_first_iteration):
@@ -133,8 +161,8 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         return super().generate(input_ids, *args, **kwargs)
 
     def set_train(self, mode=True):
-        if mode and self.config.tp_size > 1:
-            raise ValueError(f"DeepseekV2Config.tp_size = {self.config.tp_size}: the hand-written tensor parallel "
+        if mode and self.local.tp > 1:
+            raise ValueError(f"this model holds 1/{self.local.tp} of the weights (hand-written tensor parallel), which "
                              f"is for inference; train with data parallel (or semi-auto parallel on Ascend)")
         return super().set_train(mode)
 
@@ -157,8 +185,10 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
         logits = ops.cast(self.lm_head(hidden), mstype.float32)                            # (b, S, vocab)
         if not self.training:
             return logits
-        return self.loss(logits, targets, labels is None, tokens) + ops.depend(aux, ops.assign(self.last_aux_loss,
-                                                                                               aux))
+        loss = self.loss(logits, targets, labels is None, tokens) + aux
+        if self.return_moe_loss:
+            return loss, aux
+        return loss
 
     def loss(self, logits, targets, from_inputs, tokens):
         """Mean cross-entropy over kept positions: labels != ignore_token_id (and input != pad without labels)."""

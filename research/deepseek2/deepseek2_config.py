@@ -8,9 +8,12 @@ Every field has a default so ``DeepseekV2Config(**json.load(open("config.json"))
 import math
 from typing import Optional
 
-import mindspore.common.dtype as mstype
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+from . import dtypes
+from .inventory import is_moe_layer
+from .rope import yarn_get_mscale
 
 __all__ = ["DeepseekV2Config", "yarn_get_mscale"]
 
@@ -22,31 +25,11 @@ _BOOKKEEPING_KEYS = ("architectures", "auto_map", "transformers_version", "torch
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("yarn", "linear", "default")
 _MOE_DISPATCH = ("dropless", "capacity")
-_DTYPES = {"float32": mstype.float32, "fp32": mstype.float32, "float16": mstype.float16, "fp16": mstype.float16,
-           "bfloat16": mstype.bfloat16, "bf16": mstype.bfloat16}
-
-
-def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
-    """YaRN attention scale: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _dtype(name, field):
-    if not isinstance(name, str) and name in _DTYPES.values():
-        return name
-    key = str(name).lower()
-    if key not in _DTYPES:
-        raise ValueError(f"DeepseekV2Config.{field}: expected one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[key]
-
-
-def _dtype_name(dtype) -> str:
-    for key in ("float32", "float16", "bfloat16"):
-        if _DTYPES[key] == dtype:
-            return key
-    return str(dtype)
+    """A MindSpore dtype from any spelling of dtypes.py; ValueError naming the field otherwise."""
+    return dtypes.to_mindspore(name, f"DeepseekV2Config.{field}")
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -106,8 +89,6 @@ class DeepseekV2Config(PretrainedConfig):
                  softmax_compute_type: str = "float32",
                  layernorm_compute_type: str = "float32",
                  ignore_token_id: int = -100,
-                 tp_size: int = 1,                        # inference tensor/expert parallel ranks (hand-written)
-                 tp_rank: int = 0,                        # this process's rank among them
                  # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
                  device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
@@ -170,8 +151,6 @@ class DeepseekV2Config(PretrainedConfig):
         self.softmax_compute_type = _dtype(softmax_compute_type, "softmax_compute_type")
         self.layernorm_compute_type = _dtype(layernorm_compute_type, "layernorm_compute_type")
         self.ignore_token_id = ignore_token_id
-        self.tp_size = int(tp_size)
-        self.tp_rank = int(tp_rank)
 
         self.device_aux_loss_alpha = float(device_aux_loss_alpha)
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
@@ -214,8 +193,7 @@ class DeepseekV2Config(PretrainedConfig):
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Released rule: MoE from first_k_dense_replace on, every moe_layer_freq-th layer."""
-        return (self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
-                and layer_idx % self.moe_layer_freq == 0)
+        return is_moe_layer(self, layer_idx)
 
     # ------------------------------------------------------------------ checks
     def _validate(self):
@@ -261,15 +239,6 @@ class DeepseekV2Config(PretrainedConfig):
                     fail("topk_group", f"topk_group groups hold fewer experts than num_experts_per_tok={k}")
             if self.n_routed_experts % self.moe_num_devices:
                 fail("moe_num_devices", f"n_routed_experts={self.n_routed_experts} is not divisible by it")
-        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
-            fail("tp_rank", f"expected 0 <= tp_rank < tp_size={self.tp_size}")
-        if self.tp_size > 1:
-            for field in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts"):
-                value = getattr(self, field)
-                if value is not None and value % self.tp_size:
-                    fail(field, f"not divisible by tp_size={self.tp_size} (heads, FFN widths and experts are split)")
-            if self.n_shared_experts and (self.moe_intermediate_size * self.n_shared_experts) % self.tp_size:
-                fail("n_shared_experts", f"shared FFN width not divisible by tp_size={self.tp_size}")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
         if not 0.0 <= self.never_drop_seq_ratio <= 1.0:
@@ -280,15 +249,12 @@ class DeepseekV2Config(PretrainedConfig):
                                  f"semi-auto/auto parallel training)")
         if self.expert_capacity_factor < 0:
             fail("expert_capacity_factor", "expected >= 0 (0 = every expert can take every token: nothing dropped)")
-        if self.seq_length > self.max_position_embeddings and not self.rope_scaling:
-            # RoPE tables are built for seq_length positions; only warn-worthy models need more
-            pass
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self):
         output = super().to_dict()
         for key in ("compute_dtype", "param_init_type", "softmax_compute_type", "layernorm_compute_type"):
-            output[key] = _dtype_name(getattr(self, key))
+            output[key] = dtypes.name_of(getattr(self, key))
         return output
 
     def to_hf_dict(self) -> dict:

@@ -1,57 +1,157 @@
-"""Hand-written tensor and expert parallel inference: which slice of each weight a rank holds, and loading it.
+"""The parallel layout applied: per-rank slices for hand-written inference tensor parallel, and the semi-auto/auto
+parallel strategies of Ascend training. What each weight splits on is the inventory's (``inventory.py``); what each
+op splits on is ``op_strategies`` below. The model's math never asks which rank it is on.
 
-The split of every weight is declared once, in the ``LAYOUT`` of the Cell that owns it (deepseek2_layer.py,
-deepseek2_transformer.py): "mp" splits attention heads and FFN widths, "ep" splits the routed experts; both are cut
-into ``tp_size`` equal parts. Everything not declared (embedding, norms, latent projections, router, lm_head,
-the latent KV cache) is replicated.
+Inference (``run_mindformer.py --run_mode predict --use_parallel True``, hand-written): rank r of N builds the model
+with ``inventory.local_shape(config, N, r)`` (1/N of the heads, FFN widths and routed experts) and
+``load_for_rank`` reads only its slices: from Hugging Face safetensors shards (rows read by offset; only the rank's
+own experts are read at all) or from a MindSpore checkpoint (file or shard folder, streamed tensor by tensor).
 
-Loading reads only this rank's slice: from Hugging Face safetensors shards (rows read by offset; only the rank's own
-experts are read at all) or from a converted MindSpore checkpoint (file or shard folder, streamed tensor by tensor).
+Training under semi-auto/auto parallel (Ascend): ``apply_semi_auto(net, sizes)`` gives every Linear's MatMul the
+strategy of its weight's cuts and the ops of ``op_strategies`` theirs; MindSpore propagates the rest
+(``parallel_mode: 2``, ``search_mode: sharding_propagation``). The model is built with
+``LocalShape(token_groups=data_parallel)`` so the capacity dispatch and token dropping group tokens by data-parallel
+rank.
 """
 import os
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import numpy as np
 
-from .moe_shapes import expert_capacity
-from .checkpoint_io import CheckpointError, HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
+from .checkpoint_io import HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
+from .errors import CheckpointError
+from .inventory import LocalShape, Param, expert_capacity, inference_split_dim, parameters, parts
 from .weight_map import ms_to_hf, is_stacked
 
-__all__ = ["split_dims", "local_slice", "load_for_rank", "parallel_sizes", "weight_strategies",
-           "check_weight_strategies", "expert_buffers", "matmul_strategy", "apply_semi_auto"]
-
-PARALLEL_AXES = ("mp", "ep")
+__all__ = ["ParallelSizes", "parallel_sizes", "weight_strategies", "matmul_strategy", "op_strategies",
+           "expert_buffers", "apply_semi_auto", "training_local_shape", "local_slice", "load_for_rank"]
 
 
-def split_dims(net) -> Dict[str, int]:
-    """{parameter name: the dimension split across ranks} from the LAYOUT declarations of the net's cells.
+# ------------------------------------------------------------------------------------------------ sizes
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Degrees of the parallel axes: dp data, mp model (tensor), ep expert, vocab (= mp when ``vocab_emb_dp`` is
+    False: embedding and lm_head split by vocabulary, else 1)."""
+    dp: int = 1
+    mp: int = 1
+    ep: int = 1
+    vocab: int = 1
 
-    The hand-written inference split cuts a weight along its first "mp"/"ep" axis only (routed experts by count,
-    not also by width); the vocabulary stays whole."""
-    params = {p.name for p in net.get_parameters()}
-    dims = {}
-    for cell_name, cell in net.cells_and_names():
-        for suffix, spec in getattr(type(cell), "LAYOUT", {}).items():
-            name = f"{cell_name}.{suffix}" if cell_name else suffix
-            axes = [i for i, axis in enumerate(spec) if axis in PARALLEL_AXES]
-            if name in params and axes:
-                dims[name] = axes[0]
-    return dims
+    def axes(self) -> Dict[str, int]:
+        """{axis: degree} for ``inventory.parts``."""
+        return {"mp": self.mp, "ep": self.ep, "vocab": self.vocab}
 
 
-def local_slice(full_dim: int, tp_size: int, tp_rank: int) -> slice:
-    """This rank's part of a dimension of size full_dim."""
-    if full_dim % tp_size:
-        raise CheckpointError(f"dimension {full_dim} does not split into {tp_size} equal parts")
-    part = full_dim // tp_size
-    return slice(tp_rank * part, (tp_rank + 1) * part)
+def parallel_sizes(parallel_config) -> ParallelSizes:
+    """ParallelSizes of a MindFormers parallel_config (object or mapping; defaults of parallel_check.parallel_shape)."""
+    from .parallel_check import parallel_shape
+    keys = ("data_parallel", "model_parallel", "expert_parallel", "vocab_emb_dp")
+    given = parallel_config if isinstance(parallel_config, dict) else \
+        {key: getattr(parallel_config, key) for key in keys if hasattr(parallel_config, key)}
+    shape = parallel_shape(given)
+    return ParallelSizes(dp=shape.dp, mp=shape.mp, ep=shape.ep, vocab=1 if shape.vocab_emb_dp else shape.mp)
+
+
+def training_local_shape(sizes: ParallelSizes, semi_auto: bool) -> LocalShape:
+    """What a training process holds: everything; under semi-auto/auto parallel the graph sees the global batch, so
+    the capacity dispatch and token dropping work in data_parallel token groups (one per rank's batch)."""
+    return LocalShape(token_groups=sizes.dp if semi_auto else 1)
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+def weight_strategies(config, sizes: ParallelSizes) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: parts of each dimension} for the full model of ``config`` (no model is built)."""
+    return {param.name: parts(param, sizes.axes()) for param in parameters(config)}
+
+
+def matmul_strategy(param: Param, sizes: ParallelSizes) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Strategy of a Linear's MatMul(x (tokens, in), W (out, in)^T) for its weight: column parallel when W is cut on
+    its output rows, row parallel (partial sums) when cut on its input columns; tokens by data parallel."""
+    out_parts, in_parts = parts(param, sizes.axes())
+    if in_parts > 1:
+        return (sizes.dp, in_parts), (1, in_parts)
+    return (sizes.dp, 1), (out_parts, 1)
+
+
+def op_strategies(cell_type: str, sizes: ParallelSizes, experts: Param = None) -> Dict[str, tuple]:
+    """{op attribute of a cell of type ``cell_type``: strategy}: the ops that are not a Linear's MatMul.
+
+    Routing, ranking and gathers stay inside each data-parallel group (dp, 1, ...); the expert matmuls take experts
+    by ep, each expert's G*C rows by dp // ep and widths by mp, so MindSpore moves the dispatched rows from their
+    group's rank to their expert's rank (AlltoAll) and back. ``experts``: the inventory entry of the stacked w1.
+    """
+    dp, mp, ep = sizes.dp, sizes.mp, sizes.ep
+    if cell_type == "Embedding":
+        return {"gather": ((sizes.vocab, 1), (dp, 1))}
+    if cell_type == "RankWithin":
+        return {"sort_desc": ((dp, 1),), "sort_asc": ((dp, 1),), "gather": ((dp, 1), (dp, 1))}
+    if cell_type == "RoutedExperts":
+        up = parts(experts, sizes.axes())                                         # (ep, mp, 1)
+        return {"sort_slots": ((dp, 1),), "index_gather": ((dp, 1), (dp, 1)), "row_gather": ((dp, 1, 1), (dp, 1)),
+                "bmm_up": ((ep, dp // ep, 1), up), "bmm_down": ((ep, dp // ep, mp), (up[0], up[2], up[1]))}
+    return {}
+
+
+def expert_buffers(config, sizes: ParallelSizes) -> dict:
+    """Shapes of the capacity dispatch for one micro-batch of ``batch_size`` sequences per data-parallel rank:
+    groups G = dp, tokens per group T_g = batch_size * seq_length, rows per expert and group C, the buffer
+    (E, G*C, hidden) and its per-rank part (E/ep, G*C/(dp/ep), hidden)."""
+    tokens = config.batch_size * config.seq_length
+    experts, dp, ep = config.n_routed_experts, sizes.dp, sizes.ep
+    rows = expert_capacity(tokens, config.num_experts_per_tok, experts, config.expert_capacity_factor)
+    return {"groups": dp, "group_tokens": tokens, "capacity": rows, "buffer": (experts, dp * rows, config.hidden_size),
+            "per_rank": (experts // ep, dp * rows // (dp // ep), config.hidden_size)}
+
+
+def apply_semi_auto(net, sizes: ParallelSizes) -> Dict[str, tuple]:
+    """Lay ``net`` out for semi-auto/auto parallel training (Ascend): returns {op path: strategy}.
+
+    The net must be built with ``training_local_shape(sizes, True)`` (token groups = dp) and the capacity dispatch
+    (``moe_dispatch: capacity``): a ValueError names what is wrong otherwise.
+    """
+    from .layers import Linear
+    from .moe import RoutedExperts
+    inventory = {p.name: p for p in parameters(net.config)}
+    stacked_w1 = next((p for p in inventory.values() if p.name.endswith("routed_experts.w1")), None)
+    applied = {}
+    for path, cell in net.cells_and_names():
+        kind = type(cell).__name__
+        if isinstance(cell, RoutedExperts):
+            if cell.dispatch != "capacity":
+                raise ValueError("DeepseekV2Config.moe_dispatch = 'dropless': semi-auto/auto parallel training needs "
+                                 "'capacity' (set model.model_config.moe_dispatch: capacity and expert_capacity_factor)")
+            if cell.groups != sizes.dp:
+                raise ValueError(f"{path}: built with {cell.groups} token group(s) but data_parallel = {sizes.dp}: "
+                                 f"build the model with parallel.training_local_shape(sizes, semi_auto=True)")
+        if isinstance(cell, Linear):
+            weight = inventory.get(f"{path}.weight")
+            if weight is None:
+                raise ValueError(f"{path}.weight is not in the parameter inventory (inventory.py)")
+            strategy = matmul_strategy(weight, sizes)
+            cell.matmul.shard(strategy)
+            applied[f"{path}.matmul"] = strategy
+            continue
+        for op_name, strategy in op_strategies(kind, sizes, stacked_w1).items():
+            getattr(cell, op_name).shard(strategy)
+            applied[f"{path}.{op_name}"] = strategy
+    return applied
+
+
+# ------------------------------------------------------------------------------------------------ per-rank slices
+def local_slice(full_dim: int, tp: int, rank: int) -> slice:
+    """Rank ``rank``'s part of a dimension of size ``full_dim`` cut into ``tp`` parts."""
+    if full_dim % tp:
+        raise CheckpointError(f"dimension {full_dim} does not split into {tp} equal parts")
+    part = full_dim // tp
+    return slice(rank * part, (rank + 1) * part)
 
 
 def _index(dim: int, piece: slice) -> Tuple:
     return tuple([slice(None)] * dim + [piece])
 
 
-def _from_hf(net_params, dims, hf_dir, tp_size, tp_rank, n_experts) -> Dict[str, np.ndarray]:
+def _from_hf(wanted: Dict[str, Param], hf_dir: str, tp: int, rank: int) -> Dict[str, np.ndarray]:
     hf = HFCheckpoint(hf_dir)
     info = hf.tensor_info()                                        # {hf name: (shape, dtype, shard)}
     readers = {}
@@ -66,18 +166,13 @@ def _from_hf(net_params, dims, hf_dir, tp_size, tp_rank, n_experts) -> Dict[str,
 
     out = {}
     try:
-        for name, param in net_params.items():
-            if not param.requires_grad:
-                continue
+        for name, param in wanted.items():
+            dim = inference_split_dim(param)
             if is_stacked(name):                                   # only this rank's experts are read at all
-                experts = range(n_experts)[local_slice(n_experts, tp_size, tp_rank)]
+                experts = range(param.shape[0])[local_slice(param.shape[0], tp, rank)]
                 out[name] = np.stack([read(ms_to_hf(name, e)) for e in experts])
-            elif name in dims:
-                hf_name = ms_to_hf(name)
-                full = info[hf_name][0] if hf_name in info else None
-                if full is None:
-                    raise CheckpointError(f"{hf_dir}: tensor {hf_name} is missing")
-                out[name] = read(hf_name, _index(dims[name], local_slice(full[dims[name]], tp_size, tp_rank)))
+            elif dim is not None:
+                out[name] = read(ms_to_hf(name), _index(dim, local_slice(param.shape[dim], tp, rank)))
             else:
                 out[name] = read(ms_to_hf(name))
     finally:
@@ -86,154 +181,35 @@ def _from_hf(net_params, dims, hf_dir, tp_size, tp_rank, n_experts) -> Dict[str,
     return out
 
 
-def _from_ms(net_params, dims, path, tp_size, tp_rank) -> Dict[str, np.ndarray]:
+def _from_ms(wanted: Dict[str, Param], path: str, tp: int, rank: int) -> Dict[str, np.ndarray]:
     out = {}
     for file in MSCheckpoint(path).files:
         for name, array in iter_ckpt(file):                       # one tensor in memory at a time
-            if name not in net_params or not net_params[name].requires_grad:
+            if name not in wanted:
                 continue
-            dim = dims.get(name)
-            out[name] = np.ascontiguousarray(array[_index(dim, local_slice(array.shape[dim], tp_size, tp_rank))]) \
-                if dim is not None else array
+            dim = inference_split_dim(wanted[name])
+            out[name] = array if dim is None else \
+                np.ascontiguousarray(array[_index(dim, local_slice(array.shape[dim], tp, rank))])
     return out
 
 
-def load_for_rank(net, path: str, tp_size: int, tp_rank: int, n_experts: Optional[int] = None):
-    """Load this rank's slices into ``net`` (built with the same tp_size / tp_rank) from an HF folder or a
-    MindSpore checkpoint (file or shard folder). Every trainable parameter must be found with its local shape."""
+def load_for_rank(net, path: str, rank: int):
+    """Load rank ``rank``'s slices into ``net`` (built with ``inventory.local_shape(config, tp, rank)``) from an HF
+    folder or a MindSpore checkpoint (file or shard folder). Every weight of the inventory must arrive with its
+    local shape; returns the names loaded."""
     import mindspore as ms
+    tp = net.local.tp
+    wanted = {p.name: p for p in parameters(net.config)}
     net_params = {p.name: p for p in net.get_parameters()}
-    dims = split_dims(net)
     is_hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-    arrays = _from_hf(net_params, dims, path, tp_size, tp_rank, n_experts) if is_hf else \
-        _from_ms(net_params, dims, path, tp_size, tp_rank)
-    missing = [n for n, p in net_params.items() if p.requires_grad and n not in arrays]
+    arrays = _from_hf(wanted, path, tp, rank) if is_hf else _from_ms(wanted, path, tp, rank)
+    missing = [n for n in wanted if n not in arrays]
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} parameter(s) missing, e.g. {missing[:5]}")
+        raise CheckpointError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[:5]}")
     for name, array in arrays.items():
         param = net_params[name]
         if tuple(array.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: {name}: rank {tp_rank}/{tp_size} slice has shape {tuple(array.shape)}, "
+            raise CheckpointError(f"{path}: {name}: rank {rank}/{tp} slice has shape {tuple(array.shape)}, "
                                   f"the net expects {tuple(param.shape)}")
         param.set_data(ms.Tensor(cast_array(array, np_dtype(param.dtype))))
     return sorted(arrays)
-
-
-# ------------------------------------------------------------------------------ semi-auto parallel (Ascend training)
-def parallel_sizes(parallel_config) -> Dict[str, int]:
-    """{axis: parts} of a MindFormers parallel_config (object or dict; defaults as parallel_check.parallel_shape):
-    dp, mp, ep, and vocab (= mp when ``vocab_emb_dp`` is False: embedding and lm_head split by vocabulary)."""
-    from .parallel_check import parallel_shape
-    keys = ("data_parallel", "model_parallel", "expert_parallel", "vocab_emb_dp")
-    given = parallel_config if isinstance(parallel_config, dict) else \
-        {key: getattr(parallel_config, key) for key in keys if hasattr(parallel_config, key)}
-    shape = parallel_shape(given)
-    return {"dp": shape.dp, "mp": shape.mp, "ep": shape.ep, "vocab": 1 if shape.vocab_emb_dp else shape.mp}
-
-
-def _layouts():
-    """(parameter-name suffix, LAYOUT entry) of every declaring cell, by where the cell sits in the model."""
-    from .deepseek2 import DeepseekV2ForCausalLM
-    from .deepseek2_layer import Embedding, FeedForward, RoutedExperts
-    from .deepseek2_transformer import MLAttention
-    owners = (("attention.", MLAttention), ("feed_forward.", FeedForward), ("shared_experts.", FeedForward),
-              ("routed_experts.ffn.", RoutedExperts), ("tok_embeddings.", Embedding), ("", DeepseekV2ForCausalLM))
-    return [(owner + suffix, spec) for owner, cls in owners for suffix, spec in cls.LAYOUT.items()]
-
-
-def weight_strategies(config, dp: int, mp: int, ep: int, vocab_emb_dp: bool = True) -> Dict[str, Tuple[int, ...]]:
-    """{parameter name: how many parts each dimension is cut into} for the full model of ``config``.
-
-    Read from the LAYOUT declarations (by the parameter's suffix), without building the model, so it works for the
-    236B shape on any machine. Undeclared weights are replicated (all ones).
-    """
-    from .weight_map import expected_ms_shapes
-    from .deepseek2_layer import layout_parts
-    sizes = parallel_sizes({"data_parallel": dp, "model_parallel": mp, "expert_parallel": ep,
-                            "vocab_emb_dp": vocab_emb_dp})
-    layouts = _layouts()
-    plan = {}
-    for name, shape in expected_ms_shapes(config).items():
-        spec = next((spec for suffix, spec in layouts if name == suffix or name.endswith("." + suffix)), None)
-        plan[name] = layout_parts(spec, sizes) if spec else (1,) * len(shape)
-    return plan
-
-
-def check_weight_strategies(config, dp: int, mp: int, ep: int, vocab_emb_dp: bool = True) -> list:
-    """Problems (empty = fine): a weight dimension not divisible by the number of parts it is cut into."""
-    from .weight_map import expected_ms_shapes
-    shapes = expected_ms_shapes(config)
-    problems = []
-    if config.num_attention_heads % mp:          # head-major weights must split on head boundaries
-        problems.append(f"num_attention_heads = {config.num_attention_heads}: q_proj/l2q_proj/lkv2kv/wo split "
-                        f"by heads into {mp} parts")
-    for name, parts in weight_strategies(config, dp, mp, ep, vocab_emb_dp).items():
-        for dim, (size, part) in enumerate(zip(shapes[name], parts)):
-            if size % part:
-                problems.append(f"{name}: dimension {dim} ({size}) is not divisible into {part} parts")
-    return problems
-
-
-def expert_buffers(config, dp: int, ep: int, mp: int = 1) -> dict:
-    """Shapes of the capacity dispatch for one micro-batch of ``batch_size`` sequences per data-parallel rank:
-    groups G = dp, tokens per group T_g = batch_size * seq_length, rows per expert and group C, the buffer
-    (E, G*C, hidden) and its per-rank part (E/ep, G*C/(dp/ep), hidden), plus the problems of that layout."""
-    tokens = config.batch_size * config.seq_length
-    experts, k = config.n_routed_experts, config.num_experts_per_tok
-    rows = expert_capacity(tokens, k, experts, config.expert_capacity_factor)
-    problems = []
-    if config.moe_dispatch != "capacity":
-        problems.append(f"moe_dispatch = {config.moe_dispatch!r}: semi-auto/auto parallel training needs "
-                        f"'capacity' (static per-expert buffers that split over expert_parallel)")
-    if experts % ep:
-        problems.append(f"n_routed_experts = {experts} is not divisible by expert_parallel = {ep}")
-    if dp % ep:
-        problems.append(f"expert_parallel = {ep} does not divide data_parallel = {dp}")
-    if config.moe_intermediate_size % mp:
-        problems.append(f"moe_intermediate_size = {config.moe_intermediate_size} is not divisible by "
-                        f"model_parallel = {mp}")
-    inner = dp // ep if not dp % ep else 1
-    return {"groups": dp, "group_tokens": tokens, "capacity": rows, "buffer": (experts, dp * rows, config.hidden_size),
-            "per_rank": (experts // ep if not experts % ep else None, dp * rows // inner, config.hidden_size),
-            "problems": problems}
-
-
-def matmul_strategy(spec, sizes) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """Strategy of a Linear's MatMul(x (tokens, in), W (out, in)^T) for its weight LAYOUT entry; sizes: {axis: parts}
-    with "dp" for the tokens."""
-    dp = sizes.get("dp", 1)
-    if spec and spec[0]:                           # column parallel: W split by output rows
-        return (dp, 1), (sizes.get(spec[0], 1), 1)
-    if spec and len(spec) > 1 and spec[1]:         # row parallel: W split by input columns, partial sums
-        part = sizes.get(spec[1], 1)
-        return (dp, part), (1, part)
-    return (dp, 1), (1, 1)
-
-
-def apply_semi_auto(net, sizes) -> Dict[str, tuple]:
-    """Lay the model out for semi-auto/auto parallel (Ascend training) from the declarations beside the math.
-
-    sizes: {"dp", "mp", "ep", "vocab"} (see ``parallel_sizes``). Every Linear's MatMul gets its strategy from the
-    LAYOUT of the cell owning it; cells with a ``parallelize`` method (embedding, MoE token dropping, the routed
-    experts' capacity dispatch) lay out their own ops. The remaining ops follow by sharding propagation
-    (``parallel_mode: 2``, ``search_mode: sharding_propagation``). Returns {op or cell path: strategy}.
-    """
-    from .deepseek2_layer import Linear, RoutedExperts
-    cells = dict(net.cells_and_names())
-    dispatch = {cell.dispatch for cell in cells.values() if isinstance(cell, RoutedExperts)}
-    if dispatch - {"capacity"}:
-        raise ValueError("DeepseekV2Config.moe_dispatch = 'dropless': semi-auto/auto parallel training needs "
-                         "'capacity' (set model.model_config.moe_dispatch: capacity and expert_capacity_factor)")
-    applied = {}
-    for path, cell in cells.items():
-        if isinstance(cell, Linear):
-            parent_path, _, child = path.rpartition(".")
-            parent = cells.get(parent_path)
-            spec = getattr(type(parent), "LAYOUT", {}).get(f"{child}.weight") if parent is not None else None
-            strategy = matmul_strategy(spec, sizes)
-            cell.matmul.shard(strategy)
-            applied[path + ".matmul"] = strategy
-        elif hasattr(cell, "parallelize"):
-            cell.parallelize(sizes)
-            applied[path + ".parallelize"] = dict(sizes)
-    return applied

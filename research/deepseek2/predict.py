@@ -12,12 +12,12 @@ Results: ``{"prompt": ..., "output": ...}`` one JSON object a line, in prompt or
 """
 import json
 import os
-import tempfile
 from typing import List
 
 from mindformers.tools.logger import logger
 
-from .runner import UsageError
+from .errors import UsageError
+from .fileio import atomic_write_text
 
 RESULT_FILE = "text_generation_result.txt"
 _MODES = {0: 0, 1: 1, "GRAPH_MODE": 0, "PYNATIVE_MODE": 1}
@@ -111,30 +111,15 @@ def _tensor_parallel(config):
     return tp_size, get_rank()
 
 
-def _model_config(config, batch_size, **knobs):
+def _model_config(config, batch_size):
+    """DeepseekV2Config from the YAML's model.model_config, for ``batch_size`` prompts at a time."""
     from .deepseek2_config import DeepseekV2Config
     fields = {k: v for k, v in dict(config.model.model_config).items() if k != "type"}
     fields["batch_size"] = batch_size
-    fields["checkpoint_name_or_path"] = None
-    fields.update(knobs)
     try:
         return DeepseekV2Config(**fields)
     except (ValueError, TypeError) as err:
         raise UsageError(f"model.model_config: {err}") from err
-
-
-def _write_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _build_tokenizer(tokenizer_cfg):
@@ -145,29 +130,26 @@ def _build_tokenizer(tokenizer_cfg):
         raise UsageError(f"--tokenizer_file {tokenizer_cfg.get('tokenizer_file')}: {err}") from err
 
 
-def run_predict(config, args):
-    """Generate for every prompt; returns the list of generated texts."""
-    import mindspore as ms
-    from .deepseek2 import DeepseekV2ForCausalLM
-
+def _settings(config, args):
+    """(prompts, new tokens, generate keywords, tokenizer section, batch size, chat) from the flags and YAML."""
     prompts = read_prompts(args.predict_data if args.predict_data is not None else config.get("input_data"))
+    model_config = config.model.model_config
     new_tokens = args.predict_length if args.predict_length is not None else \
-        int(config.model.model_config.get("max_new_tokens") or 128)
+        int(model_config.get("max_new_tokens") or 128)
     gen_kwargs = generation_kwargs(args, new_tokens)
     tokenizer_cfg = (config.get("processor") or {}).get("tokenizer")
     if not tokenizer_cfg or not tokenizer_cfg.get("tokenizer_file"):
         raise UsageError("predict needs a tokenizer: set processor.tokenizer.tokenizer_file or --tokenizer_file")
     batch_size = args.predict_batch_size if args.predict_batch_size is not None else \
-        int(config.model.model_config.get("batch_size") or 1)
+        int(model_config.get("batch_size") or 1)
     if batch_size <= 0:
         raise UsageError(f"--predict_batch_size must be > 0, got {batch_size}")
-    chat = bool(args.chat if args.chat is not None else config.model.model_config.get("chat", False))
-    model_config = _model_config(config, batch_size)
+    chat = bool(args.chat if args.chat is not None else model_config.get("chat", False))
+    return prompts, new_tokens, gen_kwargs, tokenizer_cfg, batch_size, chat
 
-    setup_context(config)
-    if config.get("seed") is not None:
-        ms.set_seed(int(config.seed))
-    tokenizer = _build_tokenizer(tokenizer_cfg)
+
+def encode_prompts(tokenizer, prompts, chat: bool, model_config, new_tokens: int) -> List[List[int]]:
+    """Token ids of every prompt, checked against the model's seq_length and vocabulary."""
     prompt_ids = []
     for index, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, chat)
@@ -181,21 +163,24 @@ def run_predict(config, args):
             logger.warning(f"prompt {index}: {len(ids)} prompt tokens + {new_tokens} new tokens exceed seq_length "
                            f"{model_config.seq_length}; generation stops at seq_length")
         prompt_ids.append(ids)
+    return prompt_ids
 
-    tp_size, tp_rank = _tensor_parallel(config)
-    if tp_size > 1:
-        try:
-            model_config = _model_config(config, batch_size, tp_size=tp_size, tp_rank=tp_rank)
-        except UsageError as err:
-            raise UsageError(f"{err} (with parallel_config.model_parallel = {tp_size})") from err
-    net = DeepseekV2ForCausalLM(model_config)
-    checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
+
+def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
+    """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded."""
+    from .checkpoint_io import load_ms_checkpoint
+    from .deepseek2 import DeepseekV2ForCausalLM
+    from .inventory import local_shape
+    from .parallel import load_for_rank
+    try:
+        local = local_shape(model_config, tp_size, tp_rank)
+    except ValueError as err:
+        raise UsageError(f"model.model_config with parallel_config.model_parallel = {tp_size}: {err}") from err
+    net = DeepseekV2ForCausalLM(model_config, local)
     if checkpoint:
-        from .checkpoint_io import load_ms_checkpoint
-        from .parallel import load_for_rank
         try:
             if tp_size > 1:                                  # this rank's heads, FFN columns and experts only
-                load_for_rank(net, checkpoint, tp_size, tp_rank, model_config.n_routed_experts)
+                load_for_rank(net, checkpoint, tp_rank)
             else:
                 load_ms_checkpoint(net, checkpoint)
         except (ValueError, KeyError, RuntimeError) as err:
@@ -203,16 +188,23 @@ def run_predict(config, args):
     else:
         logger.warning("predict without --load_checkpoint: the model has random weights")
     net.set_train(False)
+    return net
 
-    streamer = None
-    if args.stream:
-        if batch_size == 1:
-            from mindformers.generation.streamers import TextStreamer
-            streamer = TextStreamer(tokenizer, skip_prompt=True)
-        else:
-            logger.warning("--stream prints tokens as they come only with --predict_batch_size 1; printing results "
-                           "per batch instead")
-    pad = model_config.pad_token_id
+
+def _streamer(tokenizer, stream: bool, batch_size: int):
+    if not stream:
+        return None
+    if batch_size != 1:
+        logger.warning("--stream prints tokens as they come only with --predict_batch_size 1; printing results "
+                       "per batch instead")
+        return None
+    from mindformers.generation.streamers import TextStreamer
+    return TextStreamer(tokenizer, skip_prompt=True)
+
+
+def generate_texts(net, tokenizer, prompts, prompt_ids, batch_size, gen_kwargs, streamer, seed) -> List[str]:
+    """Generate batch by batch (rows right-padded with pad_token_id); returns the decoded new text of each prompt."""
+    pad = net.config.pad_token_id
     texts = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
@@ -222,17 +214,40 @@ def run_predict(config, args):
             rows.append(rows[-1])
         if streamer is not None:
             print(f"[prompt] {prompts[start]}\n[output] ", end="", flush=True)
-        outputs = net.generate(rows, streamer=streamer, seed=config.get("seed"), **gen_kwargs)
+        outputs = net.generate(rows, streamer=streamer, seed=seed, **gen_kwargs)
         for offset, (ids, out) in enumerate(zip(chunk, outputs[:len(chunk)])):
             text = tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True)
             texts.append(text)
             if streamer is None:
                 print(f"[prompt] {prompts[start + offset]}\n[output] {text}", flush=True)
             print(flush=True)
+    return texts
+
+
+def write_results(output_dir, prompts, texts) -> str:
+    """``{"prompt", "output"}`` JSON lines in output_dir/text_generation_result.txt (written whole or not at all)."""
     lines = [json.dumps({"prompt": p, "output": t}, ensure_ascii=False) for p, t in zip(prompts, texts)]
-    output_dir = config.get("output_dir") or "./output"
-    result_path = os.path.join(output_dir, RESULT_FILE)
+    path = os.path.join(output_dir or "./output", RESULT_FILE)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    logger.info(f"predict: {len(texts)} result(s) written to {path}")
+    return path
+
+
+def run_predict(config, args):
+    """Generate for every prompt; returns the list of generated texts."""
+    import mindspore as ms
+    prompts, new_tokens, gen_kwargs, tokenizer_cfg, batch_size, chat = _settings(config, args)
+    model_config = _model_config(config, batch_size)
+    setup_context(config)
+    if config.get("seed") is not None:
+        ms.set_seed(int(config.seed))
+    tokenizer = _build_tokenizer(tokenizer_cfg)
+    prompt_ids = encode_prompts(tokenizer, prompts, chat, model_config, new_tokens)
+    tp_size, tp_rank = _tensor_parallel(config)
+    checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
+    net = build_network(model_config, checkpoint, tp_size, tp_rank)
+    streamer = _streamer(tokenizer, bool(args.stream), batch_size)
+    texts = generate_texts(net, tokenizer, prompts, prompt_ids, batch_size, gen_kwargs, streamer, config.get("seed"))
     if tp_rank == 0:                                     # every rank holds the same tokens; one writes them
-        _write_atomic(result_path, "\n".join(lines) + "\n")
-        logger.info(f"predict: {len(texts)} result(s) written to {result_path}")
+        write_results(config.get("output_dir"), prompts, texts)
     return texts

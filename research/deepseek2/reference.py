@@ -1,4 +1,6 @@
-"""The PyTorch reference (transformers' DeepseekV2ForCausalLM) for parity tests, and tiny model factories.
+"""The PyTorch reference (transformers' DeepseekV2ForCausalLM) that the parity checks hold the model against, and
+tiny model factories. Used by ``scripts/check_parity.py`` and the tests; needs the test extras (torch, transformers:
+``pip install -e .[test]``), which the rest of the package never imports.
 
 transformers 4.57.1 lacks one factor of the released DeepSeek-V2 code: with YaRN the released attention multiplies
 the softmax scale by yarn_get_mscale(factor, mscale_all_dim) ** 2. ``build_reference`` patches it in.
@@ -8,7 +10,9 @@ import math
 
 import torch
 
-from research.deepseek2.deepseek2_config import DeepseekV2Config, yarn_get_mscale
+from research.deepseek2.deepseek2_config import DeepseekV2Config
+from research.deepseek2.inventory import buffers
+from research.deepseek2.rope import yarn_get_mscale
 from research.deepseek2.weight_map import hf_arrays_to_ms
 
 # V2-style: low-rank query, device-limited routing, YaRN, routed_scaling_factor 16, first layer dense
@@ -64,15 +68,15 @@ def ms_params(model, fields):
     return hf_arrays_to_ms(arrays, fields["n_routed_experts"])
 
 
-def build_ms(fields, ref_model, **knobs):
-    """Our model with the reference's weights."""
+def build_ms(fields, ref_model, local=None, **knobs):
+    """Our model with the reference's weights (``local``: a LocalShape; the whole model by default)."""
     import mindspore as ms
-    from research.deepseek2 import DeepseekV2ForCausalLM
+    from research.deepseek2.deepseek2 import DeepseekV2ForCausalLM
     cfg = DeepseekV2Config(**copy.deepcopy(fields), **knobs)
-    net = DeepseekV2ForCausalLM(cfg)
+    net = DeepseekV2ForCausalLM(cfg, local)
     params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in ms_params(ref_model, fields).items()}
     not_loaded, unused = ms.load_param_into_net(net, params, strict_load=True)
-    weights = [n for n in not_loaded if "kv_cache" not in n and "last_aux_loss" not in n]
+    weights = [n for n in not_loaded if n not in buffers(cfg)]
     assert not weights and not unused, (weights, unused)
     net.set_train(False)
     return net

@@ -5,11 +5,17 @@ clipping, and an update that is skipped when the loss or a gradient is not finit
 ``MFTrainOneStepCell`` calls an Ascend-only overflow status op, so CPU runs use this one.
 ``LossGuard`` (callback): stops the run when the loss becomes NaN or inf, naming the step, and logs the MoE
 balance loss of each step.
+
+The balance loss reaches the log without a side channel in the model: the wrapper asks the model for
+``(loss, balance loss)`` (``return_moe_loss``), differentiates the loss alone, and keeps the balance loss of the last
+step in its own ``moe_loss`` Parameter, which LossGuard reads from the train network it is given. That Parameter's
+name ends in ``_device_local_loss``, which MindFormers' CheckpointMonitor leaves out of checkpoints (its
+``filter_list``, as for its own per-device loss statistics): no checkpoint holds it.
 """
 import math
 
 import numpy as np
-from mindspore import nn, ops, Tensor
+from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.train.callback import Callback
 from mindformers.tools.logger import logger
@@ -26,6 +32,9 @@ class DeepseekV2TrainOneStepCell(nn.TrainOneStepCell):
                  scale_sense=1.0, **kwargs):
         # kwargs the trainer passes for other wrappers (calculate_per_token_loss, local_norm, ...) do not apply
         super().__init__(network, optimizer, sens=None)
+        network.add_flags_recursive(return_moe_loss=True)      # the model returns (loss, balance loss)
+        self.moe_loss = Parameter(Tensor(0.0, mstype.float32), name="moe_balance_device_local_loss",
+                                  requires_grad=False)
         self.use_clip_grad = use_clip_grad
         self.max_grad_norm = float(max_grad_norm)
         self.scale_sense = Tensor(float(scale_sense if isinstance(scale_sense, (int, float)) else 1.0),
@@ -36,9 +45,10 @@ class DeepseekV2TrainOneStepCell(nn.TrainOneStepCell):
         return ops.sqrt(ops.addn(squares))
 
     def construct(self, *inputs):
-        loss = self.network(*inputs)
-        sens = ops.fill(loss.dtype, loss.shape, 1.0)
+        loss, moe_loss = self.network(*inputs)                 # loss includes the balance loss
+        sens = (ops.ones_like(loss), ops.zeros_like(moe_loss))
         grads = self.grad(self.network, self.weights)(*inputs, sens)
+        loss = ops.depend(loss, ops.assign(self.moe_loss, moe_loss))
         grads = self.grad_reducer(grads)                       # mean over data-parallel ranks (identity alone)
         global_norm = self._global_norm(grads)
         if self.use_clip_grad:
@@ -78,11 +88,6 @@ class LossGuard(Callback):
                 raise NonFiniteLossError(f"training {what} became {number} at step {step} (loss {value}); the "
                                          f"update of that step was skipped and the run stopped (lower the "
                                          f"learning rate, check the data and the initial weights)")
-        net, aux = params.train_network, None
-        for _ in range(6):                                 # the model sits under one or more wrappers
-            aux = getattr(net, "last_aux_loss", None)
-            if aux is not None or getattr(net, "network", None) is None:
-                break
-            net = net.network
+        aux = getattr(params.train_network, "moe_loss", None)     # DeepseekV2TrainOneStepCell's
         if aux is not None and step % self.log_steps == 0:
             logger.info(f"step {step}: loss {value:.6f}, MoE balance loss {float(aux.asnumpy()):.6f}")

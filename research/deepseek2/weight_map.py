@@ -1,12 +1,15 @@
 """The one table between Hugging Face DeepSeek-V2 tensor names and this model's parameter names.
 
-Both directions of the conversion and the loaders read ``NAME_MAP``; nothing else spells a weight name.
+Both directions of the conversion and the loaders read ``NAME_MAP``; nothing else spells a weight name. Which
+tensors exist for a config, and their shapes, is the inventory's business (``inventory.py``); this module names them.
 Routed experts are stacked on MindSpore's side: HF ``...mlp.experts.{e}.gate_proj.weight`` (inter, hidden) is row
-``e`` of ``...feed_forward.routed_experts.ffn.w1.weight`` (n_routed_experts, inter, hidden).
+``e`` of ``...feed_forward.routed_experts.w1`` (n_routed_experts, inter, hidden).
 All other tensors keep their shape (MindSpore Dense and torch Linear both store (out, in)).
 """
 import re
 from typing import Dict, Optional, Tuple
+
+from research.deepseek2.inventory import expected_shapes
 
 __all__ = ["NAME_MAP", "hf_to_ms", "ms_to_hf", "expected_ms_shapes", "expected_hf_shapes"]
 
@@ -20,22 +23,25 @@ NAME_MAP = (
     # MLA: query (low-rank, or full-rank when q_lora_rank is null)
     ("model.layers.{L}.self_attn.q_proj.weight", "model.layers.{L}.attention.q_proj.weight"),
     ("model.layers.{L}.self_attn.q_a_proj.weight", "model.layers.{L}.attention.q2l_proj.weight"),
+    ("model.layers.{L}.self_attn.q_a_proj.bias", "model.layers.{L}.attention.q2l_proj.bias"),
     ("model.layers.{L}.self_attn.q_a_layernorm.weight", "model.layers.{L}.attention.lq_norm.weight"),
     ("model.layers.{L}.self_attn.q_b_proj.weight", "model.layers.{L}.attention.l2q_proj.weight"),
     # MLA: compressed KV + decoupled RoPE key
     ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.weight", "model.layers.{L}.attention.kv2l.weight"),
+    ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.bias", "model.layers.{L}.attention.kv2l.bias"),
     ("model.layers.{L}.self_attn.kv_a_layernorm.weight", "model.layers.{L}.attention.lkv_norm.weight"),
     ("model.layers.{L}.self_attn.kv_b_proj.weight", "model.layers.{L}.attention.lkv2kv.weight"),
     ("model.layers.{L}.self_attn.o_proj.weight", "model.layers.{L}.attention.wo.weight"),
+    ("model.layers.{L}.self_attn.o_proj.bias", "model.layers.{L}.attention.wo.bias"),
     # dense FFN (SwiGLU)
     ("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.feed_forward.w1.weight"),
     ("model.layers.{L}.mlp.down_proj.weight", "model.layers.{L}.feed_forward.w2.weight"),
     ("model.layers.{L}.mlp.up_proj.weight", "model.layers.{L}.feed_forward.w3.weight"),
     # DeepSeekMoE
-    ("model.layers.{L}.mlp.gate.weight", "model.layers.{L}.feed_forward.routed_experts.router.weight"),
-    ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w1.weight"),
-    ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w2.weight"),
-    ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", "model.layers.{L}.feed_forward.routed_experts.ffn.w3.weight"),
+    ("model.layers.{L}.mlp.gate.weight", "model.layers.{L}.feed_forward.router.weight"),
+    ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w1"),
+    ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w2"),
+    ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w3"),
     ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w1.weight"),
     ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w2.weight"),
     ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w3.weight"),
@@ -79,60 +85,24 @@ def ms_to_hf(ms_name: str, expert: Optional[int] = None) -> str:
 
 def is_stacked(ms_name: str) -> bool:
     """True for the routed-expert parameters that stack n_routed_experts HF tensors."""
-    return ".routed_experts.ffn." in ms_name
+    return ".routed_experts." in ms_name
 
 
 def expected_ms_shapes(config) -> Dict[str, Tuple[int, ...]]:
-    """Every parameter the model holds for ``config`` (a DeepseekV2Config), name -> shape."""
-    shapes = {}
-    for hf_name, shape in expected_hf_shapes(config).items():
-        ms_name, expert = hf_to_ms(hf_name)
-        if expert is None:
-            shapes[ms_name] = shape
-        elif expert == 0:
-            shapes[ms_name] = (config.n_routed_experts,) + shape
-    return shapes
+    """Every weight the model holds for ``config``, MindSpore name -> shape (from the inventory)."""
+    return expected_shapes(config)
 
 
 def expected_hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of the released HF checkpoint for ``config``, name -> shape."""
-    c = config
-    h, n = c.hidden_size, c.num_attention_heads
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for layer in range(c.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        a = p + "self_attn."
-        if c.q_lora_rank is None:
-            shapes[a + "q_proj.weight"] = (n * c.q_head_dim, h)
+    """Every tensor of the released HF checkpoint for ``config``, name -> shape: the inventory under HF names, each
+    stacked expert weight (E, ...) as E tensors."""
+    shapes = {}
+    for name, shape in expected_shapes(config).items():
+        if is_stacked(name):
+            for expert in range(shape[0]):
+                shapes[ms_to_hf(name, expert)] = shape[1:]
         else:
-            shapes[a + "q_a_proj.weight"] = (c.q_lora_rank, h)
-            shapes[a + "q_a_layernorm.weight"] = (c.q_lora_rank,)
-            shapes[a + "q_b_proj.weight"] = (n * c.q_head_dim, c.q_lora_rank)
-        shapes[a + "kv_a_proj_with_mqa.weight"] = (c.kv_lora_rank + c.qk_rope_head_dim, h)
-        shapes[a + "kv_a_layernorm.weight"] = (c.kv_lora_rank,)
-        shapes[a + "kv_b_proj.weight"] = (n * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
-        shapes[a + "o_proj.weight"] = (h, n * c.v_head_dim)
-        m = p + "mlp."
-        if c.is_moe_layer(layer):
-            inter = c.moe_intermediate_size
-            shapes[m + "gate.weight"] = (c.n_routed_experts, h)
-            for e in range(c.n_routed_experts):
-                shapes[m + f"experts.{e}.gate_proj.weight"] = (inter, h)
-                shapes[m + f"experts.{e}.up_proj.weight"] = (inter, h)
-                shapes[m + f"experts.{e}.down_proj.weight"] = (h, inter)
-            if c.n_shared_experts:
-                inter_s = inter * c.n_shared_experts
-                shapes[m + "shared_experts.gate_proj.weight"] = (inter_s, h)
-                shapes[m + "shared_experts.up_proj.weight"] = (inter_s, h)
-                shapes[m + "shared_experts.down_proj.weight"] = (h, inter_s)
-        else:
-            shapes[m + "gate_proj.weight"] = (c.intermediate_size, h)
-            shapes[m + "up_proj.weight"] = (c.intermediate_size, h)
-            shapes[m + "down_proj.weight"] = (h, c.intermediate_size)
+            shapes[ms_to_hf(name)] = shape
     return shapes
 
 

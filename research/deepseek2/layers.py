@@ -1,0 +1,101 @@
+"""The small layers of DeepSeek-V2, from basic MindSpore ops (they run on CPU, GPU and Ascend alike):
+RMSNorm, Linear, Embedding, the SwiGLU feed-forward, and the partial sum of hand-written tensor parallel.
+
+Shapes in comments: b batch, s sequence, h hidden, i FFN width.
+"""
+from mindspore import nn, ops, Parameter
+from mindspore.common import dtype as mstype
+from mindspore.common.initializer import initializer, Normal
+
+__all__ = ["RMSNorm", "Linear", "Embedding", "FeedForward", "PartialSum"]
+
+
+class PartialSum(nn.Cell):
+    """Sums the partial results of ``tp`` tensor-parallel ranks (AllReduce); identity when tp = 1.
+
+    Inference only: the backward of a plain AllReduce is another AllReduce, which would scale gradients by the
+    number of ranks, so a model built with tp > 1 refuses to train (DeepseekV2ForCausalLM.set_train).
+    """
+
+    def __init__(self, tp: int = 1):
+        super().__init__()
+        self.tp = tp
+        self.all_reduce = ops.AllReduce() if tp > 1 else None
+
+    def construct(self, x):
+        if self.tp > 1:
+            return self.all_reduce(x)
+        return x
+
+
+class RMSNorm(nn.Cell):
+    """y = weight * x / sqrt(mean(x^2) + eps), statistics in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, param_init_type=mstype.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), param_init_type), name="weight")
+
+    def construct(self, x):
+        dtype = x.dtype
+        x32 = ops.cast(x, mstype.float32)
+        variance = ops.mean(ops.square(x32), -1, keep_dims=True)
+        normed = ops.cast(x32 * ops.rsqrt(variance + self.eps), dtype)
+        return ops.cast(self.weight, dtype) * normed
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b); W stored (out, in) like torch.nn.Linear, so checkpoints convert without transposes."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), param_init_type),
+                                name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), param_init_type), name="bias") \
+            if has_bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))                # (tokens, in)
+        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))                      # (tokens, out)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """Token embedding table (vocab, hidden)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, param_init_type=mstype.float32, init_std: float = 0.02):
+        super().__init__()
+        self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_init_type),
+                                          name="embedding_weight")
+        self.gather = ops.Gather()
+
+    def construct(self, tokens):
+        return self.gather(self.embedding_weight, tokens, 0)                               # (b, s, h)
+
+
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x), holding ``intermediate_size / tp`` of the width.
+
+    With tp > 1 the result is this rank's partial sum; ``reduce`` sums it over the ranks (DeepSeekMoE sums the
+    shared and routed experts' partial results once instead).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, compute_dtype=mstype.float32,
+                 param_init_type=mstype.float32, init_std: float = 0.02, tp: int = 1, reduce: bool = True):
+        super().__init__()
+        kwargs = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
+        width = intermediate_size // tp
+        self.w1 = Linear(hidden_size, width, **kwargs)   # gate_proj
+        self.w3 = Linear(hidden_size, width, **kwargs)   # up_proj
+        self.w2 = Linear(width, hidden_size, **kwargs)   # down_proj
+        self.partial_sum = PartialSum(tp if reduce else 1)
+
+    def construct(self, x):
+        return self.partial_sum(self.w2(ops.silu(self.w1(x)) * self.w3(x)))               # (..., h)

@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (MLA), arXiv 2405.04434 section 2.1. Per token t with hidden h_t:
+    c_t^Q  = W^DQ h_t                      (q2l_proj, then lq_norm)      -- or q = W^Q h_t when q_lora_rank is null
+    [q^C; q^R] = W^UQ c_t^Q                 (l2q_proj)                  per head: nope part + rope part
+    [c_t^KV; k^R] = W^DKV h_t               (kv2l, c^KV through lkv_norm) one latent and one RoPE key for all heads
+    [k^C; v^C] = W^UKV c_t^KV              (lkv2kv)                    per head
+    o = softmax((q^C k^C + RoPE(q^R) RoPE(k^R)) * scale) v^C, then wo
+
+Incremental decoding keeps only [c^KV | RoPE(k^R)] per token and layer (kv_lora_rank + qk_rope_head_dim numbers)
+and absorbs the up-projections: q^C is projected into the latent space through the key half of W^UKV, attention
+runs against the latent cache as a single shared head, and the value half of W^UKV is applied after attention.
+"""
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common import dtype as mstype
+from mindspore.common.initializer import initializer
+
+from .layers import RMSNorm, Linear, PartialSum
+from .rope import apply_rotary
+
+__all__ = ["MLAttention"]
+
+
+class MLAttention(nn.Cell):
+    """Multi-head Latent Attention with the compressed (latent) KV cache."""
+
+    def __init__(self, config, layer_idx: int, tp: int = 1):
+        """tp: hand-written inference tensor parallel; this instance holds num_attention_heads / tp heads and sums
+        its partial output projection with the other ranks'. The latent projections and the cache stay whole."""
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads // tp                  # the heads held
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.q_head_dim = config.q_head_dim
+        self.scale = config.softmax_scale
+        self.compute_dtype = config.compute_dtype
+        self.softmax_dtype = config.softmax_compute_type
+        self.use_past = config.use_past
+        self.is_first_iteration = True
+        h, n = config.hidden_size, self.n_heads
+        kw = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
+                  init_std=config.init_std)
+        if self.q_lora_rank is None:
+            self.q_proj = Linear(h, n * self.q_head_dim, **kw)                              # W^Q (V2-Lite)
+        else:
+            self.q2l_proj = Linear(h, self.q_lora_rank, has_bias=config.attention_bias, **kw)   # W^DQ
+            self.lq_norm = RMSNorm(self.q_lora_rank, config.rms_norm_eps, config.param_init_type)
+            self.l2q_proj = Linear(self.q_lora_rank, n * self.q_head_dim, **kw)             # W^UQ, W^QR
+        self.kv2l = Linear(h, self.kv_lora_rank + self.rope_dim, has_bias=config.attention_bias, **kw)  # W^DKV, W^KR
+        self.lkv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps, config.param_init_type)
+        self.lkv2kv = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), **kw)     # W^UK, W^UV
+        self.wo = Linear(n * self.v_dim, h, has_bias=config.attention_bias, **kw)          # W^O
+        self.partial_sum = PartialSum(tp)                       # heads of the other ranks
+        if self.use_past:
+            # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head
+            self.kv_cache = Parameter(initializer("zeros", (config.batch_size, config.seq_length,
+                                                            config.cache_width), config.compute_dtype),
+                                      name="kv_cache", requires_grad=False)
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    # ------------------------------------------------------------------ projections
+    def _query(self, x):
+        """x (b, s, h) -> q_nope (b, n, s, nope), q_pe (b, n, s, rope) (rope not yet applied)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.l2q_proj(self.lq_norm(self.q2l_proj(x)))
+        q = ops.transpose(ops.reshape(q, (b, s, self.n_heads, self.q_head_dim)), (0, 2, 1, 3))
+        return q[..., :self.nope_dim], q[..., self.nope_dim:]
+
+    def _latent(self, x):
+        """x (b, s, h) -> c_kv (b, s, kv_lora_rank) normalised, k_pe (b, s, rope) (rope not yet applied)."""
+        ckv_kpe = self.kv2l(x)
+        return self.lkv_norm(ckv_kpe[..., :self.kv_lora_rank]), ckv_kpe[..., self.kv_lora_rank:]
+
+    def _softmax(self, scores, dtype):
+        return ops.cast(ops.softmax(ops.cast(scores, self.softmax_dtype), -1), dtype)
+
+    # ------------------------------------------------------------------ attention forms
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Training/prefill: expand the latent into per-head keys and values (compute-friendly).
+
+        q_* (b, n, s, .), c_kv (b, s, r), k_pe (b, 1, s, rope) rotated, mask (s, s) bool (True = hidden).
+        """
+        b, _, s, _ = q_nope.shape
+        kv = ops.transpose(ops.reshape(self.lkv2kv(c_kv), (b, s, self.n_heads, self.nope_dim + self.v_dim)),
+                           (0, 2, 1, 3))                                                   # (b, n, s, nope+v)
+        k_nope, value = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
+        query = ops.concat((q_nope, q_pe), -1)                                             # (b, n, s, dq)
+        key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, self.n_heads, s, self.rope_dim))), -1)
+        scores = self.bmm_t(query, key) * self.scale                                       # (b, n, s, s)
+        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, s, s) temporary per layer on CPU
+        scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
+        probs = self._softmax(scores, value.dtype)
+        return self.bmm(probs, value)                                                      # (b, n, s, v)
+
+    def _absorbed(self, q_nope, q_pe, cache, valid):
+        """Decode against the latent cache as one shared KV head.
+
+        q_nope (b, n, 1, nope), q_pe (b, n, 1, rope) rotated, cache (b, S, r + rope), valid (b, 1, S) bool.
+        """
+        b = q_nope.shape[0]
+        r = self.kv_lora_rank
+        w = ops.reshape(ops.cast(self.lkv2kv.weight, self.compute_dtype),
+                        (self.n_heads, self.nope_dim + self.v_dim, r))                     # (n, nope+v, r)
+        w_uk, w_uv = w[:, :self.nope_dim, :], w[:, self.nope_dim:, :]                      # (n, nope, r), (n, v, r)
+        q_heads = ops.transpose(ops.reshape(q_nope, (b, self.n_heads, self.nope_dim)), (1, 0, 2))  # (n, b, nope)
+        q_latent = ops.transpose(self.bmm(q_heads, w_uk), (1, 0, 2))                       # (b, n, r)
+        query = ops.concat((q_latent, ops.reshape(q_pe, (b, self.n_heads, self.rope_dim))), -1)  # (b, n, r+rope)
+        scores = self.bmm_t(query, cache) * self.scale                                     # (b, n, S)
+        scores = ops.masked_fill(scores, ops.logical_not(valid), Tensor(-1e30, scores.dtype))
+        probs = self._softmax(scores, cache.dtype)
+        o_latent = self.bmm(probs, cache[..., :r])                                         # (b, n, r)
+        out = self.bmm_t(ops.transpose(o_latent, (1, 0, 2)), w_uv)                         # (n, b, v)
+        return ops.expand_dims(ops.transpose(out, (1, 0, 2)), 2)                           # (b, n, 1, v)
+
+    def construct(self, x, cos, sin, mask=None, batch_valid_length=None):
+        """x (b, s, h) -> (b, s, h).
+
+        Full sequence (training, no cache, prefill): cos/sin (s, rope), mask (s, s).
+        Decode step (use_past, not first iteration): s = 1, cos/sin (b, 1, 1, rope), batch_valid_length (b,).
+        """
+        b, s, _ = x.shape
+        q_nope, q_pe = self._query(x)
+        c_kv, k_pe = self._latent(x)
+        q_pe = apply_rotary(q_pe, cos, sin)
+        k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
+        if self.use_past and not self.is_first_iteration:
+            entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, 1, r + rope)
+            position = batch_valid_length - 1                                              # (b,)
+            index = ops.stack((ops.arange(b, dtype=mstype.int32), position), -1)           # (b, 2)
+            cache = ops.scatter_nd_update(self.kv_cache, index, ops.reshape(entry, (b, -1)))
+            cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))           # (b, S, r + rope), no copy
+            steps = ops.arange(cache.shape[1], dtype=mstype.int32)
+            valid = ops.expand_dims(ops.expand_dims(steps, 0) <= ops.expand_dims(position, 1), 1)  # (b, 1, S)
+            out = self._absorbed(q_nope, q_pe, cache, valid)
+        else:
+            if self.use_past:
+                entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, s, r + rope)
+                rows = ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1)               # (b, 1)
+                cache = ops.scatter_nd_update(self.kv_cache, rows, ops.cast(entry, self.kv_cache.dtype))
+                c_kv = ops.depend(c_kv, cache)
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.v_dim))
+        return self.partial_sum(self.wo(out))
