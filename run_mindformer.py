@@ -3,15 +3,10 @@
     python run_mindformer.py --config configs/deepseek2/finetune_deepseek2_tiny.yaml --run_mode train \
         --train_data data.mindrecord --tokenizer_file tokenizer.json [--model.model_config.seq_length 128 ...]
 
-Any YAML key can be overridden with ``--a.b.c value`` (the value is read as YAML). A thin shell: the work is done in
-``research.deepseek2.runner``.
+Any YAML key can be overridden with ``--a.b.c value`` (the value is read with MindFormers' ``parse_value``, else as
+YAML). A thin shell: the work is done in ``research.deepseek2.runner``.
 """
-import os
 import sys
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def main(argv=None):

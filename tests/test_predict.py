@@ -100,10 +100,10 @@ class Reference:
         from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2Tokenizer
         from research.deepseek2 import build_chat_prompt
         from research.deepseek2.predict import setup_context
-        from research.deepseek2.runner import build_parser, load_config, parse_overrides
+        from research.deepseek2.runner import build_parser, load_run_config, parse_overrides
         # MindFormers' context as predict sets it (on CPU sampling post-processing runs in numpy)
         args, rest = build_parser().parse_known_args(_args(assets, assets["folder"]))
-        setup_context(load_config(args, parse_overrides(rest)))
+        setup_context(load_run_config(args, parse_overrides(rest)))
         self.tokenizer = DeepseekV2Tokenizer(tokenizer_file=assets["tokenizer"])
         self.net = DeepseekV2ForCausalLM(DeepseekV2Config(**_fields(use_past=True, batch_size=1)))
         not_loaded, _ = ms.load_param_into_net(self.net, ms.load_checkpoint(assets["checkpoint"]))

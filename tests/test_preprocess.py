@@ -11,7 +11,6 @@ from tokenizers import Tokenizer
 from research.deepseek2.code_alpaca_preprocess import (IGNORE_INDEX, load_records, main, preprocess,
                                                        write_mindrecord)
 from research.deepseek2.deepseek2_tokenizer import DeepseekV2Tokenizer, build_chat_prompt
-from research.deepseek2.train_tokenizer import train_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data", "code_alpaca", "code_alpaca_2k.json")
@@ -24,14 +23,17 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    return train_bpe_tokenizer(DATA, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"), vocab_size=512)
+# tok_file (a 512-token BPE tokenizer.json, trained once a session) and tok come from conftest.py.
 
 
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    return DeepseekV2Tokenizer(tokenizer_file=tok_file)
+def __getattr__(name):
+    # tests/test_evaluate.py still does `from test_preprocess import tok, tok_file`. Served lazily from conftest so
+    # pytest does not find them in this module and register them again here (a second tokenizer training); remove
+    # once test_evaluate.py uses the conftest fixtures directly.
+    if name in ("tok", "tok_file"):
+        import conftest  # pylint: disable=import-outside-toplevel
+        return getattr(conftest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _parts(tok, record):
@@ -188,15 +190,18 @@ def test_cli_subprocess(tok_file, tmp_path):
     all_bad = tmp_path / "all_bad.json"
     all_bad.write_text(json.dumps([{"output": "x"}, {"instruction": "y"}]))
     env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"))
+    env.pop("PYTHONPATH", None)  # the installed package, no path set up
 
-    def start(data, out):
-        args = [sys.executable, SCRIPT, "--data_path", str(data), "--tokenizer_file", tok_file,
-                "--output_path", str(tmp_path / out), "--seq_length", "48"]
-        return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    def start(data, out, cwd):
+        """Both ways a user runs it: `cd research/deepseek2 && python code_alpaca_preprocess.py ...` and
+        `python research/deepseek2/code_alpaca_preprocess.py ...` from the repository root."""
+        args = [sys.executable, os.path.relpath(SCRIPT, cwd), "--data_path", str(data), "--tokenizer_file",
+                tok_file, "--output_path", str(tmp_path / out), "--seq_length", "48"]
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    procs = {"good": start(good, "good.mindrecord"), "missing": start(tmp_path / "missing.json", "m.mindrecord"),
-             "all_bad": start(all_bad, "bad.mindrecord")}
+    procs = {"good": start(good, "good.mindrecord", os.path.dirname(SCRIPT)),
+             "missing": start(tmp_path / "missing.json", "m.mindrecord", ROOT),
+             "all_bad": start(all_bad, "bad.mindrecord", ROOT)}
     results = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=180)
@@ -215,4 +220,4 @@ def test_cli_subprocess(tok_file, tmp_path):
     assert code == 1 and "all 2 records" in stderr and "all_bad.json" in stderr
     for out in ("m.mindrecord", "bad.mindrecord"):
         assert not os.path.exists(tmp_path / out) and not os.path.exists(tmp_path / (out + ".db"))
-    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no staging folder left

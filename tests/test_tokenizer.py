@@ -35,19 +35,16 @@ SAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    return train_bpe_tokenizer(DATA, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"), vocab_size=1024)
+# tok_file (session-scoped, vocab bpe_vocab_size) and tok come from conftest.py
 
 
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    return DeepseekV2Tokenizer(tokenizer_file=tok_file)
-
-
-def _run(args, cwd):
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(cwd))
-    return subprocess.run([sys.executable, TRAIN_SCRIPT] + args, cwd=cwd, env=env, capture_output=True,
+def _run(args, cwd, logs):
+    """The script as a user runs it, without PYTHONPATH: from `cwd` = the repository root as
+    research/deepseek2/train_tokenizer.py, or from research/deepseek2 as train_tokenizer.py."""
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(logs))
+    env.pop("PYTHONPATH", None)
+    script = os.path.relpath(TRAIN_SCRIPT, cwd)
+    return subprocess.run([sys.executable, script] + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
 
 
@@ -56,13 +53,13 @@ def test_special_token_strings():
     assert EOS_TOKEN == "<\uff5cend\u2581of\u2581sentence\uff5c>" == "<｜end▁of▁sentence｜>"
 
 
-def test_trained_file_is_deterministic_byte_level(tok_file, tmp_path):
-    again = train_bpe_tokenizer(DATA, str(tmp_path / "tokenizer.json"), vocab_size=1024)
+def test_trained_file_is_deterministic_byte_level(tok_file, bpe_vocab_size, tmp_path):
+    again = train_bpe_tokenizer(DATA, str(tmp_path / "tokenizer.json"), vocab_size=bpe_vocab_size)
     with open(tok_file, "rb") as a, open(again, "rb") as b:
         assert a.read() == b.read()
     assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"]  # no temporary left behind
     backend = Tokenizer.from_file(tok_file)
-    assert backend.get_vocab_size() == 1024
+    assert backend.get_vocab_size() == bpe_vocab_size
     assert backend.token_to_id(BOS_TOKEN) == 0 and backend.token_to_id(EOS_TOKEN) == 1
     spec = json.load(open(tok_file, encoding="utf-8"))
     assert spec["model"]["type"] == "BPE" and spec["decoder"]["type"] == "ByteLevel"
@@ -185,11 +182,13 @@ def test_save_pretrained_round_trip(tok, tmp_path):
 
 def test_cli(tmp_path):
     out = tmp_path / "out" / "tokenizer.json"
-    ok = _run(["--data_path", DATA, "--output_path", str(out), "--vocab_size", "512"], tmp_path)
+    ok = _run(["--data_path", DATA, "--output_path", str(out), "--vocab_size", "512"],
+              os.path.dirname(TRAIN_SCRIPT), tmp_path / "logs")
     assert ok.returncode == 0, ok.stderr
     assert Tokenizer.from_file(str(out)).get_vocab_size() == 512
     assert "vocab size 512" in ok.stdout
-    bad = _run(["--data_path", str(tmp_path / "missing.json"), "--output_path", str(tmp_path / "x.json")], tmp_path)
+    bad = _run(["--data_path", str(tmp_path / "missing.json"), "--output_path", str(tmp_path / "x.json")], ROOT,
+               tmp_path / "logs")
     assert bad.returncode != 0
     assert "missing.json" in bad.stdout + bad.stderr
     assert not os.path.exists(tmp_path / "x.json")

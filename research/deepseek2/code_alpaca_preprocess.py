@@ -20,25 +20,16 @@ Writes OUT.mindrecord and OUT.mindrecord.db, both only once complete.
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
-
-if __package__ in (None, ""):
-    # run as a script: import `research.deepseek2` from the repository root, not modules from this directory
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
-# pylint: disable=wrong-import-position
 from mindspore.mindrecord import FileWriter
 from mindformers.tools.logger import logger
 
 from research.deepseek2.deepseek2_tokenizer import BOS_TOKEN, EOS_TOKEN, DeepseekV2Tokenizer, build_chat_prompt
+from research.deepseek2.fileio import StagedDir
 
 __all__ = ["IGNORE_INDEX", "MINDRECORD_SCHEMA", "load_records", "record_to_turn", "encode_record", "iter_rows",
            "preprocess", "write_mindrecord", "new_stats", "main"]
@@ -166,16 +157,17 @@ def write_mindrecord(rows: Iterable[Dict[str, np.ndarray]], path: str, chunk_siz
     header_size/page_size: FileWriter's defaults (16 MiB / 32 MiB) make even a tiny file about 50 MB; a 1 MiB
     header indexes over 10,000 pages (40 GiB of 4 MiB pages), and a row must fit in one page.
 
-    FileWriter writes into a temporary directory next to `path`, under the final base name (the .db index
-    refers to its data file by name), and both files are moved into place only after commit succeeds.
+    FileWriter writes both files into a staging folder inside the output folder (``fileio.StagedDir``), under the
+    final base name (the .db index refers to its data file by name); they are moved into place only after commit
+    succeeds, and a failure removes the staging folder. Other files in the output folder are left alone.
     """
     path = os.path.abspath(path)
     out_dir, name = os.path.split(path)
+    # the folder exists first, so StagedDir stages inside it (two runs writing to one new folder do not collide)
     os.makedirs(out_dir, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp")
     count = 0
-    try:
-        writer = FileWriter(os.path.join(tmp_dir, name), shard_num=1, overwrite=True)
+    with StagedDir(out_dir) as stage:
+        writer = FileWriter(stage.file(name), shard_num=1, overwrite=True)
         writer.set_header_size(header_size)
         writer.set_page_size(page_size)
         writer.add_schema(MINDRECORD_SCHEMA, "deepseek2_code_alpaca")
@@ -192,14 +184,6 @@ def write_mindrecord(rows: Iterable[Dict[str, np.ndarray]], path: str, chunk_siz
         if count == 0:
             raise ValueError(f"no rows to write to '{path}'")
         writer.commit()
-        os.replace(os.path.join(tmp_dir, name), path)
-        try:
-            os.replace(os.path.join(tmp_dir, name + ".db"), path + ".db")
-        except BaseException:
-            os.remove(path)  # never leave a data file without its matching index
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return count
 
 

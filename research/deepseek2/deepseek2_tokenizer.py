@@ -17,7 +17,6 @@ Texts that already carry the bos string (``build_chat_prompt(..., bos=True)``) m
 ``add_special_tokens=False``; for ``TextGenerationPipeline`` pass ``build_chat_prompt(msg, bos=False)``.
 """
 import os
-import uuid
 from typing import Optional, Tuple
 
 from tokenizers import Tokenizer, processors
@@ -25,8 +24,9 @@ from tokenizers import Tokenizer, processors
 from mindformers.models.tokenization_utils_fast import PreTrainedTokenizerFast
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "TOKENIZER_FILE", "DeepseekV2Tokenizer", "build_chat_prompt",
-           "write_text_atomic"]
+from .fileio import atomic_write_text
+
+__all__ = ["BOS_TOKEN", "EOS_TOKEN", "TOKENIZER_FILE", "DeepseekV2Tokenizer", "build_chat_prompt"]
 
 BOS_TOKEN = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"  # <｜begin▁of▁sentence｜>
 EOS_TOKEN = "<\uff5cend\u2581of\u2581sentence\uff5c>"    # <｜end▁of▁sentence｜>
@@ -59,23 +59,6 @@ def build_chat_prompt(message: str, reply: Optional[str] = None, bos: bool = Tru
     if reply is not None:
         text += " " + reply + EOS_TOKEN
     return text
-
-
-def write_text_atomic(path: str, text: str) -> str:
-    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it to `path`; returns `path`."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_path = os.path.join(out_dir, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # os.open with 0o666 applies the umask, giving the usual file mode (mkstemp would give 0600)
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    return path
 
 
 def _load_backend(tokenizer_file) -> Tokenizer:
@@ -204,5 +187,5 @@ class DeepseekV2Tokenizer(PreTrainedTokenizerFast):
             raise ValueError(f"DeepseekV2Tokenizer.save_vocabulary: '{save_directory}' is not a directory")
         name = (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE
         path = os.path.join(save_directory, name)
-        write_text_atomic(path, self._tokenizer.to_str())
+        atomic_write_text(path, self._tokenizer.to_str())
         return (path,)

@@ -8,26 +8,25 @@ and exit code 2.
 import argparse
 import os
 import sys
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import yaml
 
+from .errors import UsageError  # re-exported: ``runner.UsageError is errors.UsageError``
+
 RUN_MODES = ("train", "finetune", "predict")
 
-
-class UsageError(Exception):
-    """A command-line or YAML problem the user can fix; reported as one line."""
+# MindFormers is imported inside the functions below, not here: importing this module stays as light as the package.
 
 
 def _bool(text):
-    if isinstance(text, bool):
-        return text
-    lowered = str(text).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    """argparse type for True / False (any case), as MindFormers' run_mindformer.py parses its flags."""
+    from mindformers.tools.utils import str2bool
+    try:
+        return str2bool(text)
+    # str2bool raises a bare Exception, which argparse does not catch (a traceback); ArgumentTypeError is a usage line
+    except Exception as err:  # pylint: disable=broad-except
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +65,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_overrides(rest: List[str]) -> List[tuple]:
-    """``--a.b.c value`` / ``--a.b.c=value`` pairs -> [(["a","b","c"], parsed value)]."""
+class Override(NamedTuple):
+    """One ``--a.b.c value`` from the command line: the key path, the parsed value and the text as given."""
+    path: List[str]
+    value: object
+    text: str
+
+
+def parse_override_value(text: str):
+    """An override's value: MindFormers' ``parse_value`` (int, float, True/False, JSON), then YAML for the rest.
+
+    YAML covers what the README promises beyond JSON (flow lists and maps such as ``[{type: MFLossMonitor}]``,
+    ``true``/``null``/``~``); text that is neither stays a string.
+    """
+    from mindformers.tools.utils import parse_value
+    try:
+        value = parse_value(text)
+    # it takes a text float() reads as a whole number for an int and then calls int(text), which fails on "1.0" /
+    # "1e3" (ValueError) and "inf" (OverflowError): those texts are floats
+    except (ValueError, OverflowError):
+        value = float(text)
+    if isinstance(value, str) and value:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            pass
+    return value
+
+
+def parse_overrides(rest: List[str]) -> List[Override]:
+    """``--a.b.c value`` / ``--a.b.c=value`` pairs (what argparse left over) -> [Override(["a","b","c"], ...)].
+
+    The pairing is ours (upstream run_mindformer.py splits every argument at each "=", which breaks values holding
+    one, and reports an odd count without naming the flag); the values are read by ``parse_override_value``.
+    """
     out, i = [], 0
     while i < len(rest):
         token = rest[i]
@@ -79,7 +110,7 @@ def parse_overrides(rest: List[str]) -> List[tuple]:
                 raise UsageError(f"--{key} needs a value")
             value = rest[i + 1]
             i += 1
-        out.append((key.split("."), yaml.safe_load(value) if value != "" else ""))
+        out.append(Override(key.split("."), parse_override_value(value), value))
         i += 1
     return out
 
@@ -101,17 +132,22 @@ def _type_ok(old, new) -> bool:
     return True
 
 
-def set_key(config, path: List[str], value, origin: str):
-    """Set config[a][b][c] = value; the key's existing value fixes its type."""
+def set_key(config, path: List[str], value, origin: str, text: Optional[str] = None):
+    """Set config[a][b][c] = value; the key's existing value fixes its type.
+
+    The check and the type coercion are ours; the merge is MindFormers' ``MindFormerConfig.merge_from_dict`` (it
+    creates missing levels, merges a mapping value into an existing mapping and turns mappings into
+    MindFormerConfig). ``text``: the value as typed on the command line, kept as is for a key whose YAML value
+    is a string (so ``1.10`` stays "1.10").
+    """
     node = config
     for part in path[:-1]:
-        if part not in node or node[part] is None:
-            node[part] = {}
-        node = node[part]
+        node = node.get(part)
+        if node is None:
+            break
         if not isinstance(node, dict):
             raise UsageError(f"{origin}: {'.'.join(path)}: {part} is not a mapping in the YAML")
-    last = path[-1]
-    old = node.get(last) if isinstance(node, dict) else None
+    old = node.get(path[-1]) if isinstance(node, dict) else None
     if not _type_ok(old, value):
         raise UsageError(f"{origin}: {'.'.join(path)} expects {type(old).__name__} (YAML has {old!r}), "
                          f"got {value!r}")
@@ -120,8 +156,8 @@ def set_key(config, path: List[str], value, origin: str):
     if isinstance(old, int) and not isinstance(old, bool) and isinstance(value, float):
         value = int(value)
     if isinstance(old, str) and not isinstance(value, str):
-        value = str(value)
-    node[last] = value
+        value = text if text is not None else str(value)
+    config.merge_from_dict({".".join(path): value})
 
 
 def _need_file(path: str, flag: str, folder_ok: bool = False):
@@ -132,18 +168,18 @@ def _need_file(path: str, flag: str, folder_ok: bool = False):
         raise UsageError(f"{flag}: no such {kind}: {path}")
 
 
-def load_config(args, overrides):
-    """The YAML as a MindFormerConfig with the flags applied."""
+def load_run_config(args, overrides: List[Override]):
+    """The YAML as a MindFormerConfig with the flags and the ``--a.b.c value`` overrides applied."""
     _need_file(args.config, "--config")
     from mindformers.tools.register import MindFormerConfig
     try:
         config = MindFormerConfig(os.path.abspath(args.config))
     except yaml.YAMLError as err:
         raise UsageError(f"--config {args.config}: not valid YAML ({str(err).splitlines()[0]})") from err
-    for path, value in overrides:
+    for path, value, text in overrides:
         if len(path) == 1 and path[0] not in config:
             raise UsageError(f"unknown flag --{path[0]} (see --help; YAML keys are set as --a.b.c value)")
-        set_key(config, path, value, "override")
+        set_key(config, path, value, "override", text)
     flag_keys = {
         "run_mode": ["run_mode"], "use_parallel": ["use_parallel"], "load_checkpoint": ["load_checkpoint"],
         "output_dir": ["output_dir"], "seed": ["seed"], "resume_training": ["resume_training"],
@@ -179,16 +215,18 @@ def load_config(args, overrides):
     return config
 
 
+
 def cli_main(argv: List[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         overrides = parse_overrides(rest)
-        config = load_config(args, overrides)
+        config = load_run_config(args, overrides)
         if config.run_mode == "finetune" and not config.get("load_checkpoint"):
             raise UsageError("run_mode finetune needs --load_checkpoint (use --run_mode train to start from "
                              "random initialisation)")
-        import research.deepseek2  # noqa: F401  registers the config, model, tokenizer, wrapper, callbacks
+        from research.deepseek2 import register
+        register()  # the config, model, tokenizer, wrapper and callbacks, by name in MindFormers' registry
         if config.run_mode == "predict":
             from research.deepseek2.predict import run_predict
             run_predict(config, args)

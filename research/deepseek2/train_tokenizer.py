@@ -11,20 +11,13 @@ Usage::
         --output_path OUT/tokenizer.json [--vocab_size 2048]
 """
 import argparse
-import os
 import sys
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-if __package__ in (None, ""):
-    # run as a script: import `research.deepseek2` from the repository root, not modules from this directory
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
-
-# pylint: disable=wrong-import-position
-from research.deepseek2.deepseek2_tokenizer import BOS_TOKEN, EOS_TOKEN, write_text_atomic
 from research.deepseek2.code_alpaca_preprocess import load_records
+from research.deepseek2.deepseek2_tokenizer import BOS_TOKEN, EOS_TOKEN
+from research.deepseek2.fileio import atomic_write_text
 
 __all__ = ["train_bpe_tokenizer", "record_texts"]
 
@@ -70,7 +63,7 @@ def train_bpe_tokenizer(data_path: str, output_path: str, vocab_size: int = 2048
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return write_text_atomic(output_path, tokenizer.to_str(pretty=True))
+    return atomic_write_text(output_path, tokenizer.to_str(pretty=True))
 
 
 def main(argv=None) -> int:
