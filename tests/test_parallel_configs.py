@@ -3,6 +3,7 @@
 Broken copies of the YAMLs must fail research/deepseek2/parallel_check.py with a message naming the field.
 """
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import sys
 import pytest
 import yaml
 
-from research.deepseek2.parallel_check import check_parallel_config, layers_per_stage, load_yaml_checks
+from research.deepseek2.inventory import model_shape, parameters, parts
+from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, layers_per_stage, load_yaml_checks,
+                                               parallel_shape)
+from research.deepseek2.plan_memory import count_parameters, plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "research", "deepseek2")
@@ -188,3 +192,74 @@ def test_cli_exit_status(tmp_path):
     bad = subprocess.run([sys.executable, script, "--config", _write(tmp_path, PREDICT_YAML, config),
                           "--device_num", "16"], capture_output=True, text=True, check=False, timeout=60)
     assert bad.returncode == 1 and "device_num = 16" in bad.stdout, bad.stdout
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+def test_parallel_shape_is_a_frozen_dataclass():
+    shape = parallel_shape({"data_parallel": 8, "model_parallel": 4, "expert_parallel": 8, "vocab_emb_dp": False})
+    assert shape == ParallelShape(dp=8, mp=4, pp=1, ep=8, micro_batch_num=1, vocab_emb_dp=False,
+                                  use_seq_parallel=False, gradient_aggregation_group=4)
+    assert (shape.dp, shape.mp, shape.ep, shape.vocab_emb_dp) == (8, 4, 8, False)    # what parallel.py reads
+    assert shape.axes() == {"mp": 4, "ep": 8, "vocab": 4}
+    assert parallel_shape(None).axes() == {"mp": 1, "ep": 1, "vocab": 1}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        shape.dp = 2
+
+
+def test_236b_finetune_layout_by_hand():
+    """finetune_deepseek2_236B.yaml (dp 8, mp 4, pp 2, ep 8, vocab_emb_dp False) against numbers worked out by hand
+    from the released shapes, not from the inventory: h 5120, 128 heads, q_lora_rank 1536, kv_lora_rank 512,
+    qk_nope 128, qk_rope 64, v_head 128, moe_intermediate 1536, 160 routed + 2 shared experts, vocab 102400,
+    60 layers (layer 0 dense with intermediate 12288, layers 1-59 MoE)."""
+    config = _load(TRAIN_YAMLS[0])
+    axes = parallel_shape(config["parallel_config"]).axes()
+    weights = {p.name: p for p in parameters(model_shape(config["model"]["model_config"]))}
+
+    def shape_and_parts(name):
+        return weights[name].shape, parts(weights[name], axes)
+
+    # l2q_proj (q_b_proj): 128 heads x (128 + 64) = 24576 rows of q_lora_rank 1536, split by heads over mp 4
+    assert shape_and_parts("model.layers.1.attention.l2q_proj.weight") == ((24576, 1536), (4, 1))
+    # wo (o_proj): (hidden 5120, 128 heads x v_head 128 = 16384), split on its input (the heads) over mp 4
+    assert shape_and_parts("model.layers.1.attention.wo.weight") == ((5120, 16384), (1, 4))
+    # kv2l (kv_a_proj_with_mqa): kv_lora_rank 512 + rope 64 = 576 rows, the latent: whole
+    assert shape_and_parts("model.layers.1.attention.kv2l.weight") == ((576, 5120), (1, 1))
+    # routed experts: (160 experts, 1536, 5120) split (ep 8, mp 4, 1); w2 (160, 5120, 1536) split (8, 1, 4)
+    assert shape_and_parts("model.layers.1.feed_forward.routed_experts.w1") == ((160, 1536, 5120), (8, 4, 1))
+    assert shape_and_parts("model.layers.1.feed_forward.routed_experts.w2") == ((160, 5120, 1536), (8, 1, 4))
+    # embedding (102400, 5120): split by vocabulary over mp 4 (vocab_emb_dp False); whole with vocab_emb_dp True
+    assert shape_and_parts("model.tok_embeddings.embedding_weight") == ((102400, 5120), (4, 1))
+    whole_vocab = parallel_shape(dict(config["parallel_config"], vocab_emb_dp=True)).axes()
+    assert parts(weights["model.tok_embeddings.embedding_weight"], whole_vocab) == (1, 1)
+
+    # Per layer, whole on every card: 2 RMSNorms 2 x 5120 = 10240, q2l 1536 x 5120 = 7864320, lq_norm 1536,
+    #   kv2l 576 x 5120 = 2949120, lkv_norm 512                                     -> 10825728
+    #   (+ MoE router 160 x 5120 = 819200)                                          -> 11644928
+    # split by mp: l2q 24576 x 1536 = 37748736, lkv2kv 128 x (128 + 128) x 512 = 16777216, wo 5120 x 16384 = 83886080
+    #   -> 138412032 / 4 = 34603008
+    # dense FFN (layer 0): 3 x 12288 x 5120 = 188743680 / 4 = 47185920
+    # shared experts: 3 x (2 x 1536) x 5120 = 47185920 / 4 = 11796480
+    # routed experts: 160 x 3 x 1536 x 5120 = 3774873600 / (ep 8 x mp 4) = 117964800
+    # MoE layer per card: 11644928 + 34603008 + 11796480 + 117964800 = 176009216
+    # dense layer per card: 10825728 + 34603008 + 47185920 = 92614656
+    # embedding / lm_head 102400 x 5120 = 524288000 / 4 = 131072000; final norm 5120
+    # stage 0 (layers 0-29): 131072000 + 92614656 + 29 x 176009216 = 5327953920
+    # stage 1 (layers 30-59): 30 x 176009216 + 5120 + 131072000 = 5411353600
+    stages = plan(config)["stages"]
+    assert [stage["layers"] for stage in stages] == [30, 30]
+    assert [stage["params_per_card"] for stage in stages] == [5327953920, 5411353600]
+    # whole model: 2 x 524288000 + 5120 + (10825728 + 138412032 + 188743680)
+    #   + 59 x (11644928 + 138412032 + 47185920 + 3774873600) = 235741434880 ("236B")
+    # activated: minus the embedding 524288000 and 59 x (160 - 6) unchosen experts of 3 x 1536 x 5120 = 23592960
+    #   -> 235741434880 - 524288000 - 214365634560 = 20851512320 ("21B")
+    counts = count_parameters(config["model"]["model_config"])
+    assert (counts["total"], counts["activated"]) == (235741434880, 20851512320)
+
+
+def test_divisibility_messages_name_the_field_the_degree_and_a_tensor():
+    model = _load(TRAIN_YAMLS[0])["model"]["model_config"]
+    problems = check_parallel_config(model, {"data_parallel": 4, "model_parallel": 3, "expert_parallel": 4}, 12)
+    heads = [p for p in problems if p.startswith("model_config.num_attention_heads = 128 is not divisible")]
+    assert len(heads) == 1 and "parallel_config.model_parallel = 3" in heads[0] and "l2q_proj" in heads[0], problems
+    # the MLA latents are never cut: no message about kv_lora_rank / q_lora_rank
+    assert not any("lora_rank" in p for p in problems), problems

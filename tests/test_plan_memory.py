@@ -216,3 +216,19 @@ def test_cli_prints_the_table():
     small = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "run_predict_deepseek2_236B.yaml"),
                             "--card_memory_gb", "16"], capture_output=True, text=True, check=False, timeout=60)
     assert small.returncode == 1 and "does NOT fit" in small.stdout and "latent KV cache" in small.stdout
+
+
+def test_plain_python_modules_import_no_mindspore():
+    """plan_memory and parallel_check run on a login node: a fresh interpreter importing them loads no MindSpore."""
+    code = ("import sys; import research.deepseek2.plan_memory, research.deepseek2.parallel_check; "
+            "print('mindspore' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_cli_runs_from_the_package_directory():
+    """``cd research/deepseek2 && python plan_memory.py --config X.yaml`` (absolute imports, no sys.path hack)."""
+    out = subprocess.run([sys.executable, "plan_memory.py", "--config", "run_predict_deepseek2_236B.yaml"], cwd=PKG,
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode == 0 and "latent KV cache" in out.stdout, out.stdout + out.stderr

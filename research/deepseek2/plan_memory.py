@@ -6,8 +6,10 @@
 Plain Python + PyYAML: no MindSpore import. Sizes are in GB of 2^30 bytes (as MindSpore's max_device_memory);
 parameter counts in units (B = 1e9).
 
-Parameters (``count_parameters``), with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value head
-dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
+Parameters (``count_parameters``) are sums over the weights of the inventory (research/deepseek2/inventory.py:
+every weight's name, shape and cuts, written once). The formulas below are what those sums come to, as
+documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value head dims,
+r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
 ns n_shared_experts:
   embedding V h, lm_head V h (0 if tied), final norm h;
   per layer: 2 RMSNorms 2h;
@@ -18,7 +20,9 @@ ns n_shared_experts:
   the convention of the released numbers: 236B -> 235.7B total / 20.9B activated ("236B / 21B"),
   V2-Lite -> 15.7B / 2.45B ("15.7B / 2.4B").
 
-Sharding per card (MindFormers semantics of parallel_config; mp model_parallel, ep expert_parallel, dp, pp):
+Sharding per card (MindFormers semantics of parallel_config; mp model_parallel, ep expert_parallel, dp, pp), by
+each weight's cuts in the inventory: a weight with an "ep" cut counts as routed experts (split ep x mp), one with an
+"mp" cut as split by mp, one with a "vocab" cut as the embedding / lm_head, the rest as whole. That is:
   whole on every card of a stage: RMSNorms, q_a_proj, kv_a_proj_with_mqa (the MLA latents are not split), gate;
   split by mp: q_b_proj/q_proj and kv_b_proj (by heads), o_proj (by rows), dense and shared-expert FFNs;
   split by ep x mp: routed experts;  embedding / lm_head: split by mp unless vocab_emb_dp;
@@ -56,152 +60,295 @@ growing with the cards and expert_parallel the largest value <= the YAML's that 
 n_routed_experts (research/deepseek2/parallel_check.py rules).
 """
 import argparse
+import functools
 import json
 import math
 import os
 import sys
-from typing import Dict, Optional
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from parallel_check import check_parallel_config, layers_per_stage, parallel_shape  # noqa: E402
-    from moe_shapes import expert_capacity  # noqa: E402
-else:
-    from .parallel_check import check_parallel_config, layers_per_stage, parallel_shape
-    from .moe_shapes import expert_capacity
+from research.deepseek2.dtypes import bytes_of
+from research.deepseek2.inventory import (ModelShape, Param, expert_capacity, is_moe_layer, layer_parameters,
+                                          model_shape, parameters)
+from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, is_predict, layers_per_stage,
+                                               parallel_shape)
 
 __all__ = ["count_parameters", "plan", "smallest_cluster", "format_plan", "GIB"]
 
 GIB = float(2 ** 30)
 CARDS_PER_NODE = 8
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 ADAM_MOMENT_BYTES = 8          # exp_avg + exp_avg_sq in fp32
 MASTER_COPY_BYTES = 4          # fp32 master weights when the weights themselves are fp16/bf16
+BYTE_KEYS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")
+
+# count_parameters' parts by weight name, first match (the MLA's lq_norm / lkv_norm are attention, not norms)
+_PART_OF_NAME = (("model.tok_embeddings.", "embedding"), ("lm_head.", "lm_head"), ("model.norm_out.", "final_norm"),
+                 (".attention.", "attention"), ("_norm.", "norms"), (".router.", "gate"),
+                 (".routed_experts.", "routed_experts"), (".shared_experts.", "shared_experts"),
+                 (".feed_forward.", "dense_ffn"))
+_PARTS = ("embedding", "lm_head", "final_norm", "attention", "norms", "dense_ffn", "routed_experts",
+          "shared_experts", "gate")
 
 
-def _dtype_bytes(name, field) -> int:
-    key = str(name).lower()
-    if key not in DTYPE_BYTES:
-        raise ValueError(f"model_config.{field} = {name!r}: expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[key]
+# ---------------------------------------------------------------------------------------------- parameters
+def _part(param: Param) -> str:
+    """count_parameters' part a weight belongs to, by its name."""
+    part = next((part for key, part in _PART_OF_NAME if key in param.name), None)
+    if part is None:
+        raise ValueError(f"plan_memory does not know which part {param.name} belongs to")
+    return part
 
 
-def _is_moe_layer(mc: dict, layer: int) -> bool:
-    """Released rule: MoE from first_k_dense_replace on, every moe_layer_freq-th layer."""
-    return (mc.get("n_routed_experts") is not None and layer >= mc.get("first_k_dense_replace", 0)
-            and layer % mc.get("moe_layer_freq", 1) == 0)
-
-
-def _layer_parts(mc: dict, layer: int) -> Dict[str, int]:
-    """Parameters of one decoder layer by how they are sharded: whole / split by mp / routed experts."""
-    h, a = mc["hidden_size"], mc["num_attention_heads"]
-    dn, dr, dv = mc["qk_nope_head_dim"], mc["qk_rope_head_dim"], mc["v_head_dim"]
-    r, rq = mc["kv_lora_rank"], mc.get("q_lora_rank")
-    whole = 2 * h                                   # input_layernorm, post_attention_layernorm
-    whole += h * (r + dr) + r                       # kv_a_proj_with_mqa, kv_a_layernorm
-    split = r * a * (dn + dv) + a * dv * h          # kv_b_proj (by heads), o_proj (by rows)
-    if rq:
-        whole += h * rq + rq                        # q_a_proj, q_a_layernorm
-        split += rq * a * (dn + dr)                 # q_b_proj
-    else:
-        split += h * a * (dn + dr)                  # q_proj
-    experts = 0
-    if _is_moe_layer(mc, layer):
-        e, fm = mc["n_routed_experts"], mc["moe_intermediate_size"]
-        whole += e * h                              # gate
-        split += 3 * h * fm * (mc.get("n_shared_experts") or 0)
-        experts = e * 3 * h * fm
-    else:
-        split += 3 * h * mc["intermediate_size"]
-    return {"whole": whole, "split": split, "experts": experts}
-
-
-def count_parameters(model_config: dict) -> dict:
-    """Analytic parameter counts of a DeepSeek-V2 model_config (released config.json names).
+def count_parameters(model_config) -> dict:
+    """Parameter counts of a DeepSeek-V2 model_config (released config.json names, or a ModelShape): sums over the
+    inventory's weights.
 
     Returns totals by part (embedding, lm_head, final_norm, attention, norms, dense_ffn, routed_experts,
     shared_experts, gate), layer counts, ``total`` and ``activated`` (see the module docstring).
     """
-    mc = model_config
-    h, v, a = mc["hidden_size"], mc["vocab_size"], mc["num_attention_heads"]
-    dn, dr, dv = mc["qk_nope_head_dim"], mc["qk_rope_head_dim"], mc["v_head_dim"]
-    r, rq = mc["kv_lora_rank"], mc.get("q_lora_rank")
-    layers = mc["num_hidden_layers"]
-    attention = h * (r + dr) + r + r * a * (dn + dv) + a * dv * h
-    attention += (h * rq + rq + rq * a * (dn + dr)) if rq else h * a * (dn + dr)
-    moe_layers = sum(_is_moe_layer(mc, i) for i in range(layers))
-    dense_layers = layers - moe_layers
-    e = mc.get("n_routed_experts") or 0
-    fm = mc.get("moe_intermediate_size") or 0
-    k = mc.get("num_experts_per_tok") or 0
-    expert = 3 * h * fm
-    out = {
-        "embedding": v * h,
-        "lm_head": 0 if mc.get("tie_word_embeddings") else v * h,
-        "final_norm": h,
-        "attention": layers * attention,
-        "norms": layers * 2 * h,
-        "dense_ffn": dense_layers * 3 * h * mc["intermediate_size"],
-        "routed_experts": moe_layers * e * expert,
-        "shared_experts": moe_layers * (mc.get("n_shared_experts") or 0) * expert,
-        "gate": moe_layers * e * h,
-        "attention_per_layer": attention,
-        "expert_size": expert,
-        "num_moe_layers": moe_layers,
-        "num_dense_layers": dense_layers,
-    }
-    parts = ("embedding", "lm_head", "final_norm", "attention", "norms", "dense_ffn", "routed_experts",
-             "shared_experts", "gate")
-    out["total"] = sum(out[p] for p in parts)
-    out["activated"] = out["total"] - out["embedding"] - moe_layers * (e - k) * expert
-    return out
+    return dict(_counts(model_shape(model_config)))
 
 
-# ---------------------------------------------------------------------------------------------- activations
-def _layer_activation_bytes(mc: dict, layer: int, b: float, s: int, t: int, seq_parallel: bool) -> float:
-    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring)."""
-    c = _dtype_bytes(mc.get("compute_dtype", "float32"), "compute_dtype")
-    sm = _dtype_bytes(mc.get("softmax_compute_type", "float32"), "softmax_compute_type")
-    h, a = mc["hidden_size"], mc["num_attention_heads"]
-    dn, dr, dv = mc["qk_nope_head_dim"], mc["qk_rope_head_dim"], mc["v_head_dim"]
-    r, rq = mc["kv_lora_rank"], mc.get("q_lora_rank") or 0
-    hh = 2 * h / (t if seq_parallel else 1)          # norm input + output
-    attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
-                        + 2 * a * (dn + dr) / t + a * dv / t)
-    attn += b * (a / t) * s * s * (sm + c)
-    if _is_moe_layer(mc, layer):
-        e, fm, k = mc["n_routed_experts"], mc["moe_intermediate_size"], mc["num_experts_per_tok"]
-        if mc.get("moe_dispatch") == "capacity":          # E buffers of C rows (RoutedExperts.capacity)
-            rows = e * expert_capacity(s * b, k, e, float(mc.get("expert_capacity_factor") or 0.0))
+@functools.lru_cache(maxsize=64)
+def _counts(shape: ModelShape) -> Tuple[Tuple[str, int], ...]:
+    """count_parameters' items (cached: smallest_cluster plans the same model many times)."""
+    out = dict.fromkeys(_PARTS, 0)
+    for param in parameters(shape):
+        out[_part(param)] += param.size
+    moe_layers = sum(is_moe_layer(shape, layer) for layer in range(shape.num_hidden_layers))
+    experts, chosen = shape.n_routed_experts or 0, shape.num_experts_per_tok or 0
+    expert = out["routed_experts"] // (moe_layers * experts) if moe_layers and experts else 0
+    out.update(attention_per_layer=sum(p.size for p in layer_parameters(shape, 0) if _part(p) == "attention"),
+               expert_size=expert, num_moe_layers=moe_layers, num_dense_layers=shape.num_hidden_layers - moe_layers)
+    out["total"] = sum(out[part] for part in _PARTS)
+    out["activated"] = out["total"] - out["embedding"] - moe_layers * (experts - chosen) * expert
+    return tuple(out.items())
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Parameter counts by how the cards of a pipeline stage split them (``_kind``)."""
+    whole: int = 0
+    split: int = 0
+    experts: int = 0
+    vocab: int = 0
+
+    def __add__(self, other: "_Weights") -> "_Weights":
+        return _Weights(self.whole + other.whole, self.split + other.split, self.experts + other.experts,
+                        self.vocab + other.vocab)
+
+    @classmethod
+    def of(cls, params: Iterable[Param]) -> "_Weights":
+        sums = dict.fromkeys(("whole", "split", "experts", "vocab"), 0)
+        for param in params:
+            sums[_kind(param)] += param.size
+        return cls(**sums)
+
+
+def _kind(param: Param) -> str:
+    """Routed experts (an "ep" cut: split ep x mp), split by mp (an "mp" cut), the vocabulary (embedding / lm_head:
+    a "vocab" cut), or whole."""
+    for axis, kind in (("ep", "experts"), ("mp", "split"), ("vocab", "vocab")):
+        if param.cut(axis):
+            return kind
+    return "whole"
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_weights(shape: ModelShape, layer: int) -> _Weights:
+    """The weights of one decoder layer (cached: smallest_cluster plans the same model many times)."""
+    return _Weights.of(layer_parameters(shape, layer))
+
+
+@functools.lru_cache(maxsize=64)
+def _outer_weights(shape: ModelShape) -> Tuple[_Weights, _Weights]:
+    """The weights outside the decoder layers: before them (embedding: the first stage), after them (final norm,
+    lm_head: the last stage)."""
+    before, after, in_layers = [], [], False
+    for param in parameters(shape):
+        if param.name.startswith("model.layers."):
+            in_layers = True
         else:
-            rows = k * s * b * max(1.0, float(mc.get("capacity_factor") or 0.0))
-        ffn = s * b * c * (hh + 3 * (mc.get("n_shared_experts") or 0) * fm / t) + 8 * s * b * e
-        ffn += rows * c * (2 * h + 3 * fm / t)
-    else:
-        ffn = s * b * c * (hh + 3 * mc["intermediate_size"] / t)
-    return attn + ffn
+            (after if in_layers else before).append(param)
+    return _Weights.of(before), _Weights.of(after)
 
 
-# ---------------------------------------------------------------------------------------------- plan
-def _model_and_parallel(config: dict):
-    model = config.get("model") or {}
-    mc = dict(model.get("model_config") or {})
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True, eq=False)
+class _Settings:
+    """What plan() reads from a loaded YAML."""
+    model_config: dict                  # model.model_config without its ``type``
+    parallel_config: dict
+    shape: ModelShape
+    parallel: ParallelShape
+    predict: bool
+    param_bytes: int                    # bytes of param_init_type
+    compute_bytes: int
+    softmax_bytes: int
+    seq_length: int
+    batch_size: int                     # per micro-batch and data-parallel rank
+    recompute: bool
+    parallel_optimizer: bool
+    swap: bool                          # optimizer states in host memory
+    moe_dispatch: Optional[str]
+    expert_capacity_factor: float
+    capacity_factor: float
+
+    @property
+    def vocab_parts(self) -> int:
+        """Parts the embedding / lm_head are split into (mp unless vocab_emb_dp)."""
+        return self.parallel.axes()["vocab"]
+
+    @property
+    def optimizer_bytes_per_param(self) -> int:
+        return ADAM_MOMENT_BYTES + (MASTER_COPY_BYTES if self.param_bytes != 4 else 0)
+
+
+def _settings(config: dict) -> _Settings:
+    """The model shape, parallel degrees, dtypes, batch and memory switches of a loaded YAML."""
+    mc = dict((config.get("model") or {}).get("model_config") or {})
     mc.pop("type", None)
     if not mc:
         raise ValueError("model.model_config is missing from the config")
-    for field in ("hidden_size", "vocab_size", "num_attention_heads", "num_hidden_layers", "kv_lora_rank",
-                  "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "intermediate_size"):
-        if not isinstance(mc.get(field), int):
-            raise ValueError(f"model.model_config.{field} = {mc.get(field)!r}: expected an integer")
-    return mc, dict(config.get("parallel_config") or {})
+    pc = dict(config.get("parallel_config") or {})
+    predict = is_predict(config)
+    recompute = config.get("recompute_config") or {}
+    dtype = lambda field: bytes_of(mc.get(field, "float32"), "model_config." + field)   # noqa: E731
+    return _Settings(
+        model_config=mc, parallel_config=pc, shape=model_shape(mc), parallel=parallel_shape(pc), predict=predict,
+        param_bytes=dtype("param_init_type"), compute_bytes=dtype("compute_dtype"),
+        softmax_bytes=dtype("softmax_compute_type"), seq_length=mc.get("seq_length", 4096),
+        batch_size=(config.get("runner_config") or {}).get("batch_size", mc.get("batch_size", 1)),
+        recompute=bool(recompute.get("recompute")) if isinstance(recompute, dict) else bool(recompute),
+        parallel_optimizer=bool((config.get("parallel") or {}).get("enable_parallel_optimizer")) and not predict,
+        swap=bool((config.get("optimizer") or {}).get("swap")) and not predict,
+        moe_dispatch=mc.get("moe_dispatch"), expert_capacity_factor=float(mc.get("expert_capacity_factor") or 0.0),
+        capacity_factor=float(mc.get("capacity_factor") or 0.0))
 
 
-def _is_predict(config: dict, mc: dict) -> bool:
-    return config.get("run_mode") == "predict" or bool(mc.get("use_past"))
+# ---------------------------------------------------------------------------------------------- weights per stage
+def _stage_layers(st: _Settings) -> List[range]:
+    """The decoder layers of each pipeline stage (MindFormers' split, with model_config.offset)."""
+    counts = layers_per_stage(st.shape.num_hidden_layers, st.parallel.pp, st.model_config.get("offset"))
+    starts = list(accumulate([0] + counts))
+    return [range(starts[stage], starts[stage] + counts[stage]) for stage in range(st.parallel.pp)]
 
 
+def _stage_weights(st: _Settings, stage: int, layers: range) -> _Weights:
+    """The weights a stage holds: its layers, the embedding on the first stage, final norm and lm_head on the last."""
+    weights = sum((_layer_weights(st.shape, layer) for layer in layers), _Weights())
+    first, last = _outer_weights(st.shape)
+    if stage == 0:
+        weights += first
+    if stage == st.parallel.pp - 1:
+        weights += last
+    return weights
+
+
+def _whole_and_split(weights: _Weights, st: _Settings) -> Tuple[int, int]:
+    """Whole and mp-split parameters, the embedding / lm_head counted as split by mp unless vocab_emb_dp."""
+    if st.vocab_parts == 1:
+        return weights.whole + weights.vocab, weights.split
+    return weights.whole, weights.split + weights.vocab
+
+
+def _params_per_card(weights: _Weights, st: _Settings) -> float:
+    """Parameters one card of the stage holds: whole + split / mp + experts / (ep x mp)."""
+    whole, split = _whole_and_split(weights, st)
+    p = st.parallel
+    return whole + split / p.mp + weights.experts / (p.ep * p.mp)
+
+
+def _optimizer_shard(weights: _Weights, st: _Settings) -> float:
+    """Parameters whose optimizer states one card keeps under the parallel optimizer: each weight's states divided
+    over its copies in the stage (dp x mp for whole weights, dp for mp-split ones, dp / ep for experts)."""
+    whole, split = _whole_and_split(weights, st)
+    p = st.parallel
+    return whole / (p.dp * p.mp) + split / p.mp / p.dp + weights.experts / (p.ep * p.mp) / max(1, p.dp // p.ep)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_parallel: bool) -> float:
+    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring)."""
+    m, c, s = st.shape, st.compute_bytes, st.seq_length
+    h, a = m.hidden_size, m.num_attention_heads
+    dn, dr, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    r, rq = m.kv_lora_rank, m.q_lora_rank or 0
+    hh = 2 * h / (t if seq_parallel else 1)          # norm input + output
+    attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
+                        + 2 * a * (dn + dr) / t + a * dv / t)
+    attn += b * (a / t) * s * s * (st.softmax_bytes + c)
+    return attn + _ffn_activation_bytes(st, layer, b, t, hh)
+
+
+def _ffn_activation_bytes(st: _Settings, layer: int, b: float, t: int, hh: float) -> float:
+    """The FFN's part: norm in/out and the dense FFN, or shared experts, router and the dispatched rows."""
+    m, c, s = st.shape, st.compute_bytes, st.seq_length
+    if not is_moe_layer(m, layer):
+        return s * b * c * (hh + 3 * m.intermediate_size / t)
+    e, fm, k = m.n_routed_experts, m.moe_intermediate_size, m.num_experts_per_tok
+    if st.moe_dispatch == "capacity":                # E buffers of C rows (RoutedExperts.capacity)
+        rows = e * expert_capacity(s * b, k, e, st.expert_capacity_factor)
+    else:
+        rows = k * s * b * max(1.0, st.capacity_factor)
+    ffn = s * b * c * (hh + 3 * (m.n_shared_experts or 0) * fm / t) + 8 * s * b * e
+    ffn += rows * c * (2 * m.hidden_size + 3 * fm / t)
+    return ffn
+
+
+def _training_activation_bytes(st: _Settings, stage: int, layers: range) -> float:
+    """Activations of a training stage: its layers for the in-flight micro-batches (1F1B), or under recompute their
+    inputs and one layer re-run at a time; the last stage adds the logits (fp32 copy and gradient)."""
+    p, m, c, s, b = st.parallel, st.shape, st.compute_bytes, st.seq_length, st.batch_size
+    in_flight = min(p.pp - stage, p.micro_batch_num) if p.pp > 1 else 1
+    per_layer = [_layer_activation_bytes(st, layer, b, p.mp, p.use_seq_parallel) for layer in layers]
+    if st.recompute:
+        layer_input = s * b * m.hidden_size * c / (p.mp if p.use_seq_parallel else 1)
+        act = in_flight * len(layers) * layer_input + max(per_layer, default=0)
+    else:
+        act = in_flight * sum(per_layer)
+    if stage == p.pp - 1:
+        act += s * b * m.vocab_size / st.vocab_parts * (c + 4 + 4)
+    return act
+
+
+# ---------------------------------------------------------------------------------------------- bytes per stage
+def _training_bytes(st: _Settings, stage: int, layers: range, weights: _Weights) -> Dict[str, float]:
+    """Gradients, optimizer states (on the card or, swapped, in host memory) and activations of a training stage."""
+    per_card = _params_per_card(weights, st)
+    state = (_optimizer_shard(weights, st) if st.parallel_optimizer else per_card) * st.optimizer_bytes_per_param
+    return {"gradients": per_card * st.param_bytes, "optimizer": 0.0 if st.swap else state,
+            "optimizer_host": state if st.swap else 0.0,
+            "activations": _training_activation_bytes(st, stage, layers)}
+
+
+def _prediction_bytes(st: _Settings, stage: int, layers: range) -> Dict[str, float]:
+    """Latent KV cache of a prediction stage (whole on every card) and its workspace: one layer's prefill
+    activations, plus the fp32 logits on the last stage."""
+    p, m, c, s = st.parallel, st.shape, st.compute_bytes, st.seq_length
+    b_card = st.batch_size / p.dp
+    kv_cache = b_card * len(layers) * s * (m.kv_lora_rank + m.qk_rope_head_dim) * c
+    layer_max = max((_layer_activation_bytes(st, layer, b_card, p.mp, False) for layer in layers), default=0)
+    logits = b_card * s * m.vocab_size / st.vocab_parts * 4 if stage == p.pp - 1 else 0
+    return {"kv_cache": kv_cache, "workspace": layer_max + logits}
+
+
+def _stage_plan(st: _Settings, stage: int, layers: range, overhead_gb: float) -> dict:
+    """Parameters and bytes per card of one pipeline stage."""
+    weights = _stage_weights(st, stage, layers)
+    per_card = _params_per_card(weights, st)
+    entry = {"stage": stage, "layers": len(layers), "params_per_card": per_card, "weights": per_card * st.param_bytes}
+    entry.update(_prediction_bytes(st, stage, layers) if st.predict else _training_bytes(st, stage, layers, weights))
+    entry["overhead"] = overhead_gb * GIB
+    entry["total"] = sum(entry.get(key, 0.0) for key in BYTE_KEYS)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------- plan
 def plan(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -> dict:
     """Memory plan of a MindFormers config dict (a loaded YAML). Bytes per card of the busiest pipeline stage.
 
@@ -209,96 +356,34 @@ def plan(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -
     breakdown (weights, gradients, optimizer, activations or kv_cache/workspace, overhead), ``total_bytes``,
     ``fits`` against card_memory_gb, host bytes of swapped optimizer states, and the parallel_check problems.
     """
-    mc, pc = _model_and_parallel(config)
-    shape = parallel_shape(pc)
-    dp, mp, pp, ep = shape.dp, shape.mp, shape.pp, shape.ep
-    predict = _is_predict(config, mc)
-    params = count_parameters(mc)
-    wbytes = _dtype_bytes(mc.get("param_init_type", "float32"), "param_init_type")
-    s = mc.get("seq_length", 4096)
-    b = (config.get("runner_config") or {}).get("batch_size", mc.get("batch_size", 1))
-    t_vocab = 1 if shape.vocab_emb_dp else mp
-    parallel = config.get("parallel") or {}
-    optimizer = config.get("optimizer") or {}
-    parallel_optimizer = bool(parallel.get("enable_parallel_optimizer")) and not predict
-    swap = bool(optimizer.get("swap")) and not predict
-    recompute_cfg = config.get("recompute_config") or {}
-    recompute = bool(recompute_cfg.get("recompute")) if isinstance(recompute_cfg, dict) else bool(recompute_cfg)
+    st = _settings(config)
+    stages = [_stage_plan(st, stage, layers, overhead_gb) for stage, layers in enumerate(_stage_layers(st))]
+    return _plan_result(st, stages, card_memory_gb, overhead_gb)
 
-    counts = layers_per_stage(mc["num_hidden_layers"], pp, mc.get("offset"))
-    starts = [sum(counts[:i]) for i in range(pp)]
-    optimizer_bytes_per_param = ADAM_MOMENT_BYTES + (MASTER_COPY_BYTES if wbytes != 4 else 0)
-    c = _dtype_bytes(mc.get("compute_dtype", "float32"), "compute_dtype")
 
-    stages = []
-    for stage in range(pp):
-        layer_ids = range(starts[stage], starts[stage] + counts[stage])
-        whole = split = experts = 0
-        for layer in layer_ids:
-            part = _layer_parts(mc, layer)
-            whole, split, experts = whole + part["whole"], split + part["split"], experts + part["experts"]
-        vocab_whole = vocab_split = 0
-        if stage == 0:
-            vocab_whole, vocab_split = (params["embedding"], 0) if t_vocab == 1 else (0, params["embedding"])
-        if stage == pp - 1:
-            whole += params["final_norm"]
-            if t_vocab == 1:
-                vocab_whole += params["lm_head"]
-            else:
-                vocab_split += params["lm_head"]
-        whole += vocab_whole
-        split += vocab_split
-        per_card = whole + split / mp + experts / (ep * mp)
-        # copies of each weight across the cards of this stage, over which the parallel optimizer shards states
-        sharded = whole / (dp * mp) + split / mp / dp + experts / (ep * mp) / max(1, dp // ep)
-        entry = {"stage": stage, "layers": counts[stage], "params_per_card": per_card,
-                 "weights": per_card * wbytes}
-        if predict:
-            b_card = b / dp
-            entry["kv_cache"] = b_card * counts[stage] * s * (mc["kv_lora_rank"] + mc["qk_rope_head_dim"]) * c
-            layer_max = max((_layer_activation_bytes(mc, i, b_card, s, mp, False) for i in layer_ids), default=0)
-            logits = b_card * s * mc["vocab_size"] / t_vocab * 4 if stage == pp - 1 else 0
-            entry["workspace"] = layer_max + logits
-        else:
-            entry["gradients"] = per_card * wbytes
-            state = (sharded if parallel_optimizer else per_card) * optimizer_bytes_per_param
-            entry["optimizer"] = 0.0 if swap else state
-            entry["optimizer_host"] = state if swap else 0.0
-            in_flight = min(pp - stage, shape.micro_batch_num) if pp > 1 else 1
-            per_layer = [_layer_activation_bytes(mc, i, b, s, mp, shape.use_seq_parallel) for i in layer_ids]
-            if recompute:
-                layer_input = s * b * mc["hidden_size"] * c / (mp if shape.use_seq_parallel else 1)
-                act = in_flight * counts[stage] * layer_input + max(per_layer, default=0)
-            else:
-                act = in_flight * sum(per_layer)
-            if stage == pp - 1:
-                act += s * b * mc["vocab_size"] / t_vocab * (c + 4 + 4)
-            entry["activations"] = act
-        entry["overhead"] = overhead_gb * GIB
-        keys = ("weights", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")
-        entry["total"] = sum(entry.get(key, 0.0) for key in keys)
-        stages.append(entry)
-
+def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overhead_gb: float) -> dict:
+    """plan()'s answer from the stages: the busiest one's bytes, the settings, the parallel_check problems."""
+    p = st.parallel
     busiest = max(stages, key=lambda e: e["total"])
-    device_num = dp * mp * pp
+    device_num = p.dp * p.mp * p.pp
     return {
-        "mode": "predict" if predict else "train",
-        "shape": {"data_parallel": dp, "model_parallel": mp, "pipeline_stage": pp, "expert_parallel": ep,
-                  "micro_batch_num": shape.micro_batch_num, "vocab_emb_dp": shape.vocab_emb_dp,
-                  "use_seq_parallel": shape.use_seq_parallel, "device_num": device_num},
-        "settings": {"param_bytes": wbytes, "compute_bytes": c, "seq_length": s, "batch_size": b,
-                     "recompute": recompute, "parallel_optimizer": parallel_optimizer, "optimizer_swap": swap,
+        "mode": "predict" if st.predict else "train",
+        "shape": {"data_parallel": p.dp, "model_parallel": p.mp, "pipeline_stage": p.pp, "expert_parallel": p.ep,
+                  "micro_batch_num": p.micro_batch_num, "vocab_emb_dp": p.vocab_emb_dp,
+                  "use_seq_parallel": p.use_seq_parallel, "device_num": device_num},
+        "settings": {"param_bytes": st.param_bytes, "compute_bytes": st.compute_bytes, "seq_length": st.seq_length,
+                     "batch_size": st.batch_size, "recompute": st.recompute,
+                     "parallel_optimizer": st.parallel_optimizer, "optimizer_swap": st.swap,
                      "card_memory_gb": card_memory_gb, "overhead_gb": overhead_gb},
-        "params": params,
+        "params": count_parameters(st.shape),
         "stages": stages,
         "busiest_stage": busiest["stage"],
-        "bytes": {key: busiest.get(key, 0.0) for key in
-                  ("weights", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")},
+        "bytes": {key: busiest.get(key, 0.0) for key in BYTE_KEYS},
         "params_per_card": busiest["params_per_card"],
         "total_bytes": busiest["total"],
         "host_optimizer_bytes_per_node": busiest.get("optimizer_host", 0.0) * min(CARDS_PER_NODE, device_num),
         "fits": busiest["total"] <= card_memory_gb * GIB,
-        "problems": check_parallel_config(mc, pc, device_num),
+        "problems": check_parallel_config(st.model_config, st.parallel_config, device_num),
     }
 
 
@@ -315,14 +400,14 @@ def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: fl
 
     Returns {"device_num", "data_parallel", "expert_parallel", "total_bytes"} or None if none up to max_cards.
     """
-    mc, pc = _model_and_parallel(config)
-    shape = parallel_shape(pc)
+    st = _settings(config)
+    shape, pc = st.parallel, st.parallel_config
     group = shape.mp * shape.pp
     step = CARDS_PER_NODE * group // math.gcd(CARDS_PER_NODE, group)      # multiple of 8 and of mp x pp
     for cards in ([group] if group < CARDS_PER_NODE and CARDS_PER_NODE % group == 0 else []) + \
             list(range(step, max_cards + 1, step)):
         dp = cards // group
-        ep = _largest_ep(shape.ep, dp, mc.get("n_routed_experts"))
+        ep = _largest_ep(shape.ep, dp, st.shape.n_routed_experts)
         trial = dict(config)
         trial["parallel_config"] = dict(pc, data_parallel=dp, expert_parallel=ep)
         result = plan(trial, card_memory_gb, overhead_gb)
