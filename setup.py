@@ -19,12 +19,21 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9,<3.12",
+    python_requires=">=3.11,<3.12",          # tested with 3.11 (mindspore 2.9 + mindformers 1.9 wheels)
     packages=find_packages(include=["research", "research.*"]),
     package_data={"research.deepseek2": ["*.yaml"]},
     py_modules=["run_mindformer"],
     install_requires=_requirements("requirements.txt"),
     extras_require={"test": _requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["deepseek2-run=run_mindformer:main"]},
+    # the upstream commands (`python research/deepseek2/convert_weight.py ...`) keep working; these are the same
+    # programs on PATH once the package is installed
+    entry_points={"console_scripts": [
+        "deepseek2-run=run_mindformer:main",
+        "deepseek2-convert=research.deepseek2.convert_weight:main",
+        "deepseek2-preprocess=research.deepseek2.code_alpaca_preprocess:main",
+        "deepseek2-train-tokenizer=research.deepseek2.train_tokenizer:main",
+        "deepseek2-plan-memory=research.deepseek2.plan_memory:main",
+        "deepseek2-parallel-check=research.deepseek2.parallel_check:main",
+    ]},
     license="Apache-2.0",
 )

@@ -86,3 +86,15 @@ def test_model_constructor_reads_no_checkpoint_and_lays_out_nothing(tmp_path):
     assert strategies and all(s is None for s in strategies)
     names = {p.name for p in net.get_parameters()}
     assert not any("aux_loss" in n for n in names)                  # no side channel held by the model
+
+
+def test_console_scripts_point_at_mains():
+    """Every console script of setup.py names a module and a callable main (the upstream script forms are tested
+    with each tool)."""
+    import importlib
+    import re
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as handle:
+        entries = re.findall(r'"(deepseek2-[\w-]+)=([\w.]+):(\w+)"', handle.read())
+    assert len(entries) >= 6
+    for _, module, function in entries:
+        assert callable(getattr(importlib.import_module(module), function))

@@ -76,6 +76,25 @@ def test_train_loss_falls_and_checkpoints(full_run):
     assert any(name.endswith("-1_4.ckpt") for name in ckpts), ckpts
 
 
+def test_checkpoints_hold_weights_and_training_state_only(full_run):
+    """Every weight of the inventory is saved; the balance-loss log value and the latent cache are not."""
+    import mindspore as ms
+    from research.deepseek2.inventory import expected_shapes
+    tmp, out = full_run
+    folder = tmp / "out" / "checkpoint" / "rank_0"
+    saved = ms.load_checkpoint(str(folder / sorted(n for n in os.listdir(folder) if n.endswith(".ckpt"))[-1]))
+    fields = dict(zip(TINY_MODEL[::2], TINY_MODEL[1::2]))
+    import yaml
+    with open(TINY_YAML, encoding="utf-8") as handle:
+        model_config = yaml.safe_load(handle)["model"]["model_config"]
+    model_config.update({k.rsplit(".", 1)[-1]: int(v) for k, v in fields.items()})
+    weights = expected_shapes(model_config)
+    assert {n: tuple(saved[n].shape) for n in weights} == weights
+    assert not [n for n in saved if "balance" in n or "kv_cache" in n or "aux_loss" in n]
+    values = [float(v) for v in re.findall(r"MoE balance loss ([0-9.eE+-]+)", out)]
+    assert values and all(v > 0 for v in values)              # the wrapper's value reached the log
+
+
 def test_resume_continues_the_same_curve(full_run, dataset, tmp_path):
     tmp, out = full_run
     reference = _losses(out)
