@@ -26,16 +26,6 @@ RECORDS = [
 # tok_file (a 512-token BPE tokenizer.json, trained once a session) and tok come from conftest.py.
 
 
-def __getattr__(name):
-    # tests/test_evaluate.py still does `from test_preprocess import tok, tok_file`. Served lazily from conftest so
-    # pytest does not find them in this module and register them again here (a second tokenizer training); remove
-    # once test_evaluate.py uses the conftest fixtures directly.
-    if name in ("tok", "tok_file"):
-        import conftest  # pylint: disable=import-outside-toplevel
-        return getattr(conftest, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _parts(tok, record):
     """(prompt ids, reply ids incl. eos) as the preprocessing must produce them."""
     message = record["instruction"] + ("\n" + record["input"] if record["input"] else "")

@@ -1,0 +1,116 @@
+"""research/deepseek2/evaluate.py: the held-out loss is the mean cross-entropy over every target token (batches
+weighted by their token counts, balance losses off), equal to one computed here from the inference logits in
+numpy; the CLI prints one line, and refuses bad files with exit 2 and one line naming them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from test_predict import DATA, _fields, _save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "research", "deepseek2", "evaluate.py")
+ROWS, BATCH = 7, 3                     # 7 rows in batches of 3: the last batch is filled up with target-less rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tok):
+    """A checkpoint of test_predict's tiny model (vocab 512, seq_length 64) and a MindRecord of Code Alpaca rows
+    made by the project's preprocessing with conftest's 512-token tokenizer (prompt masked, replies of different
+    lengths)."""
+    from research.deepseek2.code_alpaca_preprocess import preprocess, write_mindrecord
+    folder = tmp_path_factory.mktemp("evaluate")
+    with open(DATA, encoding="utf-8") as handle:
+        records = json.load(handle)[:300]
+    rows, _ = preprocess(records, tok, _fields()["seq_length"], drop_long=True)
+    rows = rows[:ROWS]
+    assert len(rows) == ROWS
+    data = str(folder / "heldout.mindrecord")
+    write_mindrecord(rows, data)
+    checkpoint = _save_model(str(folder / "tiny.ckpt"))
+    return {"rows": rows, "data": data, "checkpoint": checkpoint, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def per_row(assets):
+    """(sum, count) per row over labels[:, 1:] != -100 of -log softmax(logits)[target], in float64 numpy from the
+    logits of the model loaded with mindspore.load_checkpoint and called in inference mode."""
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    net = DeepseekV2ForCausalLM(DeepseekV2Config(**_fields(init_std=0.5)))
+    not_loaded, _ = ms.load_param_into_net(net, ms.load_checkpoint(assets["checkpoint"]))
+    assert not not_loaded, not_loaded
+    net.set_train(False)
+    ids = np.stack([row["input_ids"] for row in assets["rows"]])                    # (rows, seq_length + 1)
+    labels = np.stack([row["labels"] for row in assets["rows"]])
+    logits = net(ms.Tensor(ids[:, :-1])).asnumpy().astype(np.float64)             # (rows, seq_length, vocab)
+    targets, keep = labels[:, 1:], labels[:, 1:] != -100
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, np.where(keep, targets, 0)[..., None], -1)[..., 0]
+    return -(picked * keep).sum(-1), keep.sum(-1)
+
+
+def test_heldout_loss_is_the_token_mean_cross_entropy(assets, per_row):
+    import mindspore as ms
+    from research.deepseek2.evaluate import heldout_loss
+    sums, counts = per_row
+    assert len(set(counts.tolist())) > 1, "precondition: rows hold different numbers of targets"
+    # precondition: the YAML adds a balance loss in training, which heldout_loss must switch off to match
+    assert _fields()["aux_loss_alpha"] > 0
+    mode = ms.get_context("mode")
+    loss, tokens = heldout_loss(_fields(), assets["checkpoint"], assets["data"], batch_size=BATCH, progress=False)
+    assert ms.get_context("mode") == mode                              # graph mode only while it runs
+    assert tokens == counts.sum()
+    assert loss == pytest.approx(sums.sum() / counts.sum(), rel=1e-5, abs=1e-5), (loss, sums.sum() / counts.sum())
+    # the check can tell: a mean of per-batch means (the last batch holds one row) is another number
+    batch_means = [sums[i:i + BATCH].sum() / counts[i:i + BATCH].sum() for i in range(0, ROWS, BATCH)]
+    assert abs(np.mean(batch_means) - loss) > 1e-3
+
+
+def _cli(*args, tmp_path):
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3")
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=str(tmp_path), env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(assets):
+    """A YAML whose model.model_config is the tiny model of the checkpoint."""
+    path = assets["folder"] / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"model": {"model_config": dict(_fields(), type="DeepseekV2Config")}}))
+    return str(path)
+
+
+def test_cli_prints_one_line(assets, tiny_yaml, per_row, tmp_path):
+    proc = _cli("--config", tiny_yaml, "--load_checkpoint", assets["checkpoint"], "--eval_data", assets["data"],
+                "--batch_size", str(BATCH), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("evaluate:")]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    sums, counts = per_row
+    loss = float(lines[0].split("loss ")[1].split()[0])
+    assert loss == pytest.approx(sums.sum() / counts.sum(), rel=1e-5, abs=1e-5), lines[0]
+    assert f"over {counts.sum()} target tokens in {ROWS} rows ({assets['checkpoint']})" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case, flag", [("checkpoint", "--load_checkpoint"), ("data", "--eval_data"),
+                                        ("config", "--config"), ("batch", "--batch_size"),
+                                        ("no_flag", "--eval_data")])
+def test_cli_refuses_bad_input_with_one_line(case, flag, assets, tiny_yaml, tmp_path):
+    args = {"--config": tiny_yaml, "--load_checkpoint": assets["checkpoint"], "--eval_data": assets["data"],
+            "--batch_size": "4"}
+    bad = {"batch": "0", "no_flag": ""}.get(case, str(tmp_path / "nope.ckpt"))
+    if case == "no_flag":
+        del args[flag]
+    else:
+        args[flag] = bad
+    proc = _cli(*[x for pair in args.items() for x in pair], tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), proc.stderr[-2000:]
+    assert flag in lines[0] and bad in lines[0], lines[0]
