@@ -13,6 +13,8 @@ if [ "${DS2_VENV:-.venv}" != "none" ] && [ ! -x "$DS2_PYTHON" ]; then
   "${PYTHON:-python3}" -m venv "$DS2_VENV_DIR"
 fi
 echo "setup: installing requirements into $("$DS2_PYTHON" -c 'import sys; print(sys.prefix)') (first time about 2 minutes: mindspore is a 2.5 GB install)"
-"$DS2_PYTHON" -m pip install --disable-pip-version-check -q -r requirements-test.txt
-"$DS2_PYTHON" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+# pip warns once per package about index locations of this machine's pip.conf that do not exist; not ours to show
+quiet_pip() { "$DS2_PYTHON" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+quiet_pip install --disable-pip-version-check -q -r requirements-test.txt
+quiet_pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 echo "setup: done"
