@@ -5,6 +5,9 @@ One module fixture starts four jobs side by side (each on its own free port) and
   * ``dp``:     (a) 2 workers on one node through the launcher, per-rank batch 2 (global batch 4);
   * ``node0`` + ``node1``: (b) the same 2-rank job as two launcher calls, one worker each, node ranks 0 and 1.
 All use the tiny model of tests/test_training.py (TINY_MODEL), 16 rows, 1 epoch = 4 steps, shuffle off.
+A second fixture (``finetune_run``) runs the README's finetune form, 2 workers with ``--use_parallel True
+--load_checkpoint`` from a .ckpt made here: MindFormers' barrier() before loading has no CPU kernel, so it checks
+research/deepseek2/cpu_collectives.py's AllReduce barrier (plus fast no-msrun tests that it changes nothing off CPU).
 
 Why the losses can match exactly:
   * MindDataset shards rows *strided* (shard r of n gets rows r, r+n, r+2n, ...; checked below), so with per-rank
@@ -213,3 +216,147 @@ def test_data_parallel_two_nodes_matches_one_node(runs):
     reference = _rank_checkpoints(runs["out"]["dp"])[0]
     for name, value in ckpts[0].items():
         assert np.array_equal(value, reference[name]), f"{name}: 2-node run differs from the 1-node run"
+
+
+# ---------------------------------------------------------------- finetune from a checkpoint (MindFormers' barrier)
+# The upstream README's finetune form, `--use_parallel True --load_checkpoint X --run_mode finetune` under msrun:
+# MindFormers calls barrier() before loading (preload_ckpt), which has no CPU kernel; run_training installs
+# research/deepseek2/cpu_collectives.py's AllReduce barrier instead. One launcher call, 2 workers on one node.
+FINETUNE_INIT_STD = 0.3      # the checkpoint's weights: far from the Trainer's own random init (seed 42, std 0.02)
+
+
+def _tiny_fields(**changes):
+    """The tiny YAML's model fields with TINY_MODEL applied (as the CLI builds them), ``type`` dropped."""
+    import yaml
+    with open(TINY_YAML, encoding="utf-8") as handle:
+        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
+    fields.pop("type")
+    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
+    fields.update(changes)
+    return fields
+
+
+def _first_global_batch_loss(tmp, data, checkpoint):
+    """The loaded model's mean token loss on the first global batch (rows 0 .. PER_RANK_BATCH*RANKS-1 in file
+    order: what the two ranks read at step 1), computed in this process by evaluate.heldout_loss."""
+    import mindspore.dataset as ds
+    from mindspore.mindrecord import FileWriter
+    from research.deepseek2.evaluate import heldout_loss
+    rows = list(ds.MindDataset(data, columns_list=["input_ids", "labels"], shuffle=False)
+                .create_dict_iterator(output_numpy=True, num_epochs=1))[:PER_RANK_BATCH * RANKS]
+    path = str(tmp / "first_batch.mindrecord")
+    writer = FileWriter(path, 1)
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}})
+    writer.write_raw_data([{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows])
+    writer.commit()
+    loss, _ = heldout_loss(_tiny_fields(), checkpoint, path, batch_size=len(rows), progress=False)
+    return loss
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    """A tiny-model .ckpt made here, its loss on the first global batch, then the 2-worker finetune from it."""
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    tmp = tmp_path_factory.mktemp("dp_finetune")
+    data = str(tmp / "rows.mindrecord")
+    _write_rows(data)
+    checkpoint = str(tmp / "tiny_start.ckpt")
+    ms.set_seed(7)
+    ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**_tiny_fields(init_std=FINETUNE_INIT_STD))),
+                       checkpoint)
+    expected = _first_global_batch_loss(tmp, data, checkpoint)       # before the job: no CPU contention
+
+    env = launch_env(tmp / "mf_default", 3)
+    output_dir = tmp / "out"
+    words = [RUNNER, "--config", TINY_YAML, "--use_parallel", "True", "--load_checkpoint", checkpoint,
+             "--run_mode", "finetune", "--train_data", data, *SMALL, "--parallel_config.data_parallel", str(RANKS),
+             *_batch(PER_RANK_BATCH), "--output_dir", str(output_dir)]
+    cmd = " ".join(f"'{word}'" if " " in word else word for word in words)
+    job = start_launcher("finetune", [cmd, str(RANKS), str(free_ports(1)[0]), str(tmp / "log_ft"), "False",
+                                      CLUSTER_TIME_OUT], str(tmp), env, str(tmp / "finetune.console"))
+    started = time.monotonic()
+    code = wait_all([job], JOB_TIMEOUT)[0]
+    print(f"\nfinetune job finished in {time.monotonic() - started:.0f} s: {code}")
+    return {"tmp": tmp, "out": output_dir, "code": code, "job": job, "expected": expected,
+            "checkpoint": checkpoint}
+
+
+def test_data_parallel_finetune_from_checkpoint(finetune_run):
+    """README's finetune form under msrun (2 workers, --use_parallel True --load_checkpoint): exit 0 on CPU, every
+    rank loaded the whole checkpoint and used the AllReduce barrier, the first loss is the loaded model's loss on
+    the first global batch, and the ranks end with identical parameters."""
+    run = finetune_run
+    logs = {rank: worker_log(run["tmp"] / "log_ft", rank) for rank in range(RANKS)}
+    assert run["code"] == 0, (f"finetune exited {run['code']}:\n{run['job'].console()[-3000:]}\n"
+                              + "".join(text[-3000:] for text in logs.values()))
+    firsts = []
+    for rank, text in logs.items():
+        assert "Unsupported op [Barrier]" not in text
+        assert "now wait on an AllReduce over the world group" in text, text[-3000:]     # install_cpu_barrier ran
+        assert f"all {RANKS} ranks arrived" in text, text[-3000:]                        # and was waited on
+        assert "Network parameters are not loaded: ([], [])" in text, text[-3000:]      # every weight loaded
+        lines = _log_lines(text)
+        assert [step for step, _, _ in lines] == list(range(1, STEPS + 1)), text[-3000:]
+        firsts.append(lines[0][1])
+    assert firsts[0] != firsts[1], f"both ranks saw the same rows ({firsts})"
+    expected = run["expected"]
+    assert abs(expected - np.log(64)) > 0.1, expected           # the checkpoint is not a fresh std-0.02 init
+    print(f"\nfinetune: first losses {firsts}, mean {np.mean(firsts):.6f}, loaded model on the first global "
+          f"batch {expected:.6f}")
+    assert abs(np.mean(firsts) - expected) <= 1e-5, (firsts, expected)
+
+    ckpts = _rank_checkpoints(run["out"])
+    assert set(ckpts[0]) == set(ckpts[1])
+    assert any(name.startswith("adam_m.") for name in ckpts[0])
+    for name, value in ckpts[0].items():
+        assert np.array_equal(value, ckpts[1][name]), f"{name} differs between rank 0 and rank 1"
+    import mindspore as ms
+    start = ms.load_checkpoint(run["checkpoint"])
+    assert any(not np.array_equal(start[name].asnumpy(), ckpts[0][name]) for name in start)   # it trained
+
+
+def test_install_cpu_barrier_is_a_noop_unless_distributed_cpu(monkeypatch):
+    """No communication initialised (a single-process run), or a device other than CPU (Ascend/GPU, even with
+    communication initialised): nothing is rebound."""
+    import importlib
+    import mindspore as ms
+    from mindspore.communication import GlobalComm
+    from research.deepseek2 import cpu_collectives as cc
+    before = {(mod, name): getattr(importlib.import_module(mod), name) for mod, name, _ in cc.PATCHED_NAMES}
+
+    monkeypatch.setattr(GlobalComm, "INITED", False)
+    assert ms.get_context("device_target") == "CPU"
+    assert not cc.should_install() and cc.install_cpu_barrier() == []
+
+    real_get_context = ms.get_context
+    monkeypatch.setattr(GlobalComm, "INITED", True)
+    for device in ("Ascend", "GPU"):
+        monkeypatch.setattr(ms, "get_context",
+                            lambda key, _d=device: _d if key == "device_target" else real_get_context(key))
+        assert not cc.should_install() and cc.install_cpu_barrier() == []
+    after = {(mod, name): getattr(importlib.import_module(mod), name) for mod, name, _ in cc.PATCHED_NAMES}
+    assert after == before
+
+
+def test_install_cpu_barrier_rebinds_exactly_mindformers_barrier_names(monkeypatch):
+    """On a distributed CPU run: exactly PATCHED_NAMES, each of which was MindSpore's barrier (or MindFormers'
+    barrier_world over it), now the AllReduce barrier; MindSpore's own comm_func.barrier is left alone."""
+    import importlib
+    from mindspore.communication import GlobalComm, comm_func
+    from mindformers.utils import parallel_utils
+    from research.deepseek2 import cpu_collectives as cc
+    originals = {"barrier": comm_func.barrier, "barrier_world": parallel_utils.barrier_world}
+    for mod, name, _ in cc.PATCHED_NAMES:
+        module = importlib.import_module(mod)
+        assert getattr(module, name) is originals[name], f"{mod}.{name}"
+        monkeypatch.setattr(module, name, getattr(module, name))      # restored after the test
+    monkeypatch.setattr(GlobalComm, "INITED", True)
+    patched = cc.install_cpu_barrier()
+    assert patched == [f"{mod}.{name}" for mod, name, _ in cc.PATCHED_NAMES]
+    assert {"mindformers.trainer.utils.barrier", "mindformers.utils.load_checkpoint_utils.barrier"} <= set(patched)
+    for mod, name, _ in cc.PATCHED_NAMES:
+        assert getattr(importlib.import_module(mod), name) is \
+            {"barrier": cc.cpu_barrier, "barrier_world": cc.cpu_barrier_world}[name]
+    assert comm_func.barrier is originals["barrier"] and parallel_utils.barrier_world is originals["barrier_world"]
+    assert cc.install_cpu_barrier() == patched                      # again: harmless

@@ -44,10 +44,12 @@ def run_training(config):
     import mindspore as ms
     from mindformers import Trainer
     from mindformers.core.context import build_context
+    from .cpu_collectives import install_cpu_barrier
 
     if config.get("output_dir"):
         config.output_dir = os.path.abspath(config.output_dir)
     build_context(config)
+    install_cpu_barrier()   # CPU + msrun: MindFormers' checkpoint-loading barrier() as an AllReduce
     if config.get("seed") is not None:
         ms.set_seed(int(config.seed))
     network = build_semi_auto_network(config) if is_semi_auto(config) else None
