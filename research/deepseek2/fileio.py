@@ -12,7 +12,27 @@ import uuid
 __all__ = ["StagedFile", "StagedDir", "atomic_write_text", "staged_path"]
 
 
-class StagedFile:
+class _Staged:
+    """Context-manager use of a staged output: committed when the block ends normally, aborted otherwise."""
+
+    def commit(self):
+        raise NotImplementedError
+
+    def abort(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+class StagedFile(_Staged):
     """Write to a temporary name beside ``path``; ``commit()`` renames it onto ``path``, ``abort()`` removes it.
 
     Usable as a context manager: the file is committed when the block ends normally and removed otherwise.
@@ -31,18 +51,8 @@ class StagedFile:
         if os.path.lexists(self.tmp):
             os.remove(self.tmp)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-        return False
-
-
-class StagedDir:
+class StagedDir(_Staged):
     """Build a folder's files in a staging folder, then move them into place in one go.
 
     A new folder is staged as a sibling ``.<name>.partial-<id>`` and renamed; files for an existing folder are staged
@@ -76,16 +86,6 @@ class StagedDir:
 
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-        return False
 
 
 @contextlib.contextmanager
