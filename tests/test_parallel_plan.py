@@ -197,3 +197,24 @@ def test_pipeline_stages_and_recompute_follow_parallel_config():
     assert net.model.tok_embeddings.pipeline_stage == 0
     assert net.model.norm_out.pipeline_stage == 1 and net.lm_head.pipeline_stage == 1
     assert all(layer._has_config_recompute for layer in net.model.layers)
+
+
+def test_training_builds_the_semi_auto_network_with_token_groups_and_layout():
+    """The Ascend training path of run_mindformer.py, as far as a CPU goes: the network is built through MindFormers'
+    registry with the data-parallel token groups and laid out before the Trainer would compile it."""
+    from mindformers.tools.register import MindFormerConfig
+    from research.deepseek2 import register
+    from research.deepseek2.training import build_semi_auto_network, is_semi_auto
+    register()
+    config = MindFormerConfig(os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml"))
+    assert not is_semi_auto(config)                                      # the CPU YAML: data parallel only
+    config.use_parallel = True
+    config.parallel.parallel_mode = 2
+    config.parallel_config.data_parallel = 2
+    config.parallel_config.expert_parallel = 2
+    config.model.model_config.moe_dispatch = "capacity"
+    assert is_semi_auto(config)
+    net = build_semi_auto_network(config)
+    experts = [c for n, c in net.cells_and_names() if n.endswith("feed_forward.routed_experts")]
+    assert experts and all(c.groups == 2 and c.bmm_up.in_strategy == ((2, 1, 1), (2, 1, 1)) for c in experts)
+    assert "local" not in config.model.arch                              # the YAML is left as it was
