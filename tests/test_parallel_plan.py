@@ -9,7 +9,7 @@ import yaml
 import mindspore as ms
 
 from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, reference as R
-from research.deepseek2.inventory import (LocalShape, buffers, divisibility_problems, expected_shapes, local_shape,
+from research.deepseek2.inventory import (buffers, divisibility_problems, expected_shapes, local_shape,
                                           parameters)
 from research.deepseek2.parallel import (ParallelSizes, apply_semi_auto, expert_buffers, parallel_sizes,
                                          training_local_shape, weight_strategies)

@@ -116,7 +116,10 @@ def layer_parameters(config, layer: int) -> List[Param]:
     """The weights of decoder layer ``layer``."""
     s = model_shape(config)
     h, n = s.hidden_size, s.num_attention_heads
-    heads = lambda dim: Cut("mp", dim, n, "num_attention_heads")              # noqa: E731  (split on head bounds)
+
+    def heads(dim):                                                           # split on head boundaries
+        return Cut("mp", dim, n, "num_attention_heads")
+
     p = f"model.layers.{layer}."
     out = [Param(p + "attention_norm.weight", (h,)), Param(p + "ffn_norm.weight", (h,))]
     a = p + "attention."

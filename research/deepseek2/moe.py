@@ -151,8 +151,9 @@ class RoutedExperts(nn.Cell):
         self.capacity_factor = config.expert_capacity_factor
         self.groups = token_groups                               # capacity dispatch: token groups (data parallel)
         self.compute_dtype = compute_dtype
-        stacked = lambda shape, name: Parameter(initializer(Normal(config.init_std), shape, param_init_type),  # noqa
-                                                name=name)
+        def stacked(shape, name):
+            return Parameter(initializer(Normal(config.init_std), shape, param_init_type), name=name)
+
         self.w1 = stacked((e, i, h), "w1")                       # gate_proj of every expert
         self.w3 = stacked((e, i, h), "w3")                       # up_proj
         self.w2 = stacked((e, h, i), "w2")                       # down_proj
