@@ -325,3 +325,41 @@ def test_bad_checkpoint_subprocess(assets, tmp_path):
     code, out, err = _subprocess(args, tmp_path)
     _one_error_line(code, err, "does not match the net")
     assert "model.tok_embeddings.embedding_weight" in err and "Traceback" not in out
+
+
+def _hf_folder(assets, folder, drop=None):
+    """The tiny checkpoint as a Hugging Face folder (convert_weight --reverse); ``drop``: a tensor left out."""
+    from safetensors.numpy import load_file, save_file
+    from research.deepseek2 import DeepseekV2Config
+    from research.deepseek2.convert_weight import convert_ms_to_hf
+    convert_ms_to_hf(assets["checkpoint"], str(folder), DeepseekV2Config(**_fields()), progress=False)
+    if drop:
+        for shard in folder.glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            if drop in tensors:
+                del tensors[drop]
+                save_file(tensors, str(shard), metadata={"format": "pt"})
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"].pop(drop, None)
+            index.write_text(json.dumps(data))
+    return str(folder)
+
+
+def test_hugging_face_folder_is_a_checkpoint(assets, ref, tmp_path, capsys):
+    """--load_checkpoint HF_DIR (config.json + safetensors): the same tokens as the .ckpt it was converted from."""
+    args = _args(assets, tmp_path, "--predict_data", PROMPTS[0], "--chat", "False")
+    args[args.index("--load_checkpoint") + 1] = _hf_folder(assets, tmp_path / "hf")
+    code, _, err = _cli(args, capsys)
+    assert code == 0, err[-2000:]
+    assert _results(tmp_path) == [{"prompt": PROMPTS[0], "output": ref.text(PROMPTS[0], chat=False)}]
+
+
+def test_hugging_face_folder_missing_a_tensor_is_refused(assets, tmp_path, capsys):
+    missing = "model.layers.1.mlp.experts.3.up_proj.weight"
+    args = _args(assets, tmp_path, "--predict_data", PROMPTS[0])
+    args[args.index("--load_checkpoint") + 1] = _hf_folder(assets, tmp_path / "hf", drop=missing)
+    code, _, err = _cli(args, capsys)
+    _one_error_line(code, err, missing)
+    assert not (tmp_path / "out" / "text_generation_result.txt").exists()

@@ -6,11 +6,11 @@
 - ``ckpt_mindspore``: the ``.ckpt`` format: ``CkptWriter``, ``scan_ckpt``, ``iter_ckpt``.
 - ``ckpt_folders``: ``HFCheckpoint``, ``MSCheckpoint`` and their indexes (``HF_INDEX_NAME``, ``MS_INDEX_NAME``).
 - ``ckpt_hf_as_ms``: ``check_hf_tensors``, ``iter_hf_as_ms`` (HF tensors as this model's parameters).
-- ``ckpt_load``: ``load_ms_checkpoint``, ``load_hf_checkpoint`` into a net.
+- ``ckpt_load``: ``load_ms_checkpoint``, ``load_hf_checkpoint`` into a net; ``load_checkpoint`` (below) picks one.
 - ``errors``: ``CheckpointError``.
 """
 from research.deepseek2.ckpt_common import BF16, cast_array, dtype_name, np_dtype
-from research.deepseek2.ckpt_folders import HF_INDEX_NAME, MS_INDEX_NAME, HFCheckpoint, MSCheckpoint
+from research.deepseek2.ckpt_folders import HF_INDEX_NAME, MS_INDEX_NAME, HFCheckpoint, MSCheckpoint, is_hf_folder
 from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
 from research.deepseek2.ckpt_load import load_hf_checkpoint, load_ms_checkpoint
 from research.deepseek2.ckpt_mindspore import CkptWriter, iter_ckpt, scan_ckpt
@@ -21,4 +21,13 @@ from research.deepseek2.errors import CheckpointError
 __all__ = ["BF16", "CheckpointError", "SafetensorsReader", "SafetensorsWriter", "TorchBinReader", "HFCheckpoint",
            "CkptWriter", "scan_ckpt", "iter_ckpt", "MSCheckpoint", "MS_INDEX_NAME", "HF_INDEX_NAME",
            "np_dtype", "cast_array", "dtype_name", "check_hf_tensors", "iter_hf_as_ms",
-           "load_ms_checkpoint", "load_hf_checkpoint"]
+           "load_ms_checkpoint", "load_hf_checkpoint", "load_checkpoint", "is_hf_folder"]
+
+
+def load_checkpoint(net, path: str):
+    """Load any checkpoint this project reads into ``net``: a Hugging Face folder (config.json + safetensors or .bin
+    shards; its config must give the net's shapes) or a MindSpore ``.ckpt`` file / converted folder / its index.
+    Every weight must arrive with its shape (CheckpointError naming the missing, unexpected or mis-shaped ones)."""
+    if is_hf_folder(path):
+        return load_hf_checkpoint(net, path)
+    return load_ms_checkpoint(net, path)

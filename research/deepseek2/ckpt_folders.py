@@ -22,7 +22,7 @@ from research.deepseek2.ckpt_safetensors import SafetensorsReader
 from research.deepseek2.ckpt_torch import TorchBinReader
 from research.deepseek2.errors import CheckpointError
 
-__all__ = ["HF_INDEX_NAME", "MS_INDEX_NAME", "read_weight_map", "HFCheckpoint", "MSCheckpoint"]
+__all__ = ["is_hf_folder", "HF_INDEX_NAME", "MS_INDEX_NAME", "read_weight_map", "HFCheckpoint", "MSCheckpoint"]
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 MS_INDEX_NAME = "deepseek2.ckpt.index.json"
@@ -34,6 +34,11 @@ def _inside(name: str) -> bool:
         return False
     parts = os.path.normpath(name).split(os.sep)
     return parts[0] not in (os.pardir, os.curdir, "")
+
+
+def is_hf_folder(path: str) -> bool:
+    """A Hugging Face model folder: a directory with a config.json (its weights beside it)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
 def read_weight_map(index_file: str) -> Dict[str, str]:

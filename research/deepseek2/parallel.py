@@ -13,13 +13,12 @@ strategy of its weight's cuts and the ops of ``op_strategies`` theirs; MindSpore
 ``LocalShape(token_groups=data_parallel)`` so the capacity dispatch and token dropping group tokens by data-parallel
 rank.
 """
-import os
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
 
-from .checkpoint_io import HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, np_dtype
+from .checkpoint_io import HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, is_hf_folder, np_dtype
 from .errors import CheckpointError
 from .inventory import LocalShape, Param, expert_capacity, inference_split_dim, parameters, parts
 from .weight_map import ms_to_hf, is_stacked
@@ -201,8 +200,7 @@ def load_for_rank(net, path: str, rank: int):
     tp = net.local.tp
     wanted = {p.name: p for p in parameters(net.config)}
     net_params = {p.name: p for p in net.get_parameters()}
-    is_hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-    arrays = _from_hf(wanted, path, tp, rank) if is_hf else _from_ms(wanted, path, tp, rank)
+    arrays = _from_hf(wanted, path, tp, rank) if is_hf_folder(path) else _from_ms(wanted, path, tp, rank)
     missing = [n for n in wanted if n not in arrays]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[:5]}")

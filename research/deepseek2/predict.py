@@ -168,7 +168,7 @@ def encode_prompts(tokenizer, prompts, chat: bool, model_config, new_tokens: int
 
 def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
     """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded."""
-    from .checkpoint_io import load_ms_checkpoint
+    from .checkpoint_io import load_checkpoint
     from .deepseek2 import DeepseekV2ForCausalLM
     from .inventory import local_shape
     from .parallel import load_for_rank
@@ -181,8 +181,8 @@ def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
         try:
             if tp_size > 1:                                  # this rank's heads, FFN columns and experts only
                 load_for_rank(net, checkpoint, tp_rank)
-            else:
-                load_ms_checkpoint(net, checkpoint)
+            else:                                            # a Hugging Face folder or a MindSpore checkpoint
+                load_checkpoint(net, checkpoint)
         except (ValueError, KeyError, RuntimeError) as err:
             raise UsageError(f"--load_checkpoint {checkpoint}: {err}") from err
     else:
