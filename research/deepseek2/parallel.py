@@ -21,6 +21,7 @@ import numpy as np
 from .checkpoint_io import HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, is_hf_folder, np_dtype
 from .errors import CheckpointError
 from .inventory import LocalShape, Param, expert_capacity, inference_split_dim, parameters, parts
+from .parallel_check import parallel_shape
 from .weight_map import ms_to_hf, is_stacked
 
 __all__ = ["ParallelSizes", "parallel_sizes", "weight_strategies", "matmul_strategy", "op_strategies",
@@ -43,13 +44,13 @@ class ParallelSizes:
 
 
 def parallel_sizes(parallel_config) -> ParallelSizes:
-    """ParallelSizes of a MindFormers parallel_config (object or mapping; defaults of parallel_check.parallel_shape)."""
-    from .parallel_check import parallel_shape
+    """ParallelSizes of a MindFormers parallel_config (object or mapping; defaults and the vocabulary rule of
+    parallel_check.parallel_shape)."""
     keys = ("data_parallel", "model_parallel", "expert_parallel", "vocab_emb_dp")
     given = parallel_config if isinstance(parallel_config, dict) else \
         {key: getattr(parallel_config, key) for key in keys if hasattr(parallel_config, key)}
     shape = parallel_shape(given)
-    return ParallelSizes(dp=shape.dp, mp=shape.mp, ep=shape.ep, vocab=1 if shape.vocab_emb_dp else shape.mp)
+    return ParallelSizes(dp=shape.dp, **shape.axes())
 
 
 def training_local_shape(sizes: ParallelSizes, semi_auto: bool) -> LocalShape:
