@@ -3,6 +3,7 @@
 Tiny HF models are built with transformers' own DeepseekV2ForCausalLM, saved in every layout the converter reads
 (single safetensors, sharded safetensors, pytorch_model.bin, bf16), converted, and compared tensor by tensor.
 """
+import glob
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from transformers import DeepseekV2Config as HFConfig, DeepseekV2ForCausalLM as 
 
 from research.deepseek2 import checkpoint_io as cio  # noqa: E402
 from research.deepseek2 import ckpt_mindspore  # noqa: E402
+from research.deepseek2.ckpt_folders import MS_NAME_MAP  # noqa: E402
 from research.deepseek2.convert_weight import (convert_hf_to_ms, convert_ms_to_hf, load_model_config,  # noqa: E402
                                                main, name_map_markdown, parse_size)
 from research.deepseek2.deepseek2_config import DeepseekV2Config  # noqa: E402
@@ -112,8 +114,9 @@ def _check_against_hf(params: dict, state: dict, config):
 
 
 def _ms_load(path) -> dict:
-    """mindspore.load_checkpoint (MindSpore's own reader, not ours) -> {name: numpy}."""
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
+    """mindspore.load_checkpoint (MindSpore's own reader, not ours; format by the suffix) -> {name: numpy}."""
+    fmt = "safetensors" if str(path).endswith(".safetensors") else "ckpt"
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path), format=fmt).items()}
 
 
 def _leftovers(folder) -> list:
@@ -257,32 +260,50 @@ def test_reverse_from_folder_with_yaml_config_and_cli(hf, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- folders
-def test_sharded_output_index_and_loader(hf, tmp_path):
+def _index_map(folder, fmt) -> dict:
+    """{parameter: shard} of a converted folder: param_name_map.json (flat) or deepseek2.ckpt.index.json."""
+    if fmt == "safetensors":
+        return json.loads((folder / MS_NAME_MAP).read_text())
+    return json.loads((folder / cio.MS_INDEX_NAME).read_text())["weight_map"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_sharded_output_index_and_loader(hf, tmp_path, fmt):
+    """A folder output: one shard per input shard (safetensors by default, .ckpt with fmt='ckpt') + its index;
+    every shard read by MindSpore's own reader; the loaders read the folder."""
     folder, state = hf["sharded"]
     config = _config(folder)
     out = tmp_path / "msdir"
-    summary = convert_hf_to_ms(folder, str(out) + "/", progress=False)
+    summary = convert_hf_to_ms(folder, str(out) + "/", progress=False, **({} if fmt == "safetensors" else
+                                                                          {"fmt": "ckpt"}))
+    assert summary["format"] == fmt
     hf_index = json.loads(open(os.path.join(folder, "model.safetensors.index.json")).read())["weight_map"]
     n_in = len(set(hf_index.values()))
-    index = json.loads((out / cio.MS_INDEX_NAME).read_text())
-    files = sorted(set(index["weight_map"].values()))
+    weight_map = _index_map(out, fmt)
+    files = sorted(set(weight_map.values()))
     assert 1 < len(files) <= n_in and files == sorted(os.path.basename(f) for f in summary["files"])
-    assert set(index["weight_map"]) == set(expected_ms_shapes(config))
+    assert sorted(os.listdir(out)) == sorted(files + [MS_NAME_MAP if fmt == "safetensors" else cio.MS_INDEX_NAME])
+    stem = "model" if fmt == "safetensors" else "deepseek2"
+    assert files == [f"{stem}-{k + 1:05d}-of-{len(files):05d}.{fmt}" for k in range(len(files))]
+    assert set(weight_map) == set(expected_ms_shapes(config))
     params = {}
     for file in files:
-        shard = _ms_load(str(out / file))  # every shard is a plain .ckpt MindSpore reads
-        assert all(index["weight_map"][k] == file for k in shard)
+        shard = _ms_load(str(out / file))  # every shard is a plain .ckpt / .safetensors MindSpore reads
+        assert shard and all(weight_map[k] == file for k in shard)
         params.update(shard)
     _check_against_hf(params, state, config)
-    assert index["metadata"]["total_size"] == sum(v.nbytes for v in params.values())
+    if fmt == "ckpt":
+        index = json.loads((out / cio.MS_INDEX_NAME).read_text())
+        assert index["metadata"]["total_size"] == sum(v.nbytes for v in params.values())
+    assert summary["bytes"] == sum(v.nbytes for v in params.values())
     # a layer's stacked experts sit in the output shard of the input shard where its last expert was
     hf_shards = sorted(set(hf_index.values()))
     ms_of_input = {}
-    for name, file in index["weight_map"].items():
+    for name, file in weight_map.items():
         if not is_stacked(name):
             rows = [k for k in hf_index if hf_to_ms(k) == (name, None)]
             ms_of_input.setdefault(hf_shards.index(hf_index[rows[0]]), set()).add(file)
-    for name, file in index["weight_map"].items():
+    for name, file in weight_map.items():
         if is_stacked(name):
             last = max(hf_shards.index(hf_index[k]) for k in hf_index if hf_to_ms(k)[0] == name)
             assert ms_of_input.get(last, {file}) == {file}, name
@@ -302,6 +323,144 @@ def test_sharded_output_index_and_loader(hf, tmp_path):
     with pytest.raises(cio.CheckpointError, match="does not match the net") as err:
         cio.load_ms_checkpoint(DummyNet(shapes), str(out))
     assert "model.extra.weight" in str(err.value) and LM_HEAD in str(err.value)
+
+
+def _mindspore_reads(path) -> dict:
+    """What MindSpore itself reads (not our readers), as MindFormers 1.9 does it: a folder -> every *.safetensors
+    in it, each with mindspore.load_checkpoint(f, format="safetensors"), merged; a file -> load_checkpoint by its
+    suffix. {name: Parameter}."""
+    path = str(path)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    else:
+        files = [path]
+    merged = {}
+    for file in files:
+        params = ms.load_checkpoint(file, format="safetensors" if file.endswith(".safetensors") else "ckpt")
+        assert not set(params) & set(merged), file
+        merged.update(params)
+    return merged
+
+
+@pytest.mark.parametrize("layout", ["bf16", "sharded", "lite_grouped"])
+def test_ms_safetensors_read_by_mindspore_equal_the_ckpt(hf, tmp_path, layout):
+    """Folder and single-file safetensors outputs, read with mindspore.load_checkpoint(format="safetensors"), give
+    exactly the names, shapes, dtypes and bits of the .ckpt output of the same input (bf16 kept bit for bit)."""
+    folder, state = hf[layout]
+    convert_hf_to_ms(folder, str(tmp_path / "m.ckpt"), progress=False)
+    convert_hf_to_ms(folder, str(tmp_path / "msdir"), progress=False)  # no suffix, no '/': a folder
+    convert_hf_to_ms(folder, str(tmp_path / "m.safetensors"), progress=False)
+    reference = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / "m.ckpt")).items()}
+    _check_against_hf(reference, state, _config(folder))
+    for out in ("msdir", "m.safetensors"):
+        got = {k: v.asnumpy() for k, v in _mindspore_reads(tmp_path / out).items()}
+        assert set(got) == set(reference), out
+        for name, array in reference.items():
+            assert got[name].dtype == array.dtype and got[name].shape == array.shape, (out, name)
+            np.testing.assert_array_equal(_bits(got[name]), _bits(array), err_msg=f"{out} {name}")
+        # our reader agrees, and the files carry MindSpore's metadata
+        info = cio.MSCheckpoint(str(tmp_path / out)).tensor_info()
+        assert {n: (tuple(v[0]), v[1]) for n, v in info.items()} == \
+            {n: (a.shape, a.dtype) for n, a in reference.items()}
+        for file in cio.MSCheckpoint(str(tmp_path / out)).files:
+            with safe_open(file, framework="numpy") as f:
+                assert f.metadata() == {"format": "ms", "remove_redundancy": "False"}
+    if layout == "bf16":
+        assert {str(v.dtype) for v in _mindspore_reads(tmp_path / "msdir").values()} == {"BFloat16"}
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["bf16", "sharded"])
+def test_reverse_from_every_mindspore_form_is_bit_exact(hf, tmp_path, layout):
+    """--reverse reads a .ckpt file, a .ckpt folder, a .safetensors file and a safetensors folder (and the
+    folders' index files): each gives back the original HF tensors bit for bit."""
+    folder, state = hf[layout]
+    sources = {"ckpt file": "m.ckpt", "safetensors file": "m.safetensors", "safetensors folder": "st_dir/",
+               "ckpt folder": "ckpt_dir/", "safetensors map": f"st_dir/{MS_NAME_MAP}",
+               "ckpt index": f"ckpt_dir/{cio.MS_INDEX_NAME}"}
+    for kind in ("ckpt file", "safetensors file", "safetensors folder", "ckpt folder"):
+        convert_hf_to_ms(folder, str(tmp_path / sources[kind]), progress=False,
+                         **({"fmt": "ckpt"} if kind == "ckpt folder" else {}))
+    assert any(n.endswith(".ckpt") for n in os.listdir(tmp_path / "ckpt_dir"))
+    for k, (kind, source) in enumerate(sources.items()):
+        back = tmp_path / f"back{k}"
+        assert main(["--reverse", "--mindspore_ckpt_path", str(tmp_path / source), "--torch_ckpt_path", str(back),
+                     "--config", folder, "--max_shard_size", "30KB", "--no_progress"]) == 0, kind
+        tensors = _read_hf_dir(str(back))
+        assert set(tensors) == set(state), kind
+        for name, tensor in state.items():
+            assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor), (kind, name)
+
+
+def test_mscheckpoint_folder_rules(hf, tmp_path):
+    """Without an index every *.safetensors (else *.ckpt) of a folder is read; two kinds of shard or index in one
+    folder, and a Hugging Face folder, are refused; a .safetensors file is not handed to the .ckpt reader."""
+    folder, state = hf["sharded"]
+    config = _config(folder)
+    st = tmp_path / "st"
+    convert_hf_to_ms(folder, str(st), progress=False)
+    expected = {n: tuple(s) for n, s in expected_ms_shapes(config).items()}
+    with_map = cio.MSCheckpoint(str(st)).tensor_info()
+    os.remove(st / MS_NAME_MAP)
+    source = cio.MSCheckpoint(str(st))  # every *.safetensors
+    assert source.index is None and len(source.files) > 1
+    assert {n: tuple(v[0]) for n, v in source.tensor_info().items()} == expected
+    assert {n: v[2] for n, v in source.tensor_info().items()} == {n: v[2] for n, v in with_map.items()}
+    params = {name: array for _, tensors in source.iter_files() for name, array in tensors}
+    _check_against_hf(params, state, config)
+    convert_hf_to_ms(folder, str(tmp_path / "m.ckpt"), progress=False)
+    shutil.copy(tmp_path / "m.ckpt", st / "m.ckpt")
+    with pytest.raises(cio.CheckpointError, match=r"both \.safetensors and \.ckpt files and no index"):
+        cio.MSCheckpoint(str(st))
+    ck = tmp_path / "ck"
+    convert_hf_to_ms(folder, str(ck), fmt="ckpt", progress=False)
+    shutil.copy(ck / cio.MS_INDEX_NAME, tmp_path / "index.json")
+    (ck / MS_NAME_MAP).write_text("{}")
+    with pytest.raises(cio.CheckpointError, match=f"both {MS_NAME_MAP}.*and {re.escape(cio.MS_INDEX_NAME)}"):
+        cio.MSCheckpoint(str(ck))
+    assert set(cio.MSCheckpoint(str(ck / cio.MS_INDEX_NAME)).tensor_info()) == set(expected)  # named: fine
+    with pytest.raises(cio.CheckpointError, match="a Hugging Face folder"):
+        cio.MSCheckpoint(folder)
+    with pytest.raises(cio.CheckpointError, match=r"a safetensors file, not a \.ckpt"):
+        list(cio.iter_ckpt(str(tmp_path / "m.safetensors.missing.safetensors")))
+    # an entry of the map naming a shard the map does not put it in
+    convert_hf_to_ms(folder, str(tmp_path / "st2"), progress=False)
+    name_map = json.loads((tmp_path / "st2" / MS_NAME_MAP).read_text())
+    files = sorted(set(name_map.values()))
+    moved = next(n for n, f in name_map.items() if f == files[0])
+    name_map[moved] = files[1]
+    (tmp_path / "st2" / MS_NAME_MAP).write_text(json.dumps(name_map))
+    with pytest.raises(cio.CheckpointError, match=re.escape(moved) + ".*not listed for this file"):
+        cio.MSCheckpoint(str(tmp_path / "st2")).tensor_info()
+
+
+def test_output_paths_and_format_flag(hf, tmp_path):
+    """The suffix decides a file's format; --format only for folders; stale checkpoint files and Hugging Face folders
+    are refused as output folders, before anything is written."""
+    folder, _ = hf["qlora_greedy"]
+    with pytest.raises(cio.CheckpointError, match=r"is a \.safetensors file but --format is ckpt"):
+        convert_hf_to_ms(folder, str(tmp_path / "x.safetensors"), fmt="ckpt", progress=False)
+    with pytest.raises(cio.CheckpointError, match=r"is a \.ckpt file but --format is safetensors"):
+        convert_hf_to_ms(folder, str(tmp_path / "x.ckpt"), fmt="safetensors", progress=False)
+    assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "x.ckpt"), "--format",
+                 "safetensors", "--no_progress"]) == 1
+    assert main(["--reverse", "--torch_ckpt_path", str(tmp_path / "h"), "--mindspore_ckpt_path",
+                 str(tmp_path / "x.ckpt"), "--config", folder, "--format", "ckpt", "--no_progress"]) == 1
+    assert os.listdir(tmp_path) == []
+    assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "d"), "--format", "ckpt",
+                 "--no_progress"]) == 0
+    assert sorted(os.listdir(tmp_path / "d")) == sorted([cio.MS_INDEX_NAME, "deepseek2-00001-of-00001.ckpt"])
+    # the same conversion again replaces its own files; another format's files are in the way
+    assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "d"), "--format", "ckpt",
+                 "--no_progress"]) == 0
+    with pytest.raises(cio.CheckpointError, match=r"holds checkpoint files this conversion would not replace "
+                                                   r"\(deepseek2-00001-of-00001\.ckpt, deepseek2\.ckpt\.index\.json\)"):
+        convert_hf_to_ms(folder, str(tmp_path / "d"), progress=False)
+    hf_copy = _copy(folder, tmp_path / "hf_copy")
+    before = sorted(os.listdir(hf_copy))
+    with pytest.raises(cio.CheckpointError, match="a Hugging Face folder"):
+        convert_hf_to_ms(folder, hf_copy, progress=False)
+    assert sorted(os.listdir(hf_copy)) == before and _leftovers(tmp_path) == []
 
 
 def test_load_hf_checkpoint_into_net(hf, tmp_path):
@@ -428,8 +587,8 @@ def _assert_no_output(tmp_path, out):
     ("truncated", r"model\.safetensors.*truncated"),
     ("no_config", r"config\.json.*not found"),
 ])
-@pytest.mark.parametrize("folder_output", [False, True])
-def test_bad_hf_checkpoints_fail_cleanly(hf, tmp_path, case, pattern, folder_output):
+@pytest.mark.parametrize("output", ["out.ckpt", "out.safetensors", "out/"])
+def test_bad_hf_checkpoints_fail_cleanly(hf, tmp_path, case, pattern, output):
     folder = _copy(hf["qlora_greedy"][0], tmp_path / "src")
     if case == "missing":
         _resave(folder, lambda s: s.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
@@ -444,7 +603,7 @@ def test_bad_hf_checkpoints_fail_cleanly(hf, tmp_path, case, pattern, folder_out
         os.truncate(path, os.path.getsize(path) - 100)
     elif case == "no_config":
         os.remove(os.path.join(folder, "config.json"))
-    out = str(tmp_path / "out") + "/" if folder_output else str(tmp_path / "out.ckpt")
+    out = str(tmp_path / output.rstrip("/")) + ("/" if output.endswith("/") else "")
     with pytest.raises(cio.CheckpointError, match=pattern):
         convert_hf_to_ms(folder, out, progress=False)
     _assert_no_output(tmp_path, out)
@@ -471,7 +630,7 @@ def test_existing_output_folder_keeps_other_files_and_replaces_nothing_on_error(
         convert_hf_to_ms(bad, str(out), progress=False)
     assert sorted(os.listdir(out)) == ["README"]
     convert_hf_to_ms(hf["qlora_greedy"][0], str(out), progress=False)
-    assert sorted(os.listdir(out)) == sorted(["README", cio.MS_INDEX_NAME, "deepseek2-00001-of-00001.ckpt"])
+    assert sorted(os.listdir(out)) == sorted(["README", MS_NAME_MAP, "model-00001-of-00001.safetensors"])
 
 
 @pytest.mark.parametrize("case,pattern", [
@@ -509,10 +668,11 @@ def _point_outside(index_file, tmp_path, escape: str):
 
     Returns the entry's tensor name."""
     index = json.loads(open(index_file).read())
-    name, shard = sorted(index["weight_map"].items())[0]
+    entries = index["weight_map"] if "weight_map" in index else index  # param_name_map.json is flat
+    name, shard = sorted(entries.items())[0]
     outside = tmp_path / ("outside" + os.path.splitext(shard)[1])
     shutil.copy(os.path.join(os.path.dirname(index_file), shard), outside)  # it exists: refused for where it is
-    index["weight_map"][name] = f"../{outside.name}" if escape == "parent" else str(outside)
+    entries[name] = f"../{outside.name}" if escape == "parent" else str(outside)
     with open(index_file, "w") as f:
         json.dump(index, f)
     return name
@@ -542,11 +702,12 @@ def test_hf_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, lay
 
 
 @pytest.mark.parametrize("escape", ["parent", "absolute"])
-def test_ms_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, escape):
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_ms_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, escape, fmt):
     folder = hf["sharded"][0]
     msdir = tmp_path / "msdir"
-    convert_hf_to_ms(folder, str(msdir) + "/", progress=False)
-    index_file = msdir / cio.MS_INDEX_NAME
+    convert_hf_to_ms(folder, str(msdir) + "/", progress=False, fmt=fmt)
+    index_file = msdir / (MS_NAME_MAP if fmt == "safetensors" else cio.MS_INDEX_NAME)
     name = _point_outside(str(index_file), tmp_path, escape)
     out = str(tmp_path / "hf_out")
     for call in (lambda: convert_ms_to_hf(str(msdir), out, folder, progress=False),
@@ -575,6 +736,8 @@ from research.deepseek2.convert_weight import convert_hf_to_ms, convert_ms_to_hf
 src, out, back, bin_dir = sys.argv[1:]
 convert_hf_to_ms(src, out, progress=False)
 convert_ms_to_hf(out, back, src, max_shard_size="30KB", progress=False)
+convert_hf_to_ms(src, out + ".dir", progress=False)
+convert_ms_to_hf(out + ".dir", back + "_st", src, max_shard_size="30KB", progress=False)
 try:
     convert_hf_to_ms(bin_dir, out + ".bin.ckpt", progress=False)
 except CheckpointError as err:
@@ -585,7 +748,8 @@ print("NO TORCH OK")
 
 
 def test_safetensors_and_ckpt_need_no_torch(hf, tmp_path):
-    """With torch absent: bf16 safetensors -> .ckpt -> safetensors works; .bin weights fail with a clear error."""
+    """With torch absent: bf16 safetensors -> .ckpt / MindSpore safetensors folder -> safetensors works; .bin
+    weights fail with a clear error."""
     folder, state = hf["bf16"]
     env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"))
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, folder, str(tmp_path / "m.ckpt"),
@@ -594,9 +758,10 @@ def test_safetensors_and_ckpt_need_no_torch(hf, tmp_path):
     assert proc.returncode == 0 and "NO TORCH OK" in proc.stdout, proc.stderr[-3000:]
     assert re.search(r"BIN: .*pytorch_model\.bin: reading pytorch_model\*\.bin weights needs torch", proc.stdout)
     assert not os.path.exists(str(tmp_path / "m.ckpt.bin.ckpt"))
-    back = _read_hf_dir(str(tmp_path / "back"))
-    for name, tensor in state.items():
-        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor), name
+    for out in ("back", "back_st"):
+        back = _read_hf_dir(str(tmp_path / out))
+        for name, tensor in state.items():
+            assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor), (out, name)
 
 
 def test_cli_flags_and_helpers():
@@ -635,11 +800,14 @@ def test_cli_both_invocations(hf, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- the model
 @pytest.mark.parametrize("layout", ["qlora_greedy", "lite_grouped"])
-def test_converted_checkpoint_fits_the_model(hf, tmp_path, layout):
+@pytest.mark.parametrize("output", ["m.ckpt", "m.safetensors", "msdir"])
+def test_converted_checkpoint_fits_the_model(hf, tmp_path, layout, output):
+    """Every output form, read by MindSpore itself (MindFormers' way for a safetensors folder), fills a tiny
+    DeepseekV2ForCausalLM with strict_load: nothing left but the buffers, nothing unused; our loaders agree."""
     from research.deepseek2 import DeepseekV2Config as config_cls  # pylint: disable=import-outside-toplevel
     from research.deepseek2 import DeepseekV2ForCausalLM as model_cls  # pylint: disable=import-outside-toplevel
     folder, _ = hf[layout]
-    out = tmp_path / "m.ckpt"
+    out = tmp_path / output
     convert_hf_to_ms(folder, str(out), progress=False)
     config = config_cls(**json.loads(open(os.path.join(folder, "config.json")).read()), seq_length=16)
     net = model_cls(config)
@@ -649,12 +817,12 @@ def test_converted_checkpoint_fits_the_model(hf, tmp_path, layout):
     ckpt = cio.MSCheckpoint(str(out)).tensor_info()
     assert weights == {n: tuple(v[0]) for n, v in ckpt.items()}
     assert not buffers & set(expected_ms_shapes(_config(folder)))
-    not_loaded, unused = ms.load_param_into_net(net, ms.load_checkpoint(str(out)), strict_load=True)
+    not_loaded, unused = ms.load_param_into_net(net, _mindspore_reads(out), strict_load=True)
     assert set(not_loaded) == buffers and unused == []
     assert set(cio.load_ms_checkpoint(net, str(out))) == set(weights)
     net = model_cls(config)
     assert set(cio.load_hf_checkpoint(net, folder)) == set(weights)
-    stored = dict(cio.iter_ckpt(str(out)))
+    stored = {name: array for _, tensors in cio.MSCheckpoint(str(out)).iter_files() for name, array in tensors}
     for param in net.get_parameters():
         if param.requires_grad:
             np.testing.assert_array_equal(param.asnumpy(), stored[param.name], err_msg=param.name)

@@ -12,6 +12,8 @@ gathers its whole list of tensors in memory, and ``mindspore.load_checkpoint`` p
   no reader that leaves the contents on disk);
 - ``iter_ckpt`` hands files up to ``MS_PARSER_MAX_BYTES`` to ``mindspore.load_checkpoint`` and streams larger ones
   message by message (memory: one tensor).
+MindSpore's other format, safetensors (``load_checkpoint(..., format="safetensors")``), is read and written by
+``ckpt_safetensors``; ``ckpt_folders.MSCheckpoint`` reads either kind of file and folder.
 """
 import os
 from typing import Dict, Iterator, Optional, Tuple
@@ -295,7 +297,11 @@ def iter_ckpt(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     """(name, numpy array) for every parameter of a ``.ckpt``, in file order (bf16 as ``BF16``).
 
     Memory: up to ``MS_PARSER_MAX_BYTES``, about 2.4x the file while MindSpore parses it; above, one tensor.
+    A ``.safetensors`` file is refused (``CheckpointError``): ``MSCheckpoint(path).iter_files()`` reads both kinds.
     """
+    if path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: a safetensors file, not a .ckpt: read it with "
+                              f"ckpt_folders.MSCheckpoint(path).iter_files() (or ckpt_safetensors.iter_safetensors)")
     if path.endswith(".ckpt") and os.path.getsize(path) <= MS_PARSER_MAX_BYTES:
         yield from _load_with_mindspore(path)
         return

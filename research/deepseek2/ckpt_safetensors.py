@@ -7,9 +7,14 @@ Reading is the library's: ``safe_open(path, framework="numpy", backend="pread")`
 is refused at open) and ``get_slice`` reads only the bytes an index selects; ``pread`` keeps resident memory at the
 tensor read (the default ``mmap`` backend leaves every page it touched resident). bf16 tensors come back as numpy
 arrays of ``BF16`` because ``ckpt_common`` registers MindSpore's numpy bfloat16 type: no torch involved.
+``iter_safetensors`` walks a file tensor by tensor (a MindSpore safetensors shard: ``MSCheckpoint`` reads them so).
+
+Writing is ``SafetensorsWriter``: the layout (names, dtypes, shapes) is planned first, then each tensor is written at
+its offset as it arrives; header order = offset order, which MindSpore's own reader (``load_checkpoint(...,
+format="safetensors")``) requires as well as the library.
 """
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -17,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from research.deepseek2.ckpt_common import BF16, contiguous, dtype_name, nbytes
 from research.deepseek2.errors import CheckpointError
 
-__all__ = ["SafetensorsReader", "SafetensorsWriter"]
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "iter_safetensors"]
 
 # the format's dtype tags
 _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BF16,
@@ -137,12 +142,21 @@ class SafetensorsReader:
         self.close()
 
 
+def iter_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """(name, numpy array) for every tensor of a ``.safetensors`` file, in file order; memory: one tensor."""
+    with SafetensorsReader(path) as reader:
+        for name in reader.keys():
+            array = reader.get(name)
+            yield name, array
+            del array  # the consumer holds it now
+
+
 class SafetensorsWriter:
     """Write one ``.safetensors`` file whose layout is planned up front, tensors arriving in any order.
 
     ``entries``: [(name, numpy dtype, shape)] in file order. The header is written at once and the file sized;
     ``write(name, array)`` puts the bytes at the tensor's offset. ``close()`` fails if a tensor was never written,
-    then has the library open the file to check it.
+    then has the library open the file to check it; ``abort()`` just closes the file (the caller removes it).
     """
     # Hand-written because the library's writers (save_file, serialize, serialize_file) take every tensor of a file
     # in one call: memory of a whole shard, and the tensors would have to arrive in file order. Here they come one
@@ -178,6 +192,12 @@ class SafetensorsWriter:
         self._file.seek(self._data_start + offset)
         self._file.write(memoryview(contiguous(array).reshape(-1).view(np.uint8)))
         self._pending.discard(name)
+
+    def abort(self):
+        """Close the file without checking it (after an error elsewhere; the caller deletes the file)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self):
         if self._file is None:

@@ -1,17 +1,31 @@
 """Convert DeepSeek-V2 / V2-Lite weights between Hugging Face and this MindSpore model, tensor by tensor.
 
 Hugging Face -> MindSpore (names from weight_map.NAME_MAP, routed experts stacked to (E, out, in)):
-    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT.ckpt [--dtype bf16]
-    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT_DIR/
-      (a folder: one .ckpt shard per input shard + deepseek2.ckpt.index.json)
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT_DIR [--dtype bf16]
+      a folder (any path not ending in .ckpt/.safetensors): MindSpore safetensors, one shard per input shard,
+      model-0000k-of-0000n.safetensors + param_name_map.json ({parameter: shard}, MindFormers' flat map). This is
+      what MindFormers 1.9 loads with `load_ckpt_format: safetensors` and `load_checkpoint: OUT_DIR` (it reads every
+      *.safetensors of the folder with mindspore.load_checkpoint(f, format="safetensors")).
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT.safetensors
+      one MindSpore safetensors file.
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT.ckpt
+      one MindSpore .ckpt (the upstream README's form; byte-identical to mindspore.save_checkpoint).
+    python research/deepseek2/convert_weight.py --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT_DIR --format ckpt
+      the older folder output: deepseek2-0000k-of-0000n.ckpt + deepseek2.ckpt.index.json (for load_ckpt_format: ckpt
+      tools; the loaders here read both).
+    An existing output folder keeps its other files, but one that already holds other checkpoint files (*.safetensors,
+    *.ckpt, an index) this run would not overwrite is refused, and so is a Hugging Face folder (config.json).
 MindSpore -> Hugging Face (safetensors shards + model.safetensors.index.json + config.json):
-    python research/deepseek2/convert_weight.py --reverse --mindspore_ckpt_path IN.ckpt|IN_DIR \
+    python research/deepseek2/convert_weight.py --reverse --mindspore_ckpt_path IN \
         --torch_ckpt_path OUT_HF_DIR --config config.json|model.yaml [--dtype bf16] [--max_shard_size 5GB]
+      IN: a .safetensors or .ckpt file, a folder of either (ckpt_folders.MSCheckpoint), or its index json.
 
 Everything is checked before the output is put in place (missing, unknown and mis-shaped tensors, truncated files);
-on any error the command names the tensor/file, leaves no output behind, and exits with status 1.
-Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled (a .ckpt input of up
-to 1 GiB is parsed whole by MindSpore: see ckpt_mindspore.MS_PARSER_MAX_BYTES).
+on any error the command names the tensor/file, leaves no output behind (files and folders are staged, fileio) and
+exits with status 1. dtype: --dtype casts (round to nearest-even); without it every tensor keeps its bits.
+Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled. Safetensors are
+written at offsets planned from the headers (ckpt_safetensors.SafetensorsWriter), so tensors may arrive in any order;
+a .ckpt input of up to 1 GiB is parsed whole by MindSpore, larger ones are streamed (ckpt_mindspore).
 """
 import argparse
 import json
@@ -22,15 +36,16 @@ import sys
 import numpy as np
 from mindformers.tools.logger import logger
 
-from research.deepseek2.ckpt_common import cast_array, dtype_name, np_dtype
-from research.deepseek2.ckpt_folders import HF_INDEX_NAME, MS_INDEX_NAME, HFCheckpoint, MSCheckpoint
+from research.deepseek2.ckpt_common import cast_array, describe, dtype_name, np_dtype
+from research.deepseek2.ckpt_folders import (HF_INDEX_NAME, MS_INDEX_NAME, MS_NAME_MAP, HFCheckpoint, MSCheckpoint,
+                                             is_hf_folder)
 from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
 from research.deepseek2.ckpt_mindspore import CkptWriter
 from research.deepseek2.ckpt_safetensors import SafetensorsWriter
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 from research.deepseek2.dtypes import DTYPE_NAMES
 from research.deepseek2.errors import CheckpointError
-from research.deepseek2.fileio import StagedDir
+from research.deepseek2.fileio import StagedDir, StagedFile
 from research.deepseek2.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms, is_stacked,
                                            ms_to_hf)
 
@@ -78,13 +93,56 @@ def parse_size(text) -> int:
     return int(float(number) * base ** "_KMGT".index(unit or "_"))
 
 
-def _output_is_folder(path: str) -> bool:
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        return True
-    if not path.endswith(".ckpt"):
-        raise CheckpointError(f"--mindspore_ckpt_path {path!r}: expected a .ckpt file, or a folder (an existing one "
-                              f"or a path ending in '/') for sharded output")
-    return False
+OUTPUT_FORMATS = ("safetensors", "ckpt")
+# the metadata MindSpore's save_checkpoint(format="safetensors") writes ("remove_redundancy": the full weights, not a
+# deduplicated rank's share; MindFormers warns about a file without it)
+MS_SAFETENSORS_METADATA = {"format": "ms", "remove_redundancy": "False"}
+
+
+def _output_layout(path: str, fmt=None):
+    """(is a folder, format) of an output path: ``X.ckpt`` / ``X.safetensors`` one file of that format; anything else
+    (an existing folder, a path ending in '/', a name without those suffixes) a folder of ``fmt`` shards, safetensors
+    by default. ``fmt`` contradicting a file's suffix is refused."""
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise CheckpointError(f"--format {fmt!r}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    if not (os.path.isdir(path) or path.endswith(("/", os.sep))):
+        for suffix in OUTPUT_FORMATS:
+            if path.endswith("." + suffix):
+                if fmt not in (None, suffix):
+                    raise CheckpointError(f"--mindspore_ckpt_path {path!r} is a .{suffix} file but --format is "
+                                          f"{fmt}: drop --format, or name a folder for {fmt} shards")
+                return False, suffix
+    return True, fmt or "safetensors"
+
+
+def _plan_ms_shards(hf: HFCheckpoint, info: dict, config, dtype) -> list:
+    """[[(MindSpore name, dtype, shape), ...] per output shard]: one per input shard that ends a parameter, in model
+    order inside it, as ``iter_hf_as_ms`` yields them (a stack goes with the input shard of its last expert row).
+    Empty groups are left out. The dtype is ``dtype`` or the source's (a stack's: expert 0's, as it is assembled)."""
+    out_dtype = np_dtype(dtype) if dtype else None
+    groups = [[] for _ in hf.shards]
+    for name, shape in expected_ms_shapes(config).items():
+        rows = [ms_to_hf(name, e) for e in range(shape[0])] if is_stacked(name) else [ms_to_hf(name)]
+        owner = max(info[row][2] for row in rows)
+        groups[owner].append((name, out_dtype if out_dtype is not None else info[rows[0]][1], tuple(shape)))
+    return [group for group in groups if group]
+
+
+def _check_output_folder(path: str, keep: set):
+    """Refuse an output folder that is a Hugging Face folder, or that holds checkpoint files (shards, indexes) this
+    conversion would not overwrite: MindFormers loads every ``*.safetensors`` (``*.ckpt``) of a folder, and
+    ``MSCheckpoint`` would find shards of two conversions."""
+    if not os.path.isdir(path):
+        return
+    if is_hf_folder(path):
+        raise CheckpointError(f"--mindspore_ckpt_path {path}: a Hugging Face folder (it has config.json); write the "
+                              f"MindSpore checkpoint to another folder")
+    stale = sorted(n for n in os.listdir(path) if n not in keep
+                   and (n.endswith((".safetensors", ".ckpt")) or n in (MS_NAME_MAP, MS_INDEX_NAME)))
+    if stale:
+        raise CheckpointError(f"--mindspore_ckpt_path {path}: holds checkpoint files this conversion would not "
+                              f"replace ({describe(stale, 5)}); MindFormers would load them with the new shards: "
+                              f"remove them or choose another folder")
 
 
 def _check_complete(written: dict, expected: dict, where: str):
@@ -98,70 +156,91 @@ def _check_complete(written: dict, expected: dict, where: str):
 
 
 # ---------------------------------------------------------------------------------------------------- HF -> MS
-def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progress: bool = True) -> dict:
-    """Convert a Hugging Face DeepSeek-V2 folder to a MindSpore ``.ckpt`` (or a folder of shards).
+def _writer(path: str, fmt: str, entries):
+    """A writer for one output shard; ``entries`` [(name, dtype, shape)] plan a safetensors file's layout."""
+    if fmt == "safetensors":
+        return SafetensorsWriter(path, entries, MS_SAFETENSORS_METADATA)
+    return CkptWriter(path, atomic=False)
+
+
+def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progress: bool = True,
+                     fmt=None) -> dict:
+    """Convert a Hugging Face DeepSeek-V2 folder to a MindSpore checkpoint (MindSpore names, experts stacked).
 
     Args:
         hf_dir: folder with config.json and model.safetensors / sharded safetensors + index / pytorch_model*.bin.
-        out_path: ``X.ckpt`` for one file; an existing folder or a path ending in '/' for one shard per input shard
-            (a layer's stacked experts go to the shard where its last expert arrives) plus ``MS_INDEX_NAME``.
+        out_path: ``X.safetensors`` or ``X.ckpt`` for one file; anything else (an existing folder, a path ending in
+            '/', a name without those suffixes) for a folder of shards, one per input shard (a layer's stacked
+            experts go to the shard where its last expert arrives): ``model-0000k-of-0000n.safetensors`` +
+            ``MS_NAME_MAP`` (MindFormers' ``param_name_map.json``), or with ``fmt='ckpt'``
+            ``deepseek2-0000k-of-0000n.ckpt`` + ``MS_INDEX_NAME``.
         dtype: 'bf16' | 'fp16' | 'fp32' or None (keep each tensor's source dtype).
         config: a DeepseekV2Config; default ``hf_dir/config.json``.
-    Returns: {"files": [...], "params": count, "bytes": total tensor bytes}.
+        fmt: 'safetensors' (default) or 'ckpt' for a folder; a file's format is its suffix.
+    Returns: {"files": [...], "params": count, "bytes": total tensor bytes, "format": fmt}.
     """
     if config is None:
         config = load_model_config(os.path.join(hf_dir, "config.json"))
+    folder, fmt = _output_layout(out_path, fmt)
     hf = HFCheckpoint(hf_dir)
-    check_hf_tensors(hf, config)
+    info = check_hf_tensors(hf, config)
     expected = expected_ms_shapes(config)
-    folder = _output_is_folder(out_path)
-    logger.info(f"converting {hf_dir} ({len(hf.shards)} {hf.kind} file(s)) -> {out_path}, "
-                f"dtype {dtype or 'as in the source'}")
-    written, total = {}, 0
-    if not folder:
-        with CkptWriter(out_path) as writer:
-            for _, name, array in iter_hf_as_ms(hf, config, dtype, progress):
-                writer.write(name, array)
-                written[name] = array.shape
-                del array  # before the generator builds the next one
-            _check_complete(written, expected, out_path)
-            total = writer.nbytes
-        logger.info(f"wrote {out_path}: {len(written)} parameters, {total / 2**20:.1f} MiB")
-        return {"files": [out_path], "params": len(written), "bytes": total}
-
-    stage = StagedDir(out_path)
+    groups = _plan_ms_shards(hf, info, config, dtype)
+    logger.info(f"converting {hf_dir} ({len(hf.shards)} {hf.kind} file(s)) -> {out_path} ({fmt}"
+                f"{' shards' if folder else ''}), dtype {dtype or 'as in the source'}")
+    if folder:
+        if fmt == "safetensors":
+            names = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+            index_name = MS_NAME_MAP
+        else:
+            names = [f"deepseek2-{k + 1:05d}-of-{len(groups):05d}.ckpt" for k in range(len(groups))]
+            index_name = MS_INDEX_NAME
+        _check_output_folder(out_path, set(names) | {index_name})
+        stage = StagedDir(out_path)
+        paths = [stage.file(n) for n in names]
+    else:
+        groups = [[entry for group in groups for entry in group]]
+        stage = StagedFile(out_path)
+        paths = [stage.tmp]
+    shard_of = {name: k for k, group in enumerate(groups) for name, _, _ in group}
+    left = [len(group) for group in groups]
+    written, total, writers = {}, 0, {}
     try:
-        parts, weight_map, writer, current = [], {}, None, None
-        for i, name, array in iter_hf_as_ms(hf, config, dtype, progress):
-            if i != current:
-                if writer is not None:
-                    writer.close()
-                current = i
-                parts.append(stage.file(f"part-{i:05d}.ckpt"))
-                writer = CkptWriter(parts[-1], atomic=False)
-            writer.write(name, array)
+        for _, name, array in iter_hf_as_ms(hf, config, dtype, progress):
+            k = shard_of[name]
+            if name in written:
+                raise CheckpointError(f"{hf_dir}: parameter {name!r} produced twice")
+            if k not in writers:  # opened at its first tensor, closed (and checked) at its last
+                writers[k] = _writer(paths[k], fmt, groups[k])
+            writers[k].write(name, array)
             written[name] = array.shape
-            weight_map[name] = len(parts) - 1
             total += array.nbytes
-            del array
-        if writer is not None:
-            writer.close()
+            del array  # before the generator builds the next one
+            left[k] -= 1
+            if left[k] == 0:
+                writers.pop(k).close()
         _check_complete(written, expected, out_path)
-        names = [f"deepseek2-{k + 1:05d}-of-{len(parts):05d}.ckpt" for k in range(len(parts))]
-        for part, name in zip(parts, names):
-            os.replace(part, stage.file(name))
-        index = {"metadata": {"total_size": total, "format": "ckpt"},
-                 "weight_map": {n: names[k] for n, k in weight_map.items()}}
-        with open(stage.file(MS_INDEX_NAME), "w") as f:
-            json.dump(index, f, indent=2)
+        if folder:
+            weight_map = {name: names[shard_of[name]] for name in expected}
+            with open(stage.file(index_name), "w") as f:
+                if fmt == "safetensors":
+                    json.dump(weight_map, f, indent=2)
+                else:
+                    json.dump({"metadata": {"total_size": total, "format": "ckpt"}, "weight_map": weight_map}, f,
+                              indent=2)
         stage.commit()
     except BaseException:
+        for writer in writers.values():
+            writer.abort()
         stage.abort()
         raise
+    if not folder:
+        logger.info(f"wrote {stage.path}: {len(written)} parameters, {total / 2**20:.1f} MiB")
+        return {"files": [stage.path], "params": len(written), "bytes": total, "format": fmt}
     files = [os.path.join(stage.path, n) for n in names]
-    logger.info(f"wrote {len(files)} shard(s) + {MS_INDEX_NAME} to {stage.path}: {len(written)} parameters, "
+    logger.info(f"wrote {len(files)} {fmt} shard(s) + {index_name} to {stage.path}: {len(written)} parameters, "
                 f"{total / 2**20:.1f} MiB")
-    return {"files": files, "params": len(written), "bytes": total}
+    return {"files": files, "params": len(written), "bytes": total, "format": fmt}
 
 
 # ---------------------------------------------------------------------------------------------------- MS -> HF
@@ -184,7 +263,9 @@ def _plan_shards(config, out_dtypes: dict, max_shard_size: int):
 
 def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_size="5GB",
                      progress: bool = True) -> dict:
-    """Convert a MindSpore checkpoint (``.ckpt`` or converted folder) to Hugging Face safetensors shards.
+    """Convert a MindSpore checkpoint to Hugging Face safetensors shards.
+
+    ``ms_path``: a ``.safetensors`` or ``.ckpt`` file, a folder of either (``MSCheckpoint``), or its index json.
 
     Writes ``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json`` and ``config.json`` (from
     ``config.to_hf_dict()``) into ``hf_dir``, loadable by transformers' ``DeepseekV2ForCausalLM.from_pretrained``.
@@ -250,10 +331,7 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
         stage.commit()
     except BaseException:
         for writer in writers:
-            try:
-                writer.close()
-            except CheckpointError:
-                pass
+            writer.abort()
         stage.abort()
         raise
     logger.info(f"wrote {len(names)} shard(s), {HF_INDEX_NAME} and config.json to {stage.path} "
@@ -275,7 +353,8 @@ def name_map_markdown() -> str:
 # ---------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Convert DeepSeek-V2 weights: Hugging Face -> MindSpore .ckpt (default) or back (--reverse).",
+        description="Convert DeepSeek-V2 weights: Hugging Face -> MindSpore (safetensors or .ckpt) or back "
+                    "(--reverse).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Errors (missing/unknown/mis-shaped tensors, truncated files) name the tensor and file, leave no "
                "output behind and exit with status 1.")
@@ -283,8 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hugging Face folder: input (config.json + model.safetensors, sharded safetensors with "
                              f"{HF_INDEX_NAME}, or pytorch_model*.bin), or the output folder with --reverse")
     parser.add_argument("--mindspore_ckpt_path", required=True,
-                        help="MindSpore checkpoint: output (X.ckpt, or a folder - existing or ending in '/' - for "
-                             f"one .ckpt per input shard + {MS_INDEX_NAME}), or the input with --reverse")
+                        help="MindSpore checkpoint: output (X.safetensors or X.ckpt for one file; any other path is a "
+                             "folder of one shard per input shard: model-*.safetensors + "
+                             f"{MS_NAME_MAP}, or with --format ckpt .ckpt shards + {MS_INDEX_NAME}), or the input "
+                             "with --reverse (a file, a folder of either format, or its index json)")
+    parser.add_argument("--format", default=None, choices=OUTPUT_FORMATS, dest="fmt",
+                        help="shard format of a folder output (default safetensors); a file's is its suffix")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="output dtype; default: keep each tensor's source dtype (released HF weights are bf16)")
     parser.add_argument("--reverse", action="store_true", help="MindSpore -> Hugging Face safetensors")
@@ -303,12 +386,15 @@ def main(argv=None) -> int:
         if args.reverse:
             if not args.config:
                 raise CheckpointError("--reverse needs --config (config.json, HF folder or model YAML)")
+            if args.fmt:
+                raise CheckpointError("--format names the MindSpore output's format; with --reverse the input's "
+                                      "format is read from the files")
             convert_ms_to_hf(args.mindspore_ckpt_path, args.torch_ckpt_path, args.config, args.dtype,
                              args.max_shard_size, progress=not args.no_progress)
         else:
             config = load_model_config(args.config) if args.config else None
             convert_hf_to_ms(args.torch_ckpt_path, args.mindspore_ckpt_path, args.dtype, config,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, fmt=args.fmt)
     except (CheckpointError, ValueError, OSError) as err:
         logger.error(f"conversion failed: {err}")
         print(f"error: {err}", file=sys.stderr)
