@@ -28,6 +28,6 @@ def load_checkpoint(net, path: str):
     """Load any checkpoint this project reads into ``net``: a Hugging Face folder (config.json + safetensors or .bin
     shards; its config must give the net's shapes) or a MindSpore ``.ckpt`` file / converted folder / its index.
     Every weight must arrive with its shape (CheckpointError naming the missing, unexpected or mis-shaped ones)."""
-    if is_hf_folder(path):
-        return load_hf_checkpoint(net, path)
+    if is_hf_folder(path):           # the net's own config gives the shapes (the folder's config.json may differ in
+        return load_hf_checkpoint(net, path, config=getattr(net, "config", None))   # knobs such as seq_length)
     return load_ms_checkpoint(net, path)

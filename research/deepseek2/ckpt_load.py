@@ -12,6 +12,7 @@ import mindspore as ms
 from mindformers.tools.logger import logger
 from tqdm import tqdm
 
+from research.deepseek2.ckpt_check import compare, raise_problems
 from research.deepseek2.ckpt_common import cast_array, describe, np_dtype
 from research.deepseek2.ckpt_folders import HFCheckpoint, MSCheckpoint
 from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
@@ -20,12 +21,6 @@ from research.deepseek2.inventory import buffers as declared_buffers
 from research.deepseek2.weight_map import expected_ms_shapes
 
 __all__ = ["load_ms_checkpoint", "load_hf_checkpoint"]
-
-# training state a MindFormers checkpoint may carry beside the weights (optimizer moments, step counters ...)
-_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.", "accum_grads.",
-                   "global_step", "learning_rate", "current_iterator_step", "last_overflow_iterator_step",
-                   "epoch_num", "step_num", "loss_scale", "scale_sense", "global_batch_size")
-
 
 def _net_params(net) -> Dict[str, "ms.Parameter"]:
     return {p.name: p for p in net.get_parameters()}
@@ -37,37 +32,14 @@ def _declared_buffers(net) -> set:
     return set(declared_buffers(config)) if config is not None else set()
 
 
-def _check_names(net_params, ckpt_shapes, source: str, strict: bool, buffers_declared=frozenset()):
-    """Missing/unexpected/mis-shaped names between a net and a checkpoint; raise (strict) or warn.
-
-    Tolerated (logged): the net's declared non-weights (``inventory.buffers``: the latent KV cache) absent from the
-    checkpoint, and checkpoint entries that are optimizer/training state (``_STATE_PREFIXES``).
-    """
-    absent = set(net_params) - set(ckpt_shapes)
-    buffers = sorted(absent & set(buffers_declared))
-    missing = sorted(absent - set(buffers))
-    extra = set(ckpt_shapes) - set(net_params)
-    state = sorted(n for n in extra if n.startswith(_STATE_PREFIXES))
-    unexpected = sorted(extra - set(state))
-    if buffers:
-        logger.info(f"{source}: net buffers not in the checkpoint keep their values: {describe(buffers)}")
-    if state:
-        logger.info(f"{source}: skipping {len(state)} training-state entries: {describe(state, 5)}")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} parameter(s) of the net missing from the checkpoint: {describe(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected checkpoint parameter(s) not in the net: "
-                        f"{describe(unexpected)}")
-    for name in sorted(set(net_params) & set(ckpt_shapes)):
-        want, got = tuple(net_params[name].shape), tuple(ckpt_shapes[name])
-        if want != got:
-            problems.append(f"parameter {name!r}: net has shape {want}, checkpoint has {got}")
-    if problems:
-        message = f"{source} does not match the net: " + "; ".join(problems)
-        if strict:
-            raise CheckpointError(message)
-        logger.warning(message)
+def _check_names(net_params, ckpt_info, source: str, strict: bool, buffers_declared=frozenset()):
+    """``ckpt_check.compare`` between the net's parameters and a checkpoint's {name: (shape, dtype)}; raise
+    (strict) or warn."""
+    problems = compare({n: tuple(p.shape) for n, p in net_params.items()}, ckpt_info, source, buffers_declared)
+    if problems and not strict:
+        logger.warning(f"{source} does not match the net: " + "; ".join(problems))
+        return
+    raise_problems(problems, source, "does not match the net")
 
 
 def _to_parameter(name: str, array: np.ndarray, dtype) -> "ms.Parameter":
@@ -107,7 +79,7 @@ def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1
         return out
     info = source.tensor_info()
     params = _net_params(net)
-    _check_names(params, {n: v[0] for n, v in info.items()}, path, strict, _declared_buffers(net))
+    _check_names(params, {n: (v[0], v[1]) for n, v in info.items()}, path, strict, _declared_buffers(net))
     loaded, batch, size = [], {}, 0
     with tqdm(total=len(info), desc="loading", unit="tensor") as bar:
         for file, tensors in source.iter_files():
@@ -151,7 +123,8 @@ def load_hf_checkpoint(net, hf_dir: str, dtype=None, config=None, strict: bool =
     hf = HFCheckpoint(hf_dir)
     check_hf_tensors(hf, config)
     params = _net_params(net)
-    _check_names(params, expected_ms_shapes(config), hf_dir, strict, _declared_buffers(net))
+    _check_names(params, {n: (shape, None) for n, shape in expected_ms_shapes(config).items()}, hf_dir, strict,
+                 _declared_buffers(net))
     want = None if dtype is None else np_dtype(dtype)
     loaded, batch, shard = [], {}, 0
     for i, name, array in iter_hf_as_ms(hf, config, dtype=None):

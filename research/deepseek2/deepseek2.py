@@ -20,6 +20,7 @@ from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 from .deepseek2_config import DeepseekV2Config
 from .inventory import LocalShape
 from .layers import RMSNorm, Linear, Embedding, FeedForward
+from .mf_hooks import HFCheckpointHooks
 from .mla import MLAttention
 from .moe import DeepSeekMoE
 from .rope import RotaryEmbedding
@@ -112,8 +113,11 @@ class DeepseekV2Model(nn.Cell):
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel):
-    """DeepSeek-V2 / DeepSeek-V2-Lite with an untied (or tied) lm_head."""
+class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
+    """DeepSeek-V2 / DeepSeek-V2-Lite with an untied (or tied) lm_head.
+
+    MindFormers' checkpoint-name hooks (convert_name, convert_weight_dict, convert_map_dict, obtain_name_map) come
+    from ``mf_hooks.HFCheckpointHooks``, read from ``weight_map.NAME_MAP``."""
     LAYOUT = {"lm_head.weight": ("vocab", None)}            # vocabulary rows split only with vocab_emb_dp: False
 
     def __init__(self, config: DeepseekV2Config = None, local: LocalShape = None):

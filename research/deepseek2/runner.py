@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run_mode", choices=RUN_MODES, help="overrides the YAML's run_mode")
     add("--use_parallel", type=_bool, help="True to run distributed (under msrun_launcher.sh)")
     add("--load_checkpoint", help="a checkpoint file or folder (finetune / predict / resume)")
+    add("--load_ckpt_format", choices=("safetensors", "ckpt"),
+        help="format of --load_checkpoint (MindFormers' key): safetensors (a Hugging Face folder, or MindSpore "
+             "safetensors) or ckpt; unset: what the path holds")
     add("--train_data", "--train_dataset_dir", dest="train_data", help="a MindRecord file or a folder of them")
     add("--predict_data", nargs="+", help="one or more prompts, or a file (one prompt a line, or a JSON list)")
     add("--predict_length", type=int, help="number of new tokens to generate")
@@ -176,12 +179,19 @@ def load_run_config(args, overrides: List[Override]):
         config = MindFormerConfig(os.path.abspath(args.config))
     except yaml.YAMLError as err:
         raise UsageError(f"--config {args.config}: not valid YAML ({str(err).splitlines()[0]})") from err
+    with open(args.config, encoding="utf-8") as handle:
+        written = yaml.safe_load(handle) or {}
+    if "load_ckpt_format" not in written:
+        # MindFormers' template fills in "ckpt"; unset in the YAML and on the command line means "what the
+        # checkpoint holds" here (training.check_run_checkpoint decides), so a Hugging Face folder needs no flag
+        config.load_ckpt_format = ""
     for path, value, text in overrides:
         if len(path) == 1 and path[0] not in config:
             raise UsageError(f"unknown flag --{path[0]} (see --help; YAML keys are set as --a.b.c value)")
         set_key(config, path, value, "override", text)
     flag_keys = {
         "run_mode": ["run_mode"], "use_parallel": ["use_parallel"], "load_checkpoint": ["load_checkpoint"],
+        "load_ckpt_format": ["load_ckpt_format"],
         "output_dir": ["output_dir"], "seed": ["seed"], "resume_training": ["resume_training"],
         "auto_trans_ckpt": ["auto_trans_ckpt"], "src_strategy_path_or_dir": ["src_strategy_path_or_dir"],
         "epochs": ["runner_config", "epochs"], "mode": ["context", "mode"],

@@ -1,0 +1,203 @@
+"""Checkpoints into train / finetune runs the MindFormers 1.9 way, on CPU through run_mindformer.py.
+
+- A Hugging Face folder (config.json + safetensors) is a checkpoint: finetune's first loss is transformers' loss of
+  the same weights on the first batch.
+- Never a silent partial load: a folder missing a tensor, a folder of another shape, a .ckpt missing a weight, a
+  format other than ``load_ckpt_format`` -> exit 2 with one line naming the tensors, and nothing written.
+- ``checkpoint_format: safetensors`` training checkpoints save and resume with the same continued losses.
+- MindFormers' own loader reads an HF folder through the model's hooks (convert_weight_dict stacks the experts).
+"""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from test_training import SMALL, TINY_MODEL, TINY_YAML, _losses, _run, dataset  # noqa: F401  (dataset: fixture)
+
+NO_AUX = ["--model.model_config.aux_loss_alpha", "0", "--model.model_config.device_aux_loss_alpha", "0",
+          "--model.model_config.comm_aux_loss_alpha", "0"]
+IN_ORDER = ["--train_dataset.data_loader.shuffle", "False"]
+SAFETENSORS_SAVES = ["--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, {type: CheckpointMonitor, "
+                     "prefix: tiny, save_checkpoint_steps: 4, keep_checkpoint_max: 10, integrated_save: False, "
+                     "checkpoint_format: safetensors}]"]
+
+
+def _fields(**changes):
+    """The model fields of a tiny CLI run (YAML + TINY_MODEL), as a transformers config takes them."""
+    with open(TINY_YAML, encoding="utf-8") as handle:
+        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
+    fields.pop("type")
+    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
+    fields.update(changes)
+    return fields
+
+
+def _hf_folder(folder, seed=3, drop=None, **changes):
+    """A transformers DeepseekV2ForCausalLM saved as safetensors (``drop``: a tensor taken out afterwards)."""
+    from safetensors.torch import load_file, save_file
+    from research.deepseek2.reference import build_reference
+    model = build_reference(_fields(**changes), seed=seed)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if drop:
+        path = os.path.join(str(folder), "model.safetensors")
+        tensors = load_file(path)
+        del tensors[drop]
+        save_file(tensors, path, metadata={"format": "pt"})
+    return model
+
+
+def _first_batch_loss(model, data, rows):
+    """transformers' mean token loss on the first ``rows`` records (inputs ids[:-1], targets labels[1:])."""
+    import torch
+    import mindspore.dataset as ds
+    batch = list(ds.MindDataset(data, columns_list=["input_ids", "labels"], shuffle=False)
+                 .create_dict_iterator(output_numpy=True, num_epochs=1))[:rows]
+    ids = torch.tensor(np.stack([r["input_ids"] for r in batch]).astype(np.int64))
+    labels = torch.tensor(np.stack([r["labels"] for r in batch]).astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                   ignore_index=-100))
+
+
+def _finetune(tmp_path, checkpoint, data, *extra, expect=0):
+    return _run(["--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", str(checkpoint),
+                 "--train_data", data, "--output_dir", str(tmp_path / "out"), "--runner_config.epochs", "1",
+                 *SMALL, *NO_AUX, *IN_ORDER, *extra], tmp_path, expect=expect)
+
+
+def _refused(out, tmp_path, *needles):
+    """Exit 2 already checked by _run: one error line naming every needle, no traceback, nothing written."""
+    errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
+    assert len(errors) == 1, out[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "Traceback" not in out
+    assert not (tmp_path / "out").exists(), sorted(os.listdir(tmp_path / "out"))
+
+
+def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path):  # noqa: F811
+    model = _hf_folder(tmp_path / "hf")
+    expected = _first_batch_loss(model, dataset, rows=4)
+    out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "safetensors")
+    assert "holds every weight of the model" in out and "every weight of the network" in out
+    losses = _losses(out)
+    first = losses[min(losses)]
+    print(f"\nfinetune from an HF folder: first loss {first:.6f}, transformers on the same batch {expected:.6f}")
+    assert abs(expected - np.log(64)) > 0.05, expected           # the folder's weights, not a fresh init
+    assert abs(first - expected) < 2e-5, (first, expected)
+    assert os.listdir(tmp_path / "out" / "checkpoint" / "rank_0")
+
+
+def test_finetune_refuses_an_hf_folder_missing_a_tensor(dataset, tmp_path):  # noqa: F811
+    missing = "model.layers.1.mlp.experts.3.up_proj.weight"
+    _hf_folder(tmp_path / "hf", drop=missing)
+    out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
+    _refused(out, tmp_path, "1 tensor(s) missing", missing)
+
+
+def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path):  # noqa: F811
+    _hf_folder(tmp_path / "hf", hidden_size=48)
+    out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
+    _refused(out, tmp_path, "has shape", "expected")
+
+
+def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):  # noqa: F811
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    net = DeepseekV2ForCausalLM(DeepseekV2Config(**_fields()))
+    params = [{"name": p.name, "data": p} for p in net.get_parameters() if p.name != "model.norm_out.weight"]
+    ms.save_checkpoint(params, str(tmp_path / "partial.ckpt"))
+    out = _finetune(tmp_path, tmp_path / "partial.ckpt", dataset, expect=2)
+    _refused(out, tmp_path, "1 missing: model.norm_out.weight")
+
+
+def test_finetune_refuses_a_format_other_than_load_ckpt_format(dataset, tmp_path):  # noqa: F811
+    _hf_folder(tmp_path / "hf")
+    out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "ckpt", expect=2)
+    _refused(out, tmp_path, "load_ckpt_format is 'ckpt'", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def safetensors_run(dataset, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("sf_train")
+    out = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+                str(tmp / "out"), "--runner_config.epochs", "2", *SMALL, *SAFETENSORS_SAVES], tmp)
+    return tmp, out
+
+
+def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run, dataset, tmp_path):  # noqa: F811
+    """checkpoint_format: safetensors saves MindSpore safetensors (every weight + AdamW state); resuming from a
+    folder holding the step-4 file continues with the losses of the uninterrupted run."""
+    import mindspore as ms
+    from research.deepseek2.ckpt_check import optimizer_state_names
+    from research.deepseek2.inventory import expected_shapes
+    tmp, out = safetensors_run
+    folder = tmp / "out" / "checkpoint" / "rank_0"
+    step4 = [name for name in os.listdir(folder) if name.endswith("-1_4.safetensors")]
+    assert step4, sorted(os.listdir(folder))
+    saved = ms.load_checkpoint(str(folder / step4[0]), format="safetensors")
+    weights = expected_shapes(_fields())
+    assert {n: tuple(saved[n].shape) for n in weights} == weights
+    assert set(optimizer_state_names(weights)) <= set(saved)
+    stopped = tmp_path / "stopped" / "rank_0"
+    stopped.mkdir(parents=True)
+    shutil.copy(folder / step4[0], stopped / step4[0])
+    resumed = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+                    str(tmp_path / "out"), "--runner_config.epochs", "2", "--load_checkpoint",
+                    str(tmp_path / "stopped"), "--resume_training", "True", "--load_ckpt_format", "safetensors",
+                    *SMALL, *SAFETENSORS_SAVES], tmp_path)
+    reference, after = _losses(out), _losses(resumed)
+    assert after and min(after) >= (1, 5), resumed[-3000:]
+    for key, value in after.items():
+        assert abs(value - reference[key]) < 1e-4, (key, value, reference[key])
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path):  # noqa: F811
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    (tmp_path / "weights" / "rank_0").mkdir(parents=True)
+    ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**_fields())),
+                       str(tmp_path / "weights" / "rank_0" / "w.ckpt"))
+    out = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+                str(tmp_path / "out"), "--load_checkpoint", str(tmp_path / "weights"), "--resume_training", "True",
+                *SMALL], tmp_path, expect=2)
+    _refused(out, tmp_path, "missing: adam_m.")
+
+
+def test_mindformers_loader_reads_an_hf_folder_through_the_hooks(tmp_path):
+    """What MindFormers' single-process safetensors path does with an HF folder (ms.load_checkpoint of every file,
+    the model's convert_weight_dict, load_param_into_net) loads every weight, bit-equal to this project's loader;
+    convert_name leaves MindSpore names alone (how MindFormers tells the folders apart)."""
+    import glob
+    import mindspore as ms
+    from mindformers.utils.safetensors.utils import is_hf_safetensors_dir
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    from research.deepseek2.checkpoint_io import load_checkpoint
+    _hf_folder(tmp_path / "hf")
+    config = DeepseekV2Config(**_fields())
+    ours = DeepseekV2ForCausalLM(config)
+    load_checkpoint(ours, str(tmp_path / "hf"))
+    theirs = DeepseekV2ForCausalLM(config)
+    assert is_hf_safetensors_dir(str(tmp_path / "hf"), theirs)
+    params = {}
+    for file in sorted(glob.glob(str(tmp_path / "hf" / "*.safetensors"))):
+        params.update(ms.load_checkpoint(file, format="safetensors"))
+    params = theirs.convert_weight_dict(params, model_config=config)
+    not_loaded, unused = ms.load_param_into_net(theirs, params)
+    assert not_loaded == [] and unused == []
+    for mine, other in zip(ours.get_parameters(), theirs.get_parameters()):
+        assert mine.name == other.name
+        np.testing.assert_array_equal(mine.asnumpy(), other.asnumpy())
+    assert theirs.convert_name("model.layers.1.attention.wo.weight") == "model.layers.1.attention.wo.weight"
+    assert theirs.convert_name("adam_m.lm_head.weight") == "adam_m.lm_head.weight"
+    assert theirs.convert_name("model.layers.1.self_attn.o_proj.weight") == "model.layers.1.attention.wo.weight"
+    index = {"model.layers.1.mlp.experts.0.up_proj.weight": "a.safetensors",
+             "model.layers.1.mlp.experts.1.up_proj.weight": "b.safetensors", "lm_head.weight": "b.safetensors"}
+    assert theirs.convert_map_dict(index) == {"model.layers.1.feed_forward.routed_experts.w3": "a.safetensors",
+                                              "lm_head.weight": "b.safetensors"}
+    from research.deepseek2.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="mlp.experts.0.*convert the folder first"):
+        theirs.obtain_name_map(sorted(glob.glob(str(tmp_path / "hf" / "*.safetensors"))))
