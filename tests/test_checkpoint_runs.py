@@ -201,3 +201,37 @@ def test_mindformers_loader_reads_an_hf_folder_through_the_hooks(tmp_path):
     from research.deepseek2.errors import CheckpointError
     with pytest.raises(CheckpointError, match="mlp.experts.0.*convert the folder first"):
         theirs.obtain_name_map(sorted(glob.glob(str(tmp_path / "hf" / "*.safetensors"))))
+
+
+def test_tensor_parallel_slices_equal_from_every_kind(tmp_path):
+    """load_for_rank (tensor-parallel predict) gives rank 1 of 2 the same slices from the HF folder, a .ckpt file
+    and a converted safetensors folder (whose files it reads slice by slice); a folder missing a tensor is refused
+    before anything is read."""
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+    from research.deepseek2.convert_weight import convert_hf_to_ms
+    from research.deepseek2.errors import CheckpointError
+    from research.deepseek2.inventory import local_shape
+    from research.deepseek2.parallel import load_for_rank
+    _hf_folder(tmp_path / "hf")
+    convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "tiny.ckpt"))
+    convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "ms") + "/")
+    config = DeepseekV2Config(**_fields())
+    loaded = {}
+    for kind in ("hf", "tiny.ckpt", "ms"):
+        net = DeepseekV2ForCausalLM(config, local_shape(config, 2, 1))
+        load_for_rank(net, str(tmp_path / kind), 1)
+        loaded[kind] = {p.name: p.asnumpy() for p in net.get_parameters()}
+    wo = "model.layers.0.attention.wo.weight"
+    assert loaded["hf"][wo].shape[1] == config.num_attention_heads * config.v_head_dim // 2
+    for kind in ("tiny.ckpt", "ms"):
+        assert set(loaded[kind]) == set(loaded["hf"])
+        for name, value in loaded["hf"].items():
+            np.testing.assert_array_equal(loaded[kind][name], value, err_msg=f"{kind}: {name}")
+    ms_file = next(f for f in os.listdir(tmp_path / "ms") if f.endswith(".safetensors"))
+    partial = {k: v for k, v in ms.load_checkpoint(str(tmp_path / "ms" / ms_file), format="safetensors").items()
+               if k != "lm_head.weight"}
+    (tmp_path / "broken").mkdir()
+    ms.save_checkpoint(partial, str(tmp_path / "broken" / "w.safetensors"), format="safetensors")
+    with pytest.raises(CheckpointError, match="1 missing: lm_head.weight"):
+        load_for_rank(DeepseekV2ForCausalLM(config, local_shape(config, 2, 1)), str(tmp_path / "broken"), 1)

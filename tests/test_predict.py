@@ -365,3 +365,45 @@ def test_hugging_face_folder_missing_a_tensor_is_refused(assets, tmp_path, capsy
     code, _, err = _cli(args, capsys)
     _one_error_line(code, err, missing)
     assert not (tmp_path / "out" / "text_generation_result.txt").exists()
+
+
+def test_hugging_face_folder_tokens_equal_transformers_greedy(assets, ref, tmp_path, capsys):
+    """A folder written by transformers itself: run_mindformer.py predict's text is the decoding of transformers'
+    own greedy tokens for the same weights and prompt (the YaRN-free tiny config needs no patch)."""
+    import torch
+    from research.deepseek2.reference import build_reference
+    fields = {k: v for k, v in _fields().items() if k not in ("init_std",)}
+    model = build_reference(fields, seed=9)
+    model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    ids = ref.ids(PROMPTS[1], chat=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
+                             eos_token_id=fields["eos_token_id"], pad_token_id=fields["pad_token_id"])
+    new_ids = [int(x) for x in out[0][len(ids):]]
+    if fields["eos_token_id"] in new_ids:                        # both stop at the end-of-sequence token
+        new_ids = new_ids[:new_ids.index(fields["eos_token_id"])]
+    args = _args(assets, tmp_path, "--predict_data", PROMPTS[1], "--chat", "False")
+    args[args.index("--load_checkpoint") + 1] = str(tmp_path / "hf")
+    code, _, err = _cli(args, capsys)
+    assert code == 0, err[-2000:]
+    assert len(set(new_ids)) > 2, new_ids                        # tokens that vary: a real comparison
+    assert _results(tmp_path)[0]["output"] == ref.tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def test_converted_safetensors_folder_is_a_checkpoint(assets, ref, tmp_path, capsys):
+    """convert_weight.py's MindSpore safetensors folder, with load_ckpt_format: safetensors: the .ckpt's tokens;
+    the same folder with --load_ckpt_format ckpt is refused naming both formats."""
+    from research.deepseek2.convert_weight import convert_hf_to_ms
+    convert_hf_to_ms(_hf_folder(assets, tmp_path / "hf"), str(tmp_path / "ms") + "/")
+    assert any(name.endswith(".safetensors") for name in os.listdir(tmp_path / "ms"))
+    args = _args(assets, tmp_path, "--predict_data", PROMPTS[0], "--chat", "False", "--load_ckpt_format",
+                 "safetensors")
+    args[args.index("--load_checkpoint") + 1] = str(tmp_path / "ms")
+    code, _, err = _cli(args, capsys)
+    assert code == 0, err[-2000:]
+    assert _results(tmp_path) == [{"prompt": PROMPTS[0], "output": ref.text(PROMPTS[0], chat=False)}]
+    args[args.index("--load_ckpt_format") + 1] = "ckpt"
+    os.remove(tmp_path / "out" / "text_generation_result.txt")
+    code, _, err = _cli(args, capsys)
+    _one_error_line(code, err, "load_ckpt_format is 'ckpt' but it holds safetensors")
+    assert not (tmp_path / "out" / "text_generation_result.txt").exists()

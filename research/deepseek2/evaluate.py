@@ -52,9 +52,9 @@ def read_model_config(config_path: str) -> dict:
 
 def _load_weights(net, checkpoint: str):
     """The project's checkpoint loader (the one place it is imported here)."""
-    from research.deepseek2.checkpoint_io import load_ms_checkpoint
+    from research.deepseek2.checkpoint_io import load_checkpoint
     try:
-        load_ms_checkpoint(net, checkpoint)
+        load_checkpoint(net, checkpoint)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise EvaluationError(f"--load_checkpoint {checkpoint}: {err}") from err
 
@@ -174,7 +174,7 @@ class _Parser(argparse.ArgumentParser):
 def _parse_args(argv=None):
     parser = _Parser(prog="evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the YAML whose model.model_config builds the model")
-    parser.add_argument("--load_checkpoint", required=True, help="a .ckpt file or converted checkpoint folder")
+    parser.add_argument("--load_checkpoint", required=True, help="a Hugging Face folder, a .ckpt or safetensors file, or a converted checkpoint folder")
     parser.add_argument("--eval_data", required=True, help="a MindRecord of input_ids / labels rows")
     parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (default 8)")
     return parser.parse_args(argv)

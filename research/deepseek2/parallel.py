@@ -18,7 +18,9 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from .checkpoint_io import HFCheckpoint, MSCheckpoint, iter_ckpt, cast_array, is_hf_folder, np_dtype
+from .checkpoint_io import (HFCheckpoint, MSCheckpoint, SafetensorsReader, iter_ckpt, cast_array, is_hf_folder,
+                            np_dtype)
+from .ckpt_check import check_checkpoint
 from .errors import CheckpointError
 from .inventory import LocalShape, Param, expert_capacity, inference_split_dim, parameters, parts
 from .parallel_check import parallel_shape
@@ -182,8 +184,18 @@ def _from_hf(wanted: Dict[str, Param], hf_dir: str, tp: int, rank: int) -> Dict[
 
 
 def _from_ms(wanted: Dict[str, Param], path: str, tp: int, rank: int) -> Dict[str, np.ndarray]:
+    """This rank's slices from a MindSpore checkpoint: a safetensors file reads only the slice (``get_slice``); a
+    ``.ckpt`` is streamed one tensor at a time and sliced."""
     out = {}
     for file in MSCheckpoint(path).files:
+        if file.endswith(".safetensors"):
+            with SafetensorsReader(file) as reader:
+                for name in reader.keys():
+                    if name in wanted:
+                        dim = inference_split_dim(wanted[name])
+                        out[name] = reader.get(name, None if dim is None else
+                                               _index(dim, local_slice(reader.shape(name)[dim], tp, rank)))
+            continue
         for name, array in iter_ckpt(file):                       # one tensor in memory at a time
             if name not in wanted:
                 continue
@@ -199,6 +211,7 @@ def load_for_rank(net, path: str, rank: int):
     local shape; returns the names loaded."""
     import mindspore as ms
     tp = net.local.tp
+    check_checkpoint(net.config, path)            # the whole checkpoint fits the model (headers only)
     wanted = {p.name: p for p in parameters(net.config)}
     net_params = {p.name: p for p in net.get_parameters()}
     arrays = _from_hf(wanted, path, tp, rank) if is_hf_folder(path) else _from_ms(wanted, path, tp, rank)

@@ -16,7 +16,7 @@ from typing import List
 
 from mindformers.tools.logger import logger
 
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .fileio import atomic_write_text
 
 RESULT_FILE = "text_generation_result.txt"
@@ -166,6 +166,20 @@ def encode_prompts(tokenizer, prompts, chat: bool, model_config, new_tokens: int
     return prompt_ids
 
 
+def check_format(checkpoint, declared):
+    """A checkpoint in the format ``load_ckpt_format`` names (when it names one), else UsageError naming both."""
+    from .ckpt_check import stored_format
+    if not checkpoint or not declared:
+        return
+    try:
+        held = stored_format(checkpoint)
+    except CheckpointError as err:
+        raise UsageError(f"--load_checkpoint {checkpoint}: {err}") from err
+    if held != declared and held != "bin":
+        raise UsageError(f"--load_checkpoint {checkpoint}: load_ckpt_format is {declared!r} but it holds {held} "
+                         f"files (set load_ckpt_format: {held}, or --load_ckpt_format {held})")
+
+
 def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
     """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded."""
     from .checkpoint_io import load_checkpoint
@@ -245,6 +259,7 @@ def run_predict(config, args):
     prompt_ids = encode_prompts(tokenizer, prompts, chat, model_config, new_tokens)
     tp_size, tp_rank = _tensor_parallel(config)
     checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
+    check_format(checkpoint, config.get("load_ckpt_format") or None)
     net = build_network(model_config, checkpoint, tp_size, tp_rank)
     streamer = _streamer(tokenizer, bool(args.stream), batch_size)
     texts = generate_texts(net, tokenizer, prompts, prompt_ids, batch_size, gen_kwargs, streamer, config.get("seed"))
