@@ -2,7 +2,8 @@
 
 1. hold out the last records of the bundled code_alpaca sample (never trained on) and train a small byte-level BPE
    tokenizer on the others;
-2. make a tiny DeepSeek-V2 with the PyTorch reference (transformers) and convert it (convert_weight.py);
+2. make a tiny DeepSeek-V2 with the PyTorch reference (transformers), saved as a Hugging Face folder: that folder is
+   the checkpoint of every later step, as MindFormers 1.9 loads one (no conversion step);
 3. prepare both splits as MindRecord (code_alpaca_preprocess.py);
 4. before finetuning: the held-out loss of the initial checkpoint (evaluate.py) and its answer to one instruction
    (run_mindformer.py --run_mode predict: latent KV cache, chat template, greedy with a repetition penalty);
@@ -174,12 +175,12 @@ def main():
     run([py, "research/deepseek2/train_tokenizer.py", "--data_path", train_json, "--output_path", tokenizer,
          "--vocab_size", "2048"], env)
 
-    banner("2/7 a tiny DeepSeek-V2 from the PyTorch reference, converted to MindSpore")
-    hf_dir, ckpt = os.path.join(work, "hf_tiny"), os.path.join(work, "tiny_init.ckpt")
+    banner("2/7 a tiny DeepSeek-V2 from the PyTorch reference, saved as a Hugging Face folder (the checkpoint)")
+    hf_dir = os.path.join(work, "hf_tiny")
     count = make_tiny_reference(hf_dir, 2048)
-    print(f"  transformers DeepseekV2ForCausalLM: {count:,} parameters -> {hf_dir}")
-    run([py, "research/deepseek2/convert_weight.py", "--torch_ckpt_path", hf_dir, "--mindspore_ckpt_path", ckpt,
-         "--dtype", "fp32"], env)
+    print(f"  transformers DeepseekV2ForCausalLM: {count:,} parameters -> {hf_dir} (config.json + model.safetensors;"
+          f" loaded as it is below, --load_ckpt_format safetensors)")
+    ckpt = hf_dir
 
     banner("3/7 code_alpaca -> MindRecord, training and held-out splits (prompt masked with -100, reply learned)")
     data, heldout_data = os.path.join(work, "code_alpaca.mindrecord"), os.path.join(work, "heldout.mindrecord")
@@ -195,7 +196,7 @@ def main():
 
     banner("5/7 finetune through run_mindformer.py (MindFormers Trainer, graph mode, CPU)")
     log = run([py, "run_mindformer.py", "--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", ckpt,
-               "--train_data", data, "--tokenizer_file", tokenizer, "--output_dir", out,
+               "--load_ckpt_format", "safetensors", "--train_data", data, "--tokenizer_file", tokenizer, "--output_dir", out,
                "--runner_config.epochs", str(args.epochs), "--model.model_config.seq_length", str(args.seq_length)],
               env, filter_loss=True)
     losses = [float(m.group(3)) for m in LOSS_LINE.finditer(log)]
