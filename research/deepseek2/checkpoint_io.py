@@ -21,7 +21,16 @@ from research.deepseek2.errors import CheckpointError
 __all__ = ["BF16", "CheckpointError", "SafetensorsReader", "SafetensorsWriter", "TorchBinReader", "HFCheckpoint",
            "CkptWriter", "scan_ckpt", "iter_ckpt", "MSCheckpoint", "MS_INDEX_NAME", "HF_INDEX_NAME",
            "np_dtype", "cast_array", "dtype_name", "check_hf_tensors", "iter_hf_as_ms",
-           "load_ms_checkpoint", "load_hf_checkpoint", "load_checkpoint", "is_hf_folder"]
+           "load_ms_checkpoint", "load_hf_checkpoint", "load_checkpoint", "is_hf_folder", "build_empty"]
+
+
+def build_empty(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` under MindSpore's ``no_init_parameters``: parameters are declared, not filled with
+    random numbers, because a checkpoint is about to give them their values. Call ``net.init_parameters_data()``
+    after loading for what the checkpoint does not hold (declared non-weights such as the latent cache)."""
+    from mindspore.nn.utils import no_init_parameters  # pylint: disable=import-outside-toplevel
+    with no_init_parameters():
+        return build(*args, **kwargs)
 
 
 def load_checkpoint(net, path: str):

@@ -182,7 +182,7 @@ def check_format(checkpoint, declared):
 
 def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
     """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded."""
-    from .checkpoint_io import load_checkpoint
+    from .checkpoint_io import build_empty, load_checkpoint
     from .deepseek2 import DeepseekV2ForCausalLM
     from .inventory import local_shape
     from .parallel import load_for_rank
@@ -190,7 +190,8 @@ def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
         local = local_shape(model_config, tp_size, tp_rank)
     except ValueError as err:
         raise UsageError(f"model.model_config with parallel_config.model_parallel = {tp_size}: {err}") from err
-    net = DeepseekV2ForCausalLM(model_config, local)
+    net = build_empty(DeepseekV2ForCausalLM, model_config, local) if checkpoint else \
+        DeepseekV2ForCausalLM(model_config, local)
     if checkpoint:
         try:
             if tp_size > 1:                                  # this rank's heads, FFN columns and experts only
@@ -199,6 +200,7 @@ def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
                 load_checkpoint(net, checkpoint)
         except (ValueError, KeyError, RuntimeError) as err:
             raise UsageError(f"--load_checkpoint {checkpoint}: {err}") from err
+        net.init_parameters_data()                          # what no checkpoint gives: the latent cache
     else:
         logger.warning("predict without --load_checkpoint: the model has random weights")
     net.set_train(False)

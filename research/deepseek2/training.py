@@ -129,13 +129,14 @@ def build_loaded_network(config):
     """Standalone and data-parallel runs starting from a checkpoint: the network built here and every weight
     loaded by ``checkpoint_io.load_checkpoint`` (streamed shard by shard; a Hugging Face folder's experts stacked
     on the way); the Trainer is then given the network and no checkpoint. Each data-parallel rank loads it all."""
-    from .checkpoint_io import load_checkpoint
-    network = build_network(config)
+    from .checkpoint_io import build_empty, load_checkpoint
+    network = build_empty(build_network, config)     # no random fill: the checkpoint gives every weight
     path = config.load_checkpoint
     try:
         loaded = load_checkpoint(network, path)
     except CheckpointError as err:
         raise UsageError(f"--load_checkpoint {path}: {err}") from err
+    network.init_parameters_data()
     logger.info(f"loaded {len(loaded)} weights from {path}: every weight of the network")
     config.load_checkpoint = ""
     return network
