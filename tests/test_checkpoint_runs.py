@@ -235,3 +235,42 @@ def test_tensor_parallel_slices_equal_from_every_kind(tmp_path):
     ms.save_checkpoint(partial, str(tmp_path / "broken" / "w.safetensors"), format="safetensors")
     with pytest.raises(CheckpointError, match="1 missing: lm_head.weight"):
         load_for_rank(DeepseekV2ForCausalLM(config, local_shape(config, 2, 1)), str(tmp_path / "broken"), 1)
+
+
+def test_reverse_takes_a_training_output(safetensors_run, tmp_path):
+    """convert_weight.py --reverse on a training checkpoint (weights + AdamW state, safetensors): the optimizer state
+    is skipped, the weights come back as Hugging Face tensors bit for bit, and transformers loads the folder."""
+    import subprocess
+    import sys
+    import mindspore as ms
+    from safetensors.numpy import load_file
+    from research.deepseek2.weight_map import ms_to_hf, is_stacked
+    tmp, _ = safetensors_run
+    folder = tmp / "out" / "checkpoint" / "rank_0"
+    last = sorted(folder.glob("*.safetensors"), key=os.path.getmtime)[-1]
+    model_yaml = tmp_path / "model.yaml"
+    with open(TINY_YAML, encoding="utf-8") as handle:
+        document = yaml.safe_load(handle)
+    document["model"]["model_config"].update({k.rsplit(".", 1)[-1]: int(v)
+                                              for k, v in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
+    model_yaml.write_text(yaml.safe_dump(document))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "research", "deepseek2", "convert_weight.py"),
+                           "--reverse", "--mindspore_ckpt_path", str(last), "--torch_ckpt_path", str(tmp_path / "hf"),
+                           "--config", str(model_yaml)], capture_output=True, text=True, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(last), format="safetensors").items()}
+    hf = {}
+    for file in (tmp_path / "hf").glob("*.safetensors"):
+        hf.update(load_file(str(file)))
+    from research.deepseek2.inventory import expected_shapes
+    for name in expected_shapes(_fields()):
+        if is_stacked(name):
+            for e in range(saved[name].shape[0]):
+                np.testing.assert_array_equal(hf[ms_to_hf(name, e)], saved[name][e])
+        else:
+            np.testing.assert_array_equal(hf[ms_to_hf(name)], saved[name])
+    assert not [n for n in hf if "adam" in n]
+    from transformers import DeepseekV2ForCausalLM as HFModel
+    HFModel.from_pretrained(str(tmp_path / "hf"))

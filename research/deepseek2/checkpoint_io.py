@@ -4,13 +4,16 @@
 - ``ckpt_safetensors``: ``SafetensorsReader`` (the ``safetensors`` library), ``SafetensorsWriter``.
 - ``ckpt_torch``: ``TorchBinReader`` for ``pytorch_model*.bin`` (needs torch, which only these files do).
 - ``ckpt_mindspore``: the ``.ckpt`` format: ``CkptWriter``, ``scan_ckpt``, ``iter_ckpt``.
-- ``ckpt_folders``: ``HFCheckpoint``, ``MSCheckpoint`` and their indexes (``HF_INDEX_NAME``, ``MS_INDEX_NAME``).
+- ``ckpt_folders``: ``HFCheckpoint``, ``MSCheckpoint`` and their indexes (``HF_INDEX_NAME``, ``MS_NAME_MAP`` =
+  param_name_map.json of a safetensors folder, ``MS_INDEX_NAME`` of the older .ckpt folder).
+- ``ckpt_check``: ``check_checkpoint`` and ``compare``, the one completeness rule (from headers).
 - ``ckpt_hf_as_ms``: ``check_hf_tensors``, ``iter_hf_as_ms`` (HF tensors as this model's parameters).
 - ``ckpt_load``: ``load_ms_checkpoint``, ``load_hf_checkpoint`` into a net; ``load_checkpoint`` (below) picks one.
 - ``errors``: ``CheckpointError``.
 """
 from research.deepseek2.ckpt_common import BF16, cast_array, dtype_name, np_dtype
-from research.deepseek2.ckpt_folders import HF_INDEX_NAME, MS_INDEX_NAME, HFCheckpoint, MSCheckpoint, is_hf_folder
+from research.deepseek2.ckpt_folders import (HF_INDEX_NAME, MS_INDEX_NAME, MS_NAME_MAP, HFCheckpoint, MSCheckpoint,
+                                             is_hf_folder)
 from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
 from research.deepseek2.ckpt_load import load_hf_checkpoint, load_ms_checkpoint
 from research.deepseek2.ckpt_mindspore import CkptWriter, iter_ckpt, scan_ckpt
@@ -19,7 +22,7 @@ from research.deepseek2.ckpt_torch import TorchBinReader
 from research.deepseek2.errors import CheckpointError
 
 __all__ = ["BF16", "CheckpointError", "SafetensorsReader", "SafetensorsWriter", "TorchBinReader", "HFCheckpoint",
-           "CkptWriter", "scan_ckpt", "iter_ckpt", "MSCheckpoint", "MS_INDEX_NAME", "HF_INDEX_NAME",
+           "CkptWriter", "scan_ckpt", "iter_ckpt", "MSCheckpoint", "MS_INDEX_NAME", "MS_NAME_MAP", "HF_INDEX_NAME",
            "np_dtype", "cast_array", "dtype_name", "check_hf_tensors", "iter_hf_as_ms",
            "load_ms_checkpoint", "load_hf_checkpoint", "load_checkpoint", "is_hf_folder", "build_empty"]
 

@@ -57,11 +57,13 @@ def _load_batch(net, batch: dict):
 
 
 def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1 << 30):
-    """Load a ``.ckpt`` file or a converted checkpoint folder into ``net`` shard by shard.
+    """Load a MindSpore checkpoint (``.ckpt`` or ``.safetensors`` file, or a converted folder) into ``net`` shard by
+    shard.
 
     Args:
         net: a ``mindspore.nn.Cell`` or None.
-        path: a ``.ckpt`` file, a folder of ``.ckpt`` shards (with ``MS_INDEX_NAME``) or that index json.
+        path: a ``.ckpt`` / ``.safetensors`` file, a folder of them (with ``MS_NAME_MAP`` or ``MS_INDEX_NAME``) or
+            that index json.
         strict: raise ``CheckpointError`` listing missing/unexpected/mis-shaped names (else log a warning and load
             what matches).
         batch_bytes: tensors are handed to ``mindspore.load_param_into_net`` in batches of about this size, so a

@@ -36,6 +36,7 @@ import sys
 import numpy as np
 from mindformers.tools.logger import logger
 
+from research.deepseek2.ckpt_check import compare, raise_problems
 from research.deepseek2.ckpt_common import cast_array, describe, dtype_name, np_dtype
 from research.deepseek2.ckpt_folders import (HF_INDEX_NAME, MS_INDEX_NAME, MS_NAME_MAP, HFCheckpoint, MSCheckpoint,
                                              is_hf_folder)
@@ -46,6 +47,7 @@ from research.deepseek2.deepseek2_config import DeepseekV2Config
 from research.deepseek2.dtypes import DTYPE_NAMES
 from research.deepseek2.errors import CheckpointError
 from research.deepseek2.fileio import StagedDir, StagedFile
+from research.deepseek2.inventory import buffers as declared_buffers
 from research.deepseek2.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms, is_stacked,
                                            ms_to_hf)
 
@@ -279,17 +281,10 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
     source = MSCheckpoint(ms_path)
     info = source.tensor_info()
     expected = expected_ms_shapes(config)
-    unknown = sorted(n for n in info if n not in expected)
-    if unknown:
-        raise CheckpointError(f"{ms_path}: {len(unknown)} unexpected parameter(s) not in the model of the config: "
-                              + ", ".join(f"{n} (in {os.path.basename(info[n][2])})" for n in unknown[:10]))
-    missing = sorted(n for n in expected if n not in info)
-    if missing:
-        raise CheckpointError(f"{ms_path}: {len(missing)} parameter(s) missing: {missing[:10]}")
-    for name, shape in expected.items():
-        if tuple(info[name][0]) != tuple(shape):
-            raise CheckpointError(f"{info[name][2]}: parameter {name!r} has shape {tuple(info[name][0])}, "
-                                  f"expected {tuple(shape)} from the config")
+    # the one completeness rule of the loaders: a training output's optimizer/step state and a declared non-weight
+    # (the latent cache) are skipped, logged; anything else missing, unexpected or mis-shaped is refused
+    raise_problems(compare(expected, {n: (v[0], v[1]) for n, v in info.items()}, ms_path, declared_buffers(config)),
+                   ms_path)
     out_dtypes = {n: (np_dtype(dtype) if dtype else info[n][1]) for n in expected}
     plan = _plan_shards(config, out_dtypes, limit)
     names = [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
@@ -308,6 +303,8 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
         with tqdm(total=len(expected), desc="tensors", unit="tensor", disable=not progress) as bar:
             for _, tensors in source.iter_files():
                 for name, array in tensors:
+                    if name not in expected:              # training state or the latent cache (checked above)
+                        continue
                     if is_stacked(name):  # cast row by row: no second copy of the whole stack
                         for e in range(array.shape[0]):
                             hf_name = ms_to_hf(name, e)
