@@ -232,3 +232,154 @@ def test_cli_runs_from_the_package_directory():
     out = subprocess.run([sys.executable, "plan_memory.py", "--config", "run_predict_deepseek2_236B.yaml"], cwd=PKG,
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0 and "latent KV cache" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- LoRA (pet_config)
+LORA = {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4, "lora_dropout": 0.0}
+# By hand for TINY, rank R = 2 (adapter parameters R (in + out) per targeted weight, default targets):
+#   MLA per layer: q_a (6, 8) 14R, q_b (8, 6) 14R, kv_a (6, 8) 14R, kv_b (8, 4) 12R, o (8, 4) 12R -> 66R
+#   layer 0 dense FFN: w1, w3 (16, 8) 24R each, w2 (8, 16) 24R -> 72R;  layer 1 shared expert (width 4): 3 x 12R = 36R
+#   total 66R + 72R + 66R + 36R = 240R = 480; routed experts: E R (in + out) = 4 * 2 * 12 = 96 x 3 = 288 more
+# Per card, dp 2 x mp 2, ep 2 (A keeps a cut of the weight's input columns, B of its output rows, both the expert cut):
+#   q_a 14R, q_b A (R, 6) 6R + B (8, R)/2 4R = 10R, kv_a 14R, kv_b 4R + 4R = 8R, o A (R, 4)/2 2R + B 8R = 10R -> 56R
+#   dense w1, w3: A 8R + B 16R/2 = 16R each, w2: A 16R/2 + B 8R = 16R -> 48R;  shared: 3 x (8R + 4R/2) = 30R
+#   -> 56R + 48R + 56R + 30R = 190R = 380;  routed: w1, w3 A (4, R, 8)/ep 16R + B (4, 4, R)/(ep mp) 4R = 20R each,
+#   w2 A (4, R, 4)/(ep mp) 4R + B (4, 8, R)/ep 16R = 20R -> 60R = 120 more
+TINY_ADAPTERS, TINY_ADAPTERS_ROUTED, TINY_CARD_ADAPTERS = 480, 480 + 288, 380
+
+
+def test_lora_counts_by_hand():
+    from research.deepseek2.plan_memory import count_adapters
+    assert count_adapters(TINY, LORA) == TINY_ADAPTERS
+    assert count_adapters(TINY, dict(LORA, target_routed_experts=True)) == TINY_ADAPTERS_ROUTED
+    assert count_adapters(TINY, dict(LORA, target_modules="kv_b_proj")) == 2 * 12 * 2      # HF names work too
+    assert count_adapters(TINY, dict(LORA, lora_rank=4)) == 2 * TINY_ADAPTERS
+
+
+def test_lora_train_plan_by_hand():
+    """The base frozen (weights only), adapters with gradients and AdamW states, LoRA's own activations."""
+    parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
+    result = plan(_config(dict(TINY, pet_config=LORA), parallel), overhead_gb=0.0)
+    b = result["bytes"]
+    assert result["params_per_card"] == 2332                      # the base, as in test_train_plan_by_hand
+    assert result["stages"][0]["adapter_params_per_card"] == TINY_CARD_ADAPTERS
+    assert b["weights"] == 2332 * 4                               # frozen: no gradients, no optimizer states
+    assert b["adapters"] == b["gradients"] == TINY_CARD_ADAPTERS * 4
+    assert b["optimizer"] == TINY_CARD_ADAPTERS * 8               # fp32 adapters: two moments, no master copy
+    # activations: the full finetune's 1664 + 2208 + 4800, plus every Linear adapter's s b R c = 4*1*2*4 = 32 bytes,
+    # 8 targeted Linear cells per layer
+    assert b["activations"] == 1664 + 2208 + 4800 + 2 * 8 * 32
+    assert result["total_bytes"] == 2332 * 4 + TINY_CARD_ADAPTERS * 16 + 1664 + 2208 + 4800 + 512
+    assert result["lora"]["adapter_params"] == TINY_ADAPTERS and result["lora"]["rank"] == 2
+    assert result["lora"]["share"] == TINY_ADAPTERS / (TINY_ADAPTERS + TINY_TOTAL)
+
+    full = plan(_config(TINY, parallel), overhead_gb=0.0)
+    assert result["total_bytes"] < full["total_bytes"]
+
+
+def test_lora_options_by_hand():
+    parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
+    base = plan(_config(dict(TINY, pet_config=LORA), parallel), overhead_gb=0.0)["bytes"]
+    # dropout keeps each Linear adapter's dropped input and mask: s b in' (c + 1) = 20 in' bytes, in' the input
+    # columns a card holds: layer 0: 8 + 6 + 8 + 4 + 4/2 + 8 + 8 + 16/2 = 52, layer 1: 28 + 8 + 8 + 4/2 = 46
+    dropout = plan(_config(dict(TINY, pet_config=dict(LORA, lora_dropout=0.1)), parallel), overhead_gb=0.0)["bytes"]
+    assert dropout["activations"] - base["activations"] == 20 * (52 + 46)
+    # routed experts: 120 more adapter parameters per card; the layer's effective expert weights, 3 x 4*4*8/(ep mp)
+    # = 96 elements x 4 bytes, kept for the backward
+    routed = plan(_config(dict(TINY, pet_config=dict(LORA, target_routed_experts=True)), parallel), overhead_gb=0.0)
+    assert routed["stages"][0]["adapter_params_per_card"] == TINY_CARD_ADAPTERS + 120
+    assert routed["bytes"]["activations"] - base["activations"] == 96 * 4
+    # bf16 adapters: 2 bytes each, gradients too, and an fp32 master copy beside the moments (12 bytes)
+    bf16 = plan(_config(dict(TINY, pet_config=dict(LORA, param_init_type="bfloat16")), parallel), overhead_gb=0.0)
+    assert bf16["bytes"]["adapters"] == bf16["bytes"]["gradients"] == TINY_CARD_ADAPTERS * 2
+    assert bf16["bytes"]["optimizer"] == TINY_CARD_ADAPTERS * 12
+    # parallel optimizer: every adapter's states over its copies, size / (dp x mp) = 480 / 4 per card
+    sharded = plan(_config(dict(TINY, pet_config=LORA), parallel, parallel={"enable_parallel_optimizer": True}),
+                   overhead_gb=0.0)
+    assert sharded["bytes"]["optimizer"] == TINY_ADAPTERS / 4 * 8
+    # prediction runs merged weights: pet_config changes nothing
+    model = dict(TINY, use_past=True, param_init_type="bfloat16", compute_dtype="bfloat16")
+    config = _config(model, {"data_parallel": 1, "model_parallel": 2}, run_mode="predict")
+    with_pet = copy.deepcopy(config)
+    with_pet["model"]["model_config"]["pet_config"] = LORA
+    assert plan(with_pet)["total_bytes"] == plan(config)["total_bytes"] and plan(with_pet)["lora"] is None
+
+
+@pytest.mark.parametrize("change, field", [({"lora_rank": 0}, "lora_rank"), ({"pet_type": "ptuning2"}, "pet_type"),
+                                           ({"target_modules": "nothing_here"}, "target_modules")])
+def test_lora_bad_pet_config_names_the_field(change, field):
+    from research.deepseek2.lora import PetConfigError
+    config = _config(dict(TINY, pet_config=dict(LORA, **change)), {"data_parallel": 1})
+    with pytest.raises(PetConfigError, match=f"^pet_config.{field} = "):
+        plan(config)
+
+
+# ---------------------------------------------------------------------------------------------- the recipes
+RECIPES = {"finetune_deepseek2_lite.yaml": 8, "finetune_deepseek2_lite_lora.yaml": 8,
+           "predict_deepseek2_lite.yaml": 1, "finetune_deepseek2_236B_lora.yaml": 16}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_pass_parallel_check_and_fit(name):
+    from research.deepseek2.parallel_check import load_yaml_checks
+    path = os.path.join(PKG, name)
+    assert load_yaml_checks(path) == [] and load_yaml_checks(path, device_num=RECIPES[name]) == []
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    result = plan(config, card_memory_gb=64)
+    assert result["shape"]["device_num"] == RECIPES[name] and result["fits"] and result["problems"] == []
+    assert config["load_ckpt_format"] == "safetensors" and config["load_checkpoint"].startswith("/path/to/")
+    mc = config["model"]["model_config"]
+    lite = dict(V2_LITE, num_key_value_heads=16) if "lite" in name else None
+    for key, value in (lite or {}).items():
+        assert mc[key] == value, f"{name}: model_config.{key}"
+    if "lite" in name:
+        assert mc["rope_scaling"] == {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+        assert (mc["routed_scaling_factor"], mc["n_group"], mc["topk_group"]) == (1.0, 1, 1)
+    assert ("pet_config" in mc) == ("lora" in name) and (result["lora"] is not None) == ("lora" in name)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_build_the_model_config(name):
+    """MindFormers parses the file and DeepseekV2Config accepts its model_config, pet_config included."""
+    from mindformers.tools.register import MindFormerConfig
+    from research.deepseek2.deepseek2_config import DeepseekV2Config
+    from research.deepseek2.lora import validate_pet_config
+    parsed = MindFormerConfig(os.path.join(PKG, name))
+    fields = {k: v for k, v in parsed.model.model_config.items() if k != "type"}
+    config = DeepseekV2Config(**fields)
+    assert config.cache_width == 512 + 64 and config.num_hidden_layers in (27, 60)
+    if "lora" in name:
+        settings = validate_pet_config(config.pet_config)
+        assert (settings.lora_rank, settings.lora_alpha, settings.target_routed_experts) == (8, 16, False)
+
+
+def test_lora_needs_fewer_cards_than_the_full_finetune():
+    """236B: LoRA on 16 cards; the same YAML without pet_config needs 80, the full-finetune recipe 64 with its AdamW
+    states offloaded to host memory. V2-Lite LoRA fits one card; its full finetune needs the 8 of a node."""
+    from research.deepseek2.plan_memory import full_finetune
+    recipes = {}
+    for name in ("finetune_deepseek2_236B_lora.yaml", "finetune_deepseek2_236B.yaml",
+                 "finetune_deepseek2_lite_lora.yaml", "finetune_deepseek2_lite.yaml"):
+        with open(os.path.join(PKG, name), encoding="utf-8") as handle:
+            recipes[name] = yaml.safe_load(handle)
+    lora = recipes["finetune_deepseek2_236B_lora.yaml"]
+    assert smallest_cluster(lora)["device_num"] == 16
+    full = full_finetune(lora)
+    assert not full["fits"] and full["device_num"] == 16 and full["smallest_cluster"]["device_num"] == 80
+    assert smallest_cluster(recipes["finetune_deepseek2_236B.yaml"])["device_num"] == 64
+    assert smallest_cluster(recipes["finetune_deepseek2_lite_lora.yaml"])["device_num"] == 1
+    assert smallest_cluster(recipes["finetune_deepseek2_lite.yaml"])["device_num"] == 8
+    assert full_finetune(recipes["finetune_deepseek2_lite.yaml"]) is None
+
+
+def test_cli_prints_lora_against_full_finetune():
+    script = os.path.join(PKG, "plan_memory.py")
+    out = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "finetune_deepseek2_236B_lora.yaml")],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for text in ("LoRA: rank 8, alpha 16", "56.78M adapter parameters", "weights (frozen)", "LoRA adapters",
+                 "dp 2 x mp 4 x pp 2 = 16 cards", "smallest cluster that fits: 16 cards",
+                 "full finetune of the same YAML (no pet_config)", "smallest cluster: 80 cards"):
+        assert text in out.stdout, text

@@ -55,6 +55,14 @@ Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
   workspace = one layer's prefill activations + fp32 logits (b/dp) s V/t' x 4 + overhead.
 
+LoRA (model_config.pet_config, research/deepseek2/lora.py; training only: prediction runs merged weights): every
+targeted weight (lora.targeted_projections over the inventory) gets A (..., r, in) and B (..., out, r), cut like the
+weight (an expert cut on both, its output rows on B, its input columns on A). The base is frozen: its weights, no
+gradients, no optimizer states. The adapters (pet_config.param_init_type, fp32 by default) have gradients and AdamW
+states (8 bytes/param, + 4 for a master copy unless fp32; the parallel optimizer divides them by dp x mp).
+Activations are the full finetune's (gradients still flow through every layer) plus each Linear adapter's s b r c
+(and s b in (c + 1) with dropout) and, with routed-expert adapters, the layer's effective expert weights.
+
 The smallest cluster: multiples of 8 cards keeping the YAML's model_parallel and pipeline_stage, data_parallel
 growing with the cards and expert_parallel the largest value <= the YAML's that divides data_parallel and
 n_routed_experts (research/deepseek2/parallel_check.py rules).
@@ -73,17 +81,18 @@ import yaml
 
 from research.deepseek2.dtypes import bytes_of
 from research.deepseek2.inventory import (ModelShape, Param, expert_capacity, is_moe_layer, layer_parameters,
-                                          model_shape, parameters)
+                                          model_shape, parameters, parts)
+from research.deepseek2.lora import LoraSettings, adapter_shapes, parse_pet_config, targeted_projections
 from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, is_predict, layers_per_stage,
                                                parallel_shape)
 
-__all__ = ["count_parameters", "plan", "smallest_cluster", "format_plan", "GIB"]
+__all__ = ["count_parameters", "count_adapters", "plan", "smallest_cluster", "full_finetune", "format_plan", "GIB"]
 
 GIB = float(2 ** 30)
 CARDS_PER_NODE = 8
 ADAM_MOMENT_BYTES = 8          # exp_avg + exp_avg_sq in fp32
 MASTER_COPY_BYTES = 4          # fp32 master weights when the weights themselves are fp16/bf16
-BYTE_KEYS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")
+BYTE_KEYS = ("weights", "adapters", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")
 
 # count_parameters' parts by weight name, first match (the MLA's lq_norm / lkv_norm are attention, not norms)
 _PART_OF_NAME = (("model.tok_embeddings.", "embedding"), ("lm_head.", "lm_head"), ("model.norm_out.", "final_norm"),
@@ -127,6 +136,37 @@ def _counts(shape: ModelShape) -> Tuple[Tuple[str, int], ...]:
     out["total"] = sum(out[part] for part in _PARTS)
     out["activated"] = out["total"] - out["embedding"] - moe_layers * (experts - chosen) * expert
     return tuple(out.items())
+
+
+# ---------------------------------------------------------------------------------------------- LoRA adapters
+@functools.lru_cache(maxsize=64)
+def _lora_targets(shape: ModelShape, lora: LoraSettings) -> frozenset:
+    """The weights a pet_config puts adapters on: lora.targeted_projections over the inventory's names (the rule
+    apply_lora uses on the built network)."""
+    return frozenset(targeted_projections([p.name for p in parameters(shape)], lora))
+
+
+def _adapters_of(param: Param, rank: int) -> Tuple[Param, Param]:
+    """A (..., r, in) and B (..., out, r) of a targeted weight with its cuts: a leading (expert) cut on both, the cut
+    of the output rows on B, the cut of the input columns on A."""
+    shape_a, shape_b = adapter_shapes(param.shape, rank)
+    out_dim, in_dim = len(param.shape) - 2, len(param.shape) - 1
+    return (Param(param.name + ":A", shape_a, tuple(c for c in param.cuts if c.dim != out_dim)),
+            Param(param.name + ":B", shape_b, tuple(c for c in param.cuts if c.dim != in_dim)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_adapters(shape: ModelShape, lora: LoraSettings, layer: int) -> Tuple[Tuple[Param, Param, Param], ...]:
+    """(weight, A, B) of every targeted weight of a decoder layer."""
+    targets = _lora_targets(shape, lora)
+    return tuple((p,) + _adapters_of(p, lora.lora_rank) for p in layer_parameters(shape, layer) if p.name in targets)
+
+
+def count_adapters(model_config, pet_config) -> int:
+    """LoRA parameters (A and B of every targeted weight) a pet_config adds to a model_config."""
+    shape, lora = model_shape(model_config), parse_pet_config(pet_config)
+    return sum(a.size + b.size for layer in range(shape.num_hidden_layers)
+               for _, a, b in _layer_adapters(shape, lora, layer))
 
 
 @dataclass(frozen=True)
@@ -197,6 +237,7 @@ class _Settings:
     moe_dispatch: Optional[str]
     expert_capacity_factor: float
     capacity_factor: float
+    lora: Optional[LoraSettings] = None   # model_config.pet_config (training only; prediction runs merged weights)
 
     @property
     def vocab_parts(self) -> int:
@@ -227,7 +268,8 @@ def _settings(config: dict) -> _Settings:
         parallel_optimizer=bool((config.get("parallel") or {}).get("enable_parallel_optimizer")) and not predict,
         swap=bool((config.get("optimizer") or {}).get("swap")) and not predict,
         moe_dispatch=mc.get("moe_dispatch"), expert_capacity_factor=float(mc.get("expert_capacity_factor") or 0.0),
-        capacity_factor=float(mc.get("capacity_factor") or 0.0))
+        capacity_factor=float(mc.get("capacity_factor") or 0.0),
+        lora=parse_pet_config(mc["pet_config"]) if mc.get("pet_config") and not predict else None)
 
 
 # ---------------------------------------------------------------------------------------------- weights per stage
@@ -282,7 +324,29 @@ def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_par
     attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
                         + 2 * a * (dn + dr) / t + a * dv / t)
     attn += b * (a / t) * s * s * (st.softmax_bytes + c)
-    return attn + _ffn_activation_bytes(st, layer, b, t, hh)
+    lora = _lora_activation_bytes(st, layer, b) if st.lora else 0.0
+    return attn + _ffn_activation_bytes(st, layer, b, t, hh) + lora
+
+
+def _card_share(param: Param, st: _Settings) -> float:
+    """Elements of ``param`` one card holds (its cuts by the YAML's parallel degrees)."""
+    return param.size / math.prod(parts(param, st.parallel.axes()))
+
+
+def _lora_activation_bytes(st: _Settings, layer: int, b: float) -> float:
+    """LoRA's own activations in a layer: every Linear adapter keeps its rank-r product s b r c and, with dropout,
+    the dropped input and mask s b in' (c + 1) (in': the input columns a card holds); routed-expert adapters keep the
+    layer's effective expert weights W + s B A, per card, in the compute dtype."""
+    c, s, lora = st.compute_bytes, st.seq_length, st.lora
+    total = 0.0
+    for weight, _, _ in _layer_adapters(st.shape, lora, layer):
+        if len(weight.shape) == 3:
+            total += _card_share(weight, st) * c
+            continue
+        total += s * b * lora.lora_rank * c
+        if lora.lora_dropout > 0:
+            total += s * b * weight.shape[-1] / parts(weight, st.parallel.axes())[-1] * (c + 1)
+    return total
 
 
 def _ffn_activation_bytes(st: _Settings, layer: int, b: float, t: int, hh: float) -> float:
@@ -319,11 +383,28 @@ def _training_activation_bytes(st: _Settings, stage: int, layers: range) -> floa
 # ---------------------------------------------------------------------------------------------- bytes per stage
 def _training_bytes(st: _Settings, stage: int, layers: range, weights: _Weights) -> Dict[str, float]:
     """Gradients, optimizer states (on the card or, swapped, in host memory) and activations of a training stage."""
+    if st.lora:
+        return _lora_training_bytes(st, stage, layers)
     per_card = _params_per_card(weights, st)
     state = (_optimizer_shard(weights, st) if st.parallel_optimizer else per_card) * st.optimizer_bytes_per_param
     return {"gradients": per_card * st.param_bytes, "optimizer": 0.0 if st.swap else state,
             "optimizer_host": state if st.swap else 0.0,
             "activations": _training_activation_bytes(st, stage, layers)}
+
+
+def _lora_training_bytes(st: _Settings, stage: int, layers: range) -> Dict[str, float]:
+    """LoRA: the base is frozen (its weights only: no gradients, no optimizer states); the adapters of the stage's
+    layers carry their gradients and AdamW states (2 fp32 moments, plus an fp32 master copy unless they are fp32).
+    The parallel optimizer divides every adapter's states over its copies: size / (dp x mp) per card."""
+    p = st.parallel
+    adapters = [x for layer in layers for _, a, b in _layer_adapters(st.shape, st.lora, layer) for x in (a, b)]
+    per_card = sum(_card_share(x, st) for x in adapters)
+    adapter_bytes = bytes_of(st.lora.param_init_type)
+    held = sum(x.size for x in adapters) / (p.dp * p.mp) if st.parallel_optimizer else per_card
+    state = held * (ADAM_MOMENT_BYTES + (MASTER_COPY_BYTES if adapter_bytes != 4 else 0))
+    return {"adapter_params_per_card": per_card, "adapters": per_card * adapter_bytes,
+            "gradients": per_card * adapter_bytes, "optimizer": 0.0 if st.swap else state,
+            "optimizer_host": state if st.swap else 0.0, "activations": _training_activation_bytes(st, stage, layers)}
 
 
 def _prediction_bytes(st: _Settings, stage: int, layers: range) -> Dict[str, float]:
@@ -376,6 +457,7 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
                      "parallel_optimizer": st.parallel_optimizer, "optimizer_swap": st.swap,
                      "card_memory_gb": card_memory_gb, "overhead_gb": overhead_gb},
         "params": count_parameters(st.shape),
+        "lora": _lora_summary(st),
         "stages": stages,
         "busiest_stage": busiest["stage"],
         "bytes": {key: busiest.get(key, 0.0) for key in BYTE_KEYS},
@@ -385,6 +467,15 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
         "fits": busiest["total"] <= card_memory_gb * GIB,
         "problems": check_parallel_config(st.model_config, st.parallel_config, device_num),
     }
+
+
+def _lora_summary(st: _Settings) -> Optional[dict]:
+    """What a pet_config trains: rank, alpha, adapter parameters and their share of all parameters."""
+    if not st.lora:
+        return None
+    adapters = count_adapters(st.shape, st.lora)
+    return {"rank": st.lora.lora_rank, "alpha": st.lora.lora_alpha, "routed_experts": st.lora.target_routed_experts,
+            "adapter_params": adapters, "share": adapters / (adapters + count_parameters(st.shape)["total"])}
 
 
 def _largest_ep(limit: int, dp: int, experts: Optional[int]) -> int:
@@ -417,19 +508,37 @@ def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: fl
     return None
 
 
+def full_finetune(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -> Optional[dict]:
+    """For a LoRA YAML: the same YAML without pet_config (every weight trained) on the same cards, and its smallest
+    cluster (expert_parallel free to grow to n_routed_experts). None without pet_config or for prediction."""
+    mc = (config.get("model") or {}).get("model_config") or {}
+    if not mc.get("pet_config") or is_predict(config):
+        return None
+    full = dict(config, model=dict(config["model"], model_config={k: v for k, v in mc.items() if k != "pet_config"}))
+    result = plan(full, card_memory_gb, overhead_gb)
+    pc = full.get("parallel_config") or {}
+    full["parallel_config"] = dict(pc, expert_parallel=max(pc.get("expert_parallel", 1),
+                                                          mc.get("n_routed_experts") or 1))
+    return {"total_bytes": result["total_bytes"], "fits": result["fits"], "device_num": result["shape"]["device_num"],
+            "smallest_cluster": smallest_cluster(full, card_memory_gb, overhead_gb)}
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _gb(value: float) -> str:
     return f"{value / GIB:8.2f} GB"
 
 
-def format_plan(result: dict, smallest: Optional[dict], name: str = "") -> str:
-    """Human-readable table of plan() (and smallest_cluster()) results."""
-    p, sh, st = result["params"], result["shape"], result["settings"]
+def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Optional[dict] = None) -> str:
+    """Human-readable table of plan() (and smallest_cluster(), full_finetune()) results."""
+    p, sh, st, lora = result["params"], result["shape"], result["settings"], result["lora"]
     lines = [f"{name} ({result['mode']})" if name else f"mode: {result['mode']}",
              f"  model: {p['total'] / 1e9:.2f}B parameters, {p['activated'] / 1e9:.2f}B activated per token "
              f"({p['num_dense_layers']} dense + {p['num_moe_layers']} MoE layers; routed experts "
              f"{p['routed_experts'] / 1e9:.2f}B, attention {p['attention'] / 1e9:.2f}B, "
              f"embedding + lm_head {(p['embedding'] + p['lm_head']) / 1e9:.2f}B)",
+             *([f"  LoRA: rank {lora['rank']}, alpha {lora['alpha']:g}, routed experts {lora['routed_experts']}: "
+                f"{lora['adapter_params'] / 1e6:.2f}M adapter parameters trained ({100 * lora['share']:.3f}% of all), "
+                f"the base frozen (no gradients or optimizer states)"] if lora else []),
              f"  parallel: dp {sh['data_parallel']} x mp {sh['model_parallel']} x pp {sh['pipeline_stage']} = "
              f"{sh['device_num']} cards, ep {sh['expert_parallel']}, micro_batch_num {sh['micro_batch_num']}, "
              f"vocab_emb_dp {sh['vocab_emb_dp']}, seq parallel {sh['use_seq_parallel']}",
@@ -438,9 +547,9 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "") -> str:
              f"parallel optimizer {st['parallel_optimizer']}, optimizer swap {st['optimizer_swap']}",
              f"  per card (busiest pipeline stage {result['busiest_stage']}, "
              f"{result['params_per_card'] / 1e9:.3f}B parameters):"]
-    labels = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
-              "activations": "activations", "kv_cache": "latent KV cache", "workspace": "workspace",
-              "overhead": "overhead (reserve)"}
+    labels = {"weights": "weights (frozen)" if lora else "weights", "adapters": "LoRA adapters",
+              "gradients": "gradients", "optimizer": "optimizer states", "activations": "activations",
+              "kv_cache": "latent KV cache", "workspace": "workspace", "overhead": "overhead (reserve)"}
     for key, label in labels.items():
         if key in result["stages"][result["busiest_stage"]]:
             lines.append(f"    {label:<20}{_gb(result['bytes'][key])}")
@@ -457,6 +566,12 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "") -> str:
                      f" ep {smallest['expert_parallel']}, {smallest['total_bytes'] / GIB:.1f} GB per card)")
     else:
         lines.append("  smallest cluster that fits: none with this model_parallel x pipeline_stage")
+    if full:
+        cluster = full["smallest_cluster"]
+        lines.append(f"  full finetune of the same YAML (no pet_config): {full['total_bytes'] / GIB:.1f} GB per card "
+                     f"on {full['device_num']} cards ({'fits' if full['fits'] else 'does NOT fit'}); smallest cluster: "
+                     + (f"{cluster['device_num']} cards" if cluster else "none with this model_parallel x "
+                        "pipeline_stage"))
     for problem in result["problems"]:
         lines.append(f"  parallel_check: {problem}")
     return "\n".join(lines)
@@ -473,10 +588,11 @@ def main(argv=None) -> int:
         config = yaml.safe_load(handle)
     result = plan(config, args.card_memory_gb, args.overhead_gb)
     smallest = smallest_cluster(config, args.card_memory_gb, args.overhead_gb)
+    full = full_finetune(config, args.card_memory_gb, args.overhead_gb)
     if args.json:
-        print(json.dumps(dict(result, smallest_cluster=smallest), indent=1, default=float))
+        print(json.dumps(dict(result, smallest_cluster=smallest, full_finetune=full), indent=1, default=float))
     else:
-        print(format_plan(result, smallest, os.path.basename(args.config)))
+        print(format_plan(result, smallest, os.path.basename(args.config), full))
     return 0 if result["fits"] else 1
 
 
