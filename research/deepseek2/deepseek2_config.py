@@ -89,6 +89,7 @@ class DeepseekV2Config(PretrainedConfig):
                  softmax_compute_type: str = "float32",
                  layernorm_compute_type: str = "float32",
                  ignore_token_id: int = -100,
+                 use_flash_attention: bool = False,       # training/prefill attention by the fused Ascend kernel
                  # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
                  device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
@@ -151,6 +152,7 @@ class DeepseekV2Config(PretrainedConfig):
         self.softmax_compute_type = _dtype(softmax_compute_type, "softmax_compute_type")
         self.layernorm_compute_type = _dtype(layernorm_compute_type, "layernorm_compute_type")
         self.ignore_token_id = ignore_token_id
+        self.use_flash_attention = use_flash_attention
 
         self.device_aux_loss_alpha = float(device_aux_loss_alpha)
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
@@ -212,6 +214,11 @@ class DeepseekV2Config(PretrainedConfig):
             fail("qk_rope_head_dim", "expected an even number (RoPE rotates pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_key_value_heads", f"expected a divisor of num_attention_heads={self.num_attention_heads}")
+        if not isinstance(self.use_flash_attention, bool):
+            fail("use_flash_attention", "expected True or False")
+        if self.use_flash_attention and self.v_head_dim > self.q_head_dim:
+            fail("use_flash_attention", f"the fused kernel pads v_head_dim={self.v_head_dim} up to the query/key "
+                                        f"head dim {self.q_head_dim}, which must not be smaller")
         if self.hidden_act != "silu":
             fail("hidden_act", "expected 'silu' (SwiGLU)")
         if self.scoring_func != "softmax":

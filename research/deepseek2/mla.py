@@ -8,7 +8,11 @@
 Incremental decoding keeps only [c^KV | RoPE(k^R)] per token and layer (kv_lora_rank + qk_rope_head_dim numbers)
 and absorbs the up-projections: q^C is projected into the latent space through the key half of W^UKV, attention
 runs against the latent cache as a single shared head, and the value half of W^UKV is applied after attention.
+
+``use_flash_attention`` (default False) sends the training/prefill attention to MindSpore's fused Ascend kernel
+(``fused_attention`` below): no (b, n, s, s) scores or probabilities are stored. The decode step is unchanged.
 """
+import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
@@ -16,7 +20,53 @@ from mindspore.common.initializer import initializer
 from .layers import RMSNorm, Linear, PartialSum
 from .rope import apply_rotary
 
-__all__ = ["MLAttention"]
+__all__ = ["MLAttention", "fused_attention", "check_fused_attention", "FLASH_ATTENTION_SCORE"]
+
+# The fused attention kernel (Ascend only), read by ``fused_attention`` when a graph is built or a PyNative call
+# runs: the tests replace this reference with a stand-in written from basic ops that keeps the same contract.
+FLASH_ATTENTION_SCORE = ops.flash_attention_score
+_ASCEND_KERNEL = ops.flash_attention_score
+_KERNEL_DTYPES = (mstype.float16, mstype.bfloat16)
+
+
+def check_fused_attention(compute_dtype, device_target=None):
+    """Refuse ``use_flash_attention: True`` where the Ascend kernel cannot run (no silent fallback): a device other
+    than Ascend (RuntimeError), or a compute_dtype the kernel does not take (ValueError; it takes float16/bfloat16).
+    A replaced ``FLASH_ATTENTION_SCORE`` (the tests' basic-op stand-in) is not checked. ``device_target``: the
+    context's by default (the only context the model's constructor reads, and only with the switch on)."""
+    if FLASH_ATTENTION_SCORE is not _ASCEND_KERNEL:
+        return
+    target = device_target if device_target is not None else ms.get_context("device_target")
+    if target != "Ascend":
+        raise RuntimeError(f"DeepseekV2Config.use_flash_attention = True needs an Ascend device: "
+                           f"mindspore.ops.flash_attention_score (the fused attention kernel) runs only on Ascend, "
+                           f"and device_target is {target!r}. Set model.model_config.use_flash_attention: False "
+                           f"to run the attention from basic ops on this device.")
+    if compute_dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"DeepseekV2Config.use_flash_attention = True needs compute_dtype bfloat16 or float16 "
+                         f"(the inputs the fused attention kernel takes); compute_dtype is {compute_dtype}")
+
+
+def fused_attention(query, key, value, mask, scale, num_heads):
+    """softmax(query key^T * scale, positions where mask is True hidden) value, by the fused kernel.
+
+    Contract (the one call of ``FLASH_ATTENTION_SCORE``; a stand-in must keep it):
+      query, key  (b, n, s, dq)  layout "BNSD", dq = qk_nope_head_dim + qk_rope_head_dim, one dtype
+      value       (b, n, s, dv)  dv <= dq; zero-padded to (b, n, s, dq) before the call (the kernel takes one head
+                                 dim for q, k and v); the zero columns give zero output columns, sliced off after
+      mask        (s, s) bool, True = hidden (the model's causal mask); passed as the uint8 attn_mask, 1 = masked
+                  out, with sparse_mode 0 (the whole (S1, S2) mask is applied as given)
+      scale       python float, the softmax scale with YaRN's mscale^2 (config.softmax_scale): scalar_value
+      num_heads   n, the heads this cell holds: head_num
+      keep_prob   1.0: no attention dropout (the basic-op path has none either)
+    Returns (b, n, s, dv), layout BNSD, the dtype of query: what the basic-op path returns.
+    """
+    dq, dv = query.shape[-1], value.shape[-1]
+    if dv < dq:
+        value = ops.pad(value, (0, dq - dv))                                            # (b, n, s, dq)
+    out = FLASH_ATTENTION_SCORE(query, key, value, num_heads, attn_mask=ops.cast(mask, mstype.uint8),
+                                keep_prob=1.0, scalar_value=scale, input_layout="BNSD", sparse_mode=0)
+    return out[..., :dv] if dv < dq else out                                            # (b, n, s, dv)
 
 
 class MLAttention(nn.Cell):
@@ -38,6 +88,9 @@ class MLAttention(nn.Cell):
         self.compute_dtype = config.compute_dtype
         self.softmax_dtype = config.softmax_compute_type
         self.use_past = config.use_past
+        self.use_flash_attention = config.use_flash_attention
+        if self.use_flash_attention:
+            check_fused_attention(config.compute_dtype)
         self.is_first_iteration = True
         h, n = config.hidden_size, self.n_heads
         kw = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
@@ -82,6 +135,7 @@ class MLAttention(nn.Cell):
         """Training/prefill: expand the latent into per-head keys and values (compute-friendly).
 
         q_* (b, n, s, .), c_kv (b, s, r), k_pe (b, 1, s, rope) rotated, mask (s, s) bool (True = hidden).
+        use_flash_attention: the same query, key and value go to the fused kernel (``fused_attention``).
         """
         b, _, s, _ = q_nope.shape
         kv = ops.transpose(ops.reshape(self.lkv2kv(c_kv), (b, s, self.n_heads, self.nope_dim + self.v_dim)),
@@ -89,6 +143,8 @@ class MLAttention(nn.Cell):
         k_nope, value = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
         query = ops.concat((q_nope, q_pe), -1)                                             # (b, n, s, dq)
         key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, self.n_heads, s, self.rope_dim))), -1)
+        if self.use_flash_attention:
+            return fused_attention(query, key, value, mask, self.scale, self.n_heads)     # (b, n, s, v)
         scores = self.bmm_t(query, key) * self.scale                                       # (b, n, s, s)
         # an explicit broadcast: masked_fill's implicit one allocates a (b, n, s, s) temporary per layer on CPU
         scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
