@@ -124,19 +124,27 @@ def headers(path: str, config=None) -> Tuple[Dict[str, Tuple[Tuple[int, ...], ob
     return {name: (tuple(shape), dtype) for name, (shape, dtype, _) in info.items()}, f"checkpoint {path}"
 
 
-def check_checkpoint(config, path: str, resume: bool = False, declared_format: Optional[str] = None) -> str:
+def check_checkpoint(config, path: str, resume: bool = False, declared_format: Optional[str] = None,
+                     adapters: Optional[Dict[str, Tuple[int, ...]]] = None) -> Tuple[str, bool]:
     """Refuse (``CheckpointError``) a checkpoint that does not give every weight of ``config`` its shape.
 
-    ``resume``: the AdamW moments of every weight must be there too. ``declared_format``: the run's
-    ``load_ckpt_format``; a path holding another format is refused naming both. Returns the stored format.
-    Reads headers only.
+    ``adapters``: {name: shape} of a LoRA run's adapters (``lora.expected_adapter_shapes``): a checkpoint holds all
+    of them (a LoRA training output, loaded as it is) or none (a base model; the adapters start fresh).
+    ``resume``: the AdamW moments of every trained parameter must be there too (the adapters alone for LoRA).
+    ``declared_format``: the run's ``load_ckpt_format``; a path holding another format is refused naming both.
+    Returns (the stored format, whether the checkpoint holds the adapters). Reads headers only.
     """
     fmt = stored_format(path)
     if declared_format and fmt != "bin" and declared_format != fmt:
         raise CheckpointError(f"load_ckpt_format is {declared_format!r} but {path} holds {fmt} files "
                               f"(set load_ckpt_format: {fmt}, or --load_ckpt_format {fmt})")
     got, source = headers(path, config)
-    want = expected_ms_shapes(config)
-    required = optimizer_state_names(want) if resume else ()
+    want = dict(expected_ms_shapes(config))
+    adapters = dict(adapters or {})
+    has_adapters = bool(set(adapters) & set(got))
+    if has_adapters or (adapters and resume):
+        want.update(adapters)
+    trained = adapters if adapters else want
+    required = optimizer_state_names(trained) if resume else ()
     raise_problems(compare(want, got, source, declared_buffers(config), required), source)
-    return fmt
+    return fmt, has_adapters

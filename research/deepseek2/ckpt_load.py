@@ -56,7 +56,7 @@ def _load_batch(net, batch: dict):
     batch.clear()
 
 
-def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1 << 30):
+def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1 << 30, skip=frozenset()):
     """Load a MindSpore checkpoint (``.ckpt`` or ``.safetensors`` file, or a converted folder) into ``net`` shard by
     shard.
 
@@ -68,6 +68,7 @@ def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1
             what matches).
         batch_bytes: tensors are handed to ``mindspore.load_param_into_net`` in batches of about this size, so a
             single large ``.ckpt`` never sits whole in memory.
+        skip: checkpoint entries the caller reads itself (LoRA adapters merged by ``lora_io.load_merged``).
     Returns:
         net None: {name: Parameter} of the whole checkpoint (dtype as stored). Otherwise the list of loaded names.
         Every tensor is cast to the dtype of the net parameter it fills.
@@ -81,7 +82,8 @@ def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1
         return out
     info = source.tensor_info()
     params = _net_params(net)
-    _check_names(params, {n: (v[0], v[1]) for n, v in info.items()}, path, strict, _declared_buffers(net))
+    _check_names(params, {n: (v[0], v[1]) for n, v in info.items() if n not in skip}, path, strict,
+                 _declared_buffers(net))
     loaded, batch, size = [], {}, 0
     with tqdm(total=len(info), desc="loading", unit="tensor") as bar:
         for file, tensors in source.iter_files():

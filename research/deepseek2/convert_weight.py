@@ -264,7 +264,7 @@ def _plan_shards(config, out_dtypes: dict, max_shard_size: int):
 
 
 def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_size="5GB",
-                     progress: bool = True) -> dict:
+                     progress: bool = True, adapters_only: bool = False) -> dict:
     """Convert a MindSpore checkpoint to Hugging Face safetensors shards.
 
     ``ms_path``: a ``.safetensors`` or ``.ckpt`` file, a folder of either (``MSCheckpoint``), or its index json.
@@ -272,6 +272,8 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
     Writes ``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json`` and ``config.json`` (from
     ``config.to_hf_dict()``) into ``hf_dir``, loadable by transformers' ``DeepseekV2ForCausalLM.from_pretrained``.
     ``config``: a DeepseekV2Config or a path for ``load_model_config``. ``dtype`` None keeps the stored dtypes.
+    A config with a ``pet_config`` (a LoRA YAML) reads a LoRA checkpoint: every targeted weight is written merged,
+    W + lora_alpha / lora_rank * B A (``lora_io``); ``adapters_only`` writes the adapters alone in the PEFT layout.
     Returns {"files": [...], "params": HF tensor count, "bytes": total}.
     """
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -281,10 +283,22 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
     source = MSCheckpoint(ms_path)
     info = source.tensor_info()
     expected = expected_ms_shapes(config)
-    # the one completeness rule of the loaders: a training output's optimizer/step state and a declared non-weight
-    # (the latent cache) are skipped, logged; anything else missing, unexpected or mis-shaped is refused
-    raise_problems(compare(expected, {n: (v[0], v[1]) for n, v in info.items()}, ms_path, declared_buffers(config)),
-                   ms_path)
+    pet_config = getattr(config, "pet_config", None)
+    adapters, targets = {}, {}
+    if pet_config:                                      # checks base weights and adapters from the headers
+        from research.deepseek2.lora_io import adapter_targets, read_adapters, write_peft
+        adapters, targets = read_adapters(ms_path, config, pet_config), adapter_targets(config, pet_config)
+        if adapters_only:
+            shapes = write_peft(hf_dir, adapters, config, pet_config)
+            return {"files": ["adapter_model.safetensors", "adapter_config.json"], "params": len(shapes)}
+    elif adapters_only:
+        raise CheckpointError("--adapters_only needs the LoRA YAML (model.model_config.pet_config) as --config")
+    else:
+        # the one completeness rule of the loaders: a training output's optimizer/step state and a declared
+        # non-weight (the latent cache) are skipped, logged; anything else missing, unexpected or mis-shaped is
+        # refused (a LoRA checkpoint's adapters too: give the LoRA YAML to merge them)
+        raise_problems(compare(expected, {n: (v[0], v[1]) for n, v in info.items()}, ms_path,
+                               declared_buffers(config)), ms_path)
     out_dtypes = {n: (np_dtype(dtype) if dtype else info[n][1]) for n in expected}
     plan = _plan_shards(config, out_dtypes, limit)
     names = [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
@@ -303,8 +317,11 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
         with tqdm(total=len(expected), desc="tensors", unit="tensor", disable=not progress) as bar:
             for _, tensors in source.iter_files():
                 for name, array in tensors:
-                    if name not in expected:              # training state or the latent cache (checked above)
+                    if name not in expected:              # training state, adapters or the latent cache (checked)
                         continue
+                    if name in targets:                   # W + lora_alpha / lora_rank * B A
+                        from research.deepseek2.lora_io import merge_one
+                        array = merge_one(name, array, adapters, targets, pet_config)
                     if is_stacked(name):  # cast row by row: no second copy of the whole stack
                         for e in range(array.shape[0]):
                             hf_name = ms_to_hf(name, e)
@@ -374,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_shard_size", default="5GB",
                         help="largest safetensors shard with --reverse (5GB = 5e9 bytes; GiB units too)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--adapters_only", action="store_true",
+                        help="with --reverse and a LoRA YAML as --config: write only the adapters, in the PEFT layout "
+                             "(adapter_model.safetensors + adapter_config.json)")
     return parser
 
 
@@ -387,8 +407,10 @@ def main(argv=None) -> int:
                 raise CheckpointError("--format names the MindSpore output's format; with --reverse the input's "
                                       "format is read from the files")
             convert_ms_to_hf(args.mindspore_ckpt_path, args.torch_ckpt_path, args.config, args.dtype,
-                             args.max_shard_size, progress=not args.no_progress)
+                             args.max_shard_size, progress=not args.no_progress, adapters_only=args.adapters_only)
         else:
+            if args.adapters_only:
+                raise CheckpointError("--adapters_only goes with --reverse")
             config = load_model_config(args.config) if args.config else None
             convert_hf_to_ms(args.torch_ckpt_path, args.mindspore_ckpt_path, args.dtype, config,
                              progress=not args.no_progress, fmt=args.fmt)

@@ -118,7 +118,7 @@ def apply_semi_auto(net, sizes: ParallelSizes) -> Dict[str, tuple]:
     stacked_w1 = next((p for p in inventory.values() if p.name.endswith("routed_experts.w1")), None)
     applied = {}
     for path, cell in net.cells_and_names():
-        kind = type(cell).__name__
+        kind = "RoutedExperts" if isinstance(cell, RoutedExperts) else type(cell).__name__   # LoRA subclasses too
         if isinstance(cell, RoutedExperts):
             if cell.dispatch != "capacity":
                 raise ValueError("DeepseekV2Config.moe_dispatch = 'dropless': semi-auto/auto parallel training needs "

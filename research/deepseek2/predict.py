@@ -166,6 +166,19 @@ def encode_prompts(tokenizer, prompts, chat: bool, model_config, new_tokens: int
     return prompt_ids
 
 
+def _pet_config(config):
+    """The YAML's pet_config, checked, or None (a LoRA YAML predicts from a LoRA output, merged)."""
+    pet_config = config.model.model_config.get("pet_config")
+    if not pet_config:
+        return None
+    from .lora import PetConfigError, parse_pet_config
+    try:
+        parse_pet_config(pet_config)
+    except PetConfigError as err:
+        raise UsageError(f"model.model_config.{err}") from err
+    return pet_config
+
+
 def check_format(checkpoint, declared):
     """A checkpoint in the format ``load_ckpt_format`` names (when it names one), else UsageError naming both."""
     from .ckpt_check import stored_format
@@ -180,8 +193,9 @@ def check_format(checkpoint, declared):
                          f"files (set load_ckpt_format: {held}, or --load_ckpt_format {held})")
 
 
-def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
-    """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded."""
+def build_network(model_config, checkpoint, tp_size: int, tp_rank: int, pet_config=None):
+    """The model for this process (all of it, or rank tp_rank's share of tp_size) with the checkpoint loaded; with a
+    pet_config, a LoRA training output whose adapters are merged into the weights (lora_io.load_merged)."""
     from .checkpoint_io import build_empty, load_checkpoint
     from .deepseek2 import DeepseekV2ForCausalLM
     from .inventory import local_shape
@@ -194,7 +208,13 @@ def build_network(model_config, checkpoint, tp_size: int, tp_rank: int):
         DeepseekV2ForCausalLM(model_config, local)
     if checkpoint:
         try:
-            if tp_size > 1:                                  # this rank's heads, FFN columns and experts only
+            if pet_config:
+                if tp_size > 1:
+                    raise UsageError("tensor-parallel predict of a LoRA checkpoint: merge the adapters first "
+                                     "(convert_weight.py --reverse ... --config <the LoRA YAML>) and predict from that")
+                from .lora_io import load_merged
+                load_merged(net, checkpoint, pet_config)
+            elif tp_size > 1:                                # this rank's heads, FFN columns and experts only
                 load_for_rank(net, checkpoint, tp_rank)
             else:                                            # a Hugging Face folder or a MindSpore checkpoint
                 load_checkpoint(net, checkpoint)
@@ -262,7 +282,7 @@ def run_predict(config, args):
     tp_size, tp_rank = _tensor_parallel(config)
     checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
     check_format(checkpoint, config.get("load_ckpt_format") or None)
-    net = build_network(model_config, checkpoint, tp_size, tp_rank)
+    net = build_network(model_config, checkpoint, tp_size, tp_rank, _pet_config(config))
     streamer = _streamer(tokenizer, bool(args.stream), batch_size)
     texts = generate_texts(net, tokenizer, prompts, prompt_ids, batch_size, gen_kwargs, streamer, config.get("seed"))
     if tp_rank == 0:                                     # every rank holds the same tokens; one writes them

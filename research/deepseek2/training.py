@@ -8,6 +8,8 @@ compiles it. The model class itself reads no checkpoint and no parallel context.
 import json
 import os
 
+import numpy as np
+
 from mindformers.tools.logger import logger
 
 from .errors import CheckpointError, UsageError
@@ -32,6 +34,19 @@ def model_config_of(config):
         return DeepseekV2Config(**fields)
     except (ValueError, TypeError) as err:
         raise UsageError(f"model.model_config: {err}") from err
+
+
+def pet_config_of(config):
+    """The YAML's model.model_config.pet_config, checked (``lora.parse_pet_config``), or None for a full finetune."""
+    pet_config = config.model.model_config.get("pet_config")
+    if not pet_config:
+        return None
+    from .lora import PetConfigError, expected_adapter_shapes
+    try:
+        expected_adapter_shapes(model_config_of(config), pet_config)   # fields, and target_modules matches
+    except PetConfigError as err:
+        raise UsageError(f"model.model_config.{err}") from err
+    return pet_config
 
 
 def resume_file(path: str, rank: int, fmt: str, name=None) -> str:
@@ -66,20 +81,27 @@ def _rank() -> int:
 def check_run_checkpoint(config):
     """Before the run starts: the checkpoint gives every weight of the model its shape (and, resuming, every AdamW
     moment), in the format ``load_ckpt_format`` names. Sets ``load_ckpt_format`` to what the path holds when the
-    YAML and flags leave it unset. UsageError naming the checkpoint and the tensors otherwise."""
+    YAML and flags leave it unset. UsageError naming the checkpoint and the tensors otherwise. Returns whether the
+    checkpoint holds the LoRA adapters of the YAML's pet_config (a LoRA training output)."""
     from .ckpt_check import check_checkpoint, stored_format
     from .ckpt_folders import is_hf_folder
     path = config.get("load_checkpoint")
     declared = config.get("load_ckpt_format") or None
     if not path:
         config.load_ckpt_format = declared or "ckpt"
-        return
+        return False
     resume = config.get("resume_training")
     model_config = model_config_of(config)
+    pet_config = pet_config_of(config)
+    adapters = None
+    if pet_config:
+        from .lora import expected_adapter_shapes
+        adapters = expected_adapter_shapes(model_config, pet_config)
     try:
         fmt = stored_format(path)
         target = resume_file(path, _rank(), fmt, resume) if resume else path
-        check_checkpoint(model_config, target, resume=bool(resume), declared_format=declared)
+        _, has_adapters = check_checkpoint(model_config, target, resume=bool(resume), declared_format=declared,
+                                           adapters=adapters)
     except CheckpointError as err:
         raise UsageError(f"--load_checkpoint {path}: {err}") from err
     if is_semi_auto(config) and is_hf_folder(path):
@@ -92,7 +114,9 @@ def check_run_checkpoint(config):
                          f"(set load_ckpt_format: safetensors, or leave it unset)")
     config.load_ckpt_format = declared or ("safetensors" if fmt == "bin" else fmt)
     logger.info(f"checkpoint {path} ({fmt}) holds every weight of the model"
+                + (" and the LoRA adapters" if has_adapters else "")
                 + (" and its optimizer state" if resume else ""))
+    return has_adapters
 
 
 def build_network(config, local=None):
@@ -103,12 +127,17 @@ def build_network(config, local=None):
     build_parallel_config(config)                    # parallel/recompute/moe sections as MindFormers' objects
     if local is not None:
         config.model.arch.local = local
+    # LoRA is put on by this project (lora.apply_lora); MindFormers' get_pet_model, which build_network calls for a
+    # pet_config, swaps only its own Linear classes and would then freeze every weight of this model
+    pet_config = config.model.model_config.get("pet_config")
+    config.model.model_config.pet_config = None
     try:
         return mf_build_network(config.model, default_args={
             "parallel_config": config.parallel_config, "moe_config": config.moe_config,
             "dataset_config": config.train_dataset,
             "calculate_per_token_loss": getattr(config, "calculate_per_token_loss", False)})
     finally:
+        config.model.model_config.pet_config = pet_config
         if local is not None:
             del config.model.arch["local"]
 
@@ -125,21 +154,41 @@ def build_semi_auto_network(config):
     return network
 
 
-def build_loaded_network(config):
+def build_loaded_network(config, has_adapters: bool = False):
     """Standalone and data-parallel runs starting from a checkpoint: the network built here and every weight
     loaded by ``checkpoint_io.load_checkpoint`` (streamed shard by shard; a Hugging Face folder's experts stacked
     on the way); the Trainer is then given the network and no checkpoint. Each data-parallel rank loads it all."""
     from .checkpoint_io import build_empty, load_checkpoint
     network = build_empty(build_network, config)     # no random fill: the checkpoint gives every weight
     path = config.load_checkpoint
+    pet_config = pet_config_of(config)
+    with_adapters = bool(pet_config) and has_adapters
+    if with_adapters:                                # a LoRA output: base and adapters both come from it
+        apply_lora_logged(network, pet_config)
     try:
         loaded = load_checkpoint(network, path)
     except CheckpointError as err:
         raise UsageError(f"--load_checkpoint {path}: {err}") from err
     network.init_parameters_data()
+    if pet_config and not with_adapters:            # a base model: fresh adapters (B = 0) on the loaded weights
+        apply_lora_logged(network, pet_config)
     logger.info(f"loaded {len(loaded)} weights from {path}: every weight of the network")
     config.load_checkpoint = ""
     return network
+
+
+def apply_lora_logged(network, pet_config):
+    """lora.apply_lora with what it did logged (UsageError naming the pet_config field it refuses)."""
+    from .lora import PetConfigError, apply_lora
+    try:
+        names = apply_lora(network, pet_config)
+    except PetConfigError as err:
+        raise UsageError(f"model.model_config.{err}") from err
+    trainable = sum(int(np.prod(p.shape)) for p in network.trainable_params())
+    total = sum(int(np.prod(p.shape)) for p in network.get_parameters())
+    logger.info(f"LoRA: {len(names)} adapter tensors, {trainable:,} trainable of {total:,} parameters "
+                f"({100.0 * trainable / max(total, 1):.3f}%); every base weight frozen")
+    return names
 
 
 def stage_safetensors_resume(config):
@@ -178,20 +227,30 @@ def run_training(config):
 
     if config.get("output_dir"):
         config.output_dir = os.path.abspath(config.output_dir)
-    check_run_checkpoint(config)                       # nothing started, nothing written if it is refused
+    pet_config_of(config)                              # a bad pet_config field: refused before anything starts
+    has_adapters = check_run_checkpoint(config)       # nothing started, nothing written if it is refused
     build_context(config)
     install_cpu_barrier()   # CPU + msrun: MindFormers' checkpoint-loading barrier() as an AllReduce
     if config.get("seed") is not None:
         ms.set_seed(int(config.seed))
     resume = bool(config.get("resume_training"))
+    pet_config = pet_config_of(config)
     if is_semi_auto(config):
         network = build_semi_auto_network(config)      # MindFormers loads (and slices) the checkpoint
+        if pet_config:                                 # adapters' matmuls take MindSpore's default strategy
+            apply_lora_logged(network, pet_config)
     elif config.get("load_checkpoint") and not resume:
-        network = build_loaded_network(config)
+        network = build_loaded_network(config, has_adapters)
     else:
-        network = None                                 # the Trainer builds it (and resumes, if asked)
+        # the Trainer builds the network (and resumes, if asked); a LoRA run builds it here, with its adapters
+        network = None
+        if pet_config:
+            network = build_network(config)
+            apply_lora_logged(network, pet_config)
         if resume and config.load_ckpt_format == "safetensors" and not config.get("use_parallel"):
             stage_safetensors_resume(config)
+    if pet_config:
+        config.model.model_config.pet_config = None    # applied: MindFormers must not apply its own on top
     trainer = Trainer(args=config, task="text_generation", model=network)
     logger.info(f"{config.run_mode}: model {config.model.arch.type}, data "
                 f"{config.train_dataset.data_loader.dataset_dir}, output {config.output_dir}")
