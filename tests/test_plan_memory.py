@@ -98,6 +98,13 @@ def test_counts_match_the_weight_table(model):
     assert total == count_parameters(model)["total"]
 
 
+def _flash(config, on):
+    """A copy of a config with model_config.use_flash_attention set."""
+    config = copy.deepcopy(config)
+    config["model"]["model_config"]["use_flash_attention"] = on
+    return config
+
+
 def test_train_plan_by_hand():
     """dp 2 x mp 2 x pp 1, ep 2, fp32 weights: per-card parameters, states and activations worked out by hand."""
     config = _config(TINY, {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2})
@@ -189,7 +196,10 @@ def test_236b_yaml_plans(tmp_path):
     result = plan(train, card_memory_gb=64)
     assert result["shape"]["device_num"] == 64 and result["fits"] and result["problems"] == []
     assert 40 * GIB < result["total_bytes"] < 60 * GIB
-    assert smallest_cluster(train)["device_num"] == 64
+    # use_flash_attention (on in the YAML) frees ~2.93 GiB per card: dp 5 x mp 4 x pp 2 fits (61.8 GB); without
+    # it the smallest cluster is the YAML's 64 cards
+    assert smallest_cluster(train)["device_num"] == 40
+    assert smallest_cluster(_flash(train, False))["device_num"] == 64
     # without the optimizer offload the same 64 cards do not hold it
     no_swap = copy.deepcopy(train)
     no_swap["optimizer"]["swap"] = False
@@ -211,11 +221,16 @@ def test_cli_prints_the_table():
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
     for text in ("235.74B parameters", "dp 8 x mp 4 x pp 2 = 64 cards", "weights", "gradients",
-                 "optimizer states", "activations", "of 64 GB per card: fits", "smallest cluster that fits: 64"):
-        assert text in out.stdout
+                 "optimizer states", "activations", "of 64 GB per card: fits", "smallest cluster that fits: 40",
+                 "use_flash_attention True:  attention 0.07 GB per layer and micro-batch, activations 3.71 GB, "
+                 "total 46.03 GB per card",
+                 "use_flash_attention False: attention 3.00 GB per layer and micro-batch, activations 6.64 GB, "
+                 "total 48.96 GB per card"):
+        assert text in out.stdout, text
     small = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "run_predict_deepseek2_236B.yaml"),
                             "--card_memory_gb", "16"], capture_output=True, text=True, check=False, timeout=60)
     assert small.returncode == 1 and "does NOT fit" in small.stdout and "latent KV cache" in small.stdout
+    assert "use_flash_attention" not in small.stdout                     # the switch is off there: no comparison
 
 
 def test_plain_python_modules_import_no_mindspore():
@@ -356,8 +371,9 @@ def test_recipes_build_the_model_config(name):
 
 
 def test_lora_needs_fewer_cards_than_the_full_finetune():
-    """236B: LoRA on 16 cards; the same YAML without pet_config needs 80, the full-finetune recipe 64 with its AdamW
-    states offloaded to host memory. V2-Lite LoRA fits one card; its full finetune needs the 8 of a node."""
+    """236B: LoRA on 16 cards; the same YAML without pet_config needs 80, the full-finetune recipe 40 with its AdamW
+    states offloaded to host memory and the fused attention (64 without it). V2-Lite LoRA fits one card; its full
+    finetune needs the 8 of a node."""
     from research.deepseek2.plan_memory import full_finetune
     recipes = {}
     for name in ("finetune_deepseek2_236B_lora.yaml", "finetune_deepseek2_236B.yaml",
@@ -368,7 +384,7 @@ def test_lora_needs_fewer_cards_than_the_full_finetune():
     assert smallest_cluster(lora)["device_num"] == 16
     full = full_finetune(lora)
     assert not full["fits"] and full["device_num"] == 16 and full["smallest_cluster"]["device_num"] == 80
-    assert smallest_cluster(recipes["finetune_deepseek2_236B.yaml"])["device_num"] == 64
+    assert smallest_cluster(recipes["finetune_deepseek2_236B.yaml"])["device_num"] == 40
     assert smallest_cluster(recipes["finetune_deepseek2_lite_lora.yaml"])["device_num"] == 1
     assert smallest_cluster(recipes["finetune_deepseek2_lite.yaml"])["device_num"] == 8
     assert full_finetune(recipes["finetune_deepseek2_lite.yaml"]) is None
@@ -383,3 +399,73 @@ def test_cli_prints_lora_against_full_finetune():
                  "dp 2 x mp 4 x pp 2 = 16 cards", "smallest cluster that fits: 16 cards",
                  "full finetune of the same YAML (no pet_config)", "smallest cluster: 80 cards"):
         assert text in out.stdout, text
+
+
+# ---------------------------------------------------------------------------------------------- use_flash_attention
+def test_flash_attention_236b_by_hand():
+    """finetune_deepseek2_236B.yaml (use_flash_attention: True): b 1, 128 heads / mp 4 = 32 per card, s 4096, softmax
+    fp32 (f 4), bf16 compute (c 2), dq 128 + 64 = 192, dv 128. Per layer, micro-batch and card:
+      unfused b (a/t) s^2 (f + c) = 32 x 4096^2 x 6                    = 3,221,225,472 B (3 GiB)
+      fused   64 b (a/t) s        = 64 x 32 x 4096                     =     8,388,608 B (softmax max and sum)
+            + c b (a/t) s (2 dq - dv) = 2 x 32 x 4096 x 256            =    67,108,864 B (padded v and output)
+    saving 3,145,728,000 B = 2.93 GiB per layer."""
+    with open(os.path.join(PKG, "finetune_deepseek2_236B.yaml"), encoding="utf-8") as handle:
+        train = yaml.safe_load(handle)
+    assert train["model"]["model_config"]["use_flash_attention"] is True
+    fused, unfused = plan(train), plan(_flash(train, False))
+    assert fused["settings"]["use_flash_attention"] and not unfused["settings"]["use_flash_attention"]
+    assert unfused["flash_attention"] is None                            # the switch off: no comparison
+    summary = fused["flash_attention"]
+    assert summary["fused"]["attention_per_layer"] == 8388608 + 67108864
+    assert summary["unfused"]["attention_per_layer"] == 3221225472
+    saving = 3221225472 - (8388608 + 67108864)
+    assert saving == 3145728000 and round(saving / GIB, 2) == 2.93
+    # recompute (on in the YAML): the (s, s) term sits in the one layer re-run at a time, on every stage
+    for with_it, without in zip(fused["stages"], unfused["stages"]):
+        assert without["activations"] - with_it["activations"] == saving
+    assert fused["bytes"]["activations"] == summary["fused"]["activations"]
+    assert summary["unfused"]["activations"] == unfused["bytes"]["activations"]
+    assert summary["unfused"]["total"] == unfused["total_bytes"] == fused["total_bytes"] + saving
+    assert round(fused["total_bytes"] / GIB, 2) == 46.03 and round(unfused["total_bytes"] / GIB, 2) == 48.96
+    # no recompute: every layer of the stage keeps it, for each micro-batch in flight (1F1B: 2 on stage 0, 1 on 1)
+    no_recompute = dict(train, recompute_config={"recompute": False})
+    stages_with, stages_without = plan(no_recompute)["stages"], plan(_flash(no_recompute, False))["stages"]
+    assert [b["activations"] - a["activations"] for a, b in zip(stages_with, stages_without)] == \
+        [2 * 30 * saving, 1 * 30 * saving]
+
+
+def test_flash_attention_small_config_by_hand():
+    """TINY with bf16 compute (c 2), fp32 softmax (f 4), dp 2 x mp 2: b 1, a/t = 1, s 4, dq 2 + 2 = 4, dv 2.
+    Per layer: unfused b (a/t) s^2 (f + c) = 16 x 6 = 96 B; fused 64 b (a/t) s = 256 + c b (a/t) s (2 dq - dv) = 48,
+    304 B (at s = 4 the fused kernel's fixed 8-wide statistics outweigh the 4 x 4 scores)."""
+    model = dict(TINY, compute_dtype="bfloat16")
+    parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
+    config = _config(model, parallel)
+    # unfused, by hand (c 2): attention s b c (2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a dv/t)
+    #   = 8 x 56 = 448, + 96 -> 544; layer 0 dense FFN 8 x (16 + 24) = 320; layer 1 MoE 8 x (16 + 6) = 176, router
+    #   8 s b E = 128, rows k s b = 8: 8 x 2 x (16 + 6) = 352 -> 656; logits s b V (c + 4 + 4) = 4 x 100 x 10 = 4000
+    unfused = plan(config, overhead_gb=0.0)
+    assert unfused["bytes"]["activations"] == (544 + 320) + (544 + 656) + 4000
+    fused = plan(_flash(config, True), overhead_gb=0.0)
+    assert fused["bytes"]["activations"] == (752 + 320) + (752 + 656) + 4000
+    summary = fused["flash_attention"]
+    assert (summary["fused"]["attention_per_layer"], summary["unfused"]["attention_per_layer"]) == (304, 96)
+    assert (summary["fused"]["total"], summary["unfused"]["total"]) == (fused["total_bytes"], unfused["total_bytes"])
+    assert fused["total_bytes"] - unfused["total_bytes"] == 2 * (304 - 96)
+    # recompute: only the largest layer (layer 1) keeps it
+    recompute = dict(config, recompute_config={"recompute": True})
+    assert plan(_flash(recompute, True))["bytes"]["activations"] - plan(recompute)["bytes"]["activations"] == 208
+    # prediction: the prefill workspace of one layer (b / dp = 1 row per card, t = mp 2)
+    predict = _config(dict(model, use_past=True, param_init_type="bfloat16"),
+                      {"data_parallel": 1, "model_parallel": 2}, run_mode="predict")
+    on, off = plan(_flash(predict, True), overhead_gb=0.0), plan(predict, overhead_gb=0.0)
+    assert on["bytes"]["workspace"] - off["bytes"]["workspace"] == 304 - 96
+    assert on["flash_attention"]["unfused"] == {"attention_per_layer": 96, "workspace": off["bytes"]["workspace"],
+                                                "total": off["total_bytes"]}
+
+
+@pytest.mark.parametrize("value", ["True", 1, None])
+def test_flash_attention_must_be_a_bool(value):
+    config = _config(dict(TINY, use_flash_attention=value), {"data_parallel": 1})
+    with pytest.raises(ValueError, match="^model_config.use_flash_attention = "):
+        plan(config)

@@ -6,10 +6,10 @@
 Plain Python + PyYAML: no MindSpore import. Sizes are in GB of 2^30 bytes (as MindSpore's max_device_memory);
 parameter counts in units (B = 1e9).
 
-Parameters (``count_parameters``) are sums over the weights of the inventory (research/deepseek2/inventory.py:
-every weight's name, shape and cuts, written once). The formulas below are what those sums come to, as
-documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value head dims,
-r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
+Parameters (``count_parameters``, research/deepseek2/param_counts.py) are sums over the weights of the inventory
+(research/deepseek2/inventory.py: every weight's name, shape and cuts, written once). The formulas below are what
+those sums come to, as documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value
+head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
 ns n_shared_experts:
   embedding V h, lm_head V h (0 if tied), final norm h;
   per layer: 2 RMSNorms 2h;
@@ -39,6 +39,9 @@ Training bytes per card:
     MLA layer:  s b c [2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a dv/t]
                 + b (a/t) s^2 (4 + c)          (norm in/out, latents, q, kv, RoPE'd q/k, context; fp32 softmax
                                                  output + its cast for the PV matmul)
+                or, use_flash_attention (the fused kernel, mla.fused_attention), instead of that (s, s) term
+                + 64 b (a/t) s + c b (a/t) s (2(dn+dr) - dv)   (fp32 softmax max and sum, (b, a/t, s, 8) each;
+                                                 v zero-padded to dn+dr and the padded output, less the context)
     dense FFN:  s b c [2h + 3f/t]             (norm in/out, gate, up, gate*up)
     MoE FFN:    s b c [2h + 3 ns fm / t] + 8 s b E + R c [2h + 3fm/t]
                 (norm in/out, shared experts, fp32 router logits + probs, R dispatched rows: input, gate, up,
@@ -54,6 +57,8 @@ Training bytes per card:
 Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no gradients/optimizer;
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
   workspace = one layer's prefill activations + fp32 logits (b/dp) s V/t' x 4 + overhead.
+A YAML with use_flash_attention on is also planned with it off: the report prints the attention's bytes per layer
+and micro-batch, the activations (workspace) and the total per card both ways.
 
 LoRA (model_config.pet_config, research/deepseek2/lora.py; training only: prediction runs merged weights): every
 targeted weight (lora.targeted_projections over the inventory) gets A (..., r, in) and B (..., out, r), cut like the
@@ -73,7 +78,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -83,6 +88,7 @@ from research.deepseek2.dtypes import bytes_of
 from research.deepseek2.inventory import (ModelShape, Param, expert_capacity, is_moe_layer, layer_parameters,
                                           model_shape, parameters, parts)
 from research.deepseek2.lora import LoraSettings, adapter_shapes, parse_pet_config, targeted_projections
+from research.deepseek2.param_counts import count_parameters
 from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, is_predict, layers_per_stage,
                                                parallel_shape)
 
@@ -93,50 +99,6 @@ CARDS_PER_NODE = 8
 ADAM_MOMENT_BYTES = 8          # exp_avg + exp_avg_sq in fp32
 MASTER_COPY_BYTES = 4          # fp32 master weights when the weights themselves are fp16/bf16
 BYTE_KEYS = ("weights", "adapters", "gradients", "optimizer", "activations", "kv_cache", "workspace", "overhead")
-
-# count_parameters' parts by weight name, first match (the MLA's lq_norm / lkv_norm are attention, not norms)
-_PART_OF_NAME = (("model.tok_embeddings.", "embedding"), ("lm_head.", "lm_head"), ("model.norm_out.", "final_norm"),
-                 (".attention.", "attention"), ("_norm.", "norms"), (".router.", "gate"),
-                 (".routed_experts.", "routed_experts"), (".shared_experts.", "shared_experts"),
-                 (".feed_forward.", "dense_ffn"))
-_PARTS = ("embedding", "lm_head", "final_norm", "attention", "norms", "dense_ffn", "routed_experts",
-          "shared_experts", "gate")
-
-
-# ---------------------------------------------------------------------------------------------- parameters
-def _part(param: Param) -> str:
-    """count_parameters' part a weight belongs to, by its name."""
-    part = next((part for key, part in _PART_OF_NAME if key in param.name), None)
-    if part is None:
-        raise ValueError(f"plan_memory does not know which part {param.name} belongs to")
-    return part
-
-
-def count_parameters(model_config) -> dict:
-    """Parameter counts of a DeepSeek-V2 model_config (released config.json names, or a ModelShape): sums over the
-    inventory's weights.
-
-    Returns totals by part (embedding, lm_head, final_norm, attention, norms, dense_ffn, routed_experts,
-    shared_experts, gate), layer counts, ``total`` and ``activated`` (see the module docstring).
-    """
-    return dict(_counts(model_shape(model_config)))
-
-
-@functools.lru_cache(maxsize=64)
-def _counts(shape: ModelShape) -> Tuple[Tuple[str, int], ...]:
-    """count_parameters' items (cached: smallest_cluster plans the same model many times)."""
-    out = dict.fromkeys(_PARTS, 0)
-    for param in parameters(shape):
-        out[_part(param)] += param.size
-    moe_layers = sum(is_moe_layer(shape, layer) for layer in range(shape.num_hidden_layers))
-    experts, chosen = shape.n_routed_experts or 0, shape.num_experts_per_tok or 0
-    expert = out["routed_experts"] // (moe_layers * experts) if moe_layers and experts else 0
-    out.update(attention_per_layer=sum(p.size for p in layer_parameters(shape, 0) if _part(p) == "attention"),
-               expert_size=expert, num_moe_layers=moe_layers, num_dense_layers=shape.num_hidden_layers - moe_layers)
-    out["total"] = sum(out[part] for part in _PARTS)
-    out["activated"] = out["total"] - out["embedding"] - moe_layers * (experts - chosen) * expert
-    return tuple(out.items())
-
 
 # ---------------------------------------------------------------------------------------------- LoRA adapters
 @functools.lru_cache(maxsize=64)
@@ -192,10 +154,8 @@ class _Weights:
 def _kind(param: Param) -> str:
     """Routed experts (an "ep" cut: split ep x mp), split by mp (an "mp" cut), the vocabulary (embedding / lm_head:
     a "vocab" cut), or whole."""
-    for axis, kind in (("ep", "experts"), ("mp", "split"), ("vocab", "vocab")):
-        if param.cut(axis):
-            return kind
-    return "whole"
+    return next((kind for axis, kind in (("ep", "experts"), ("mp", "split"), ("vocab", "vocab")) if param.cut(axis)),
+                "whole")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -237,6 +197,7 @@ class _Settings:
     moe_dispatch: Optional[str]
     expert_capacity_factor: float
     capacity_factor: float
+    flash_attention: bool               # model_config.use_flash_attention: the fused attention kernel
     lora: Optional[LoraSettings] = None   # model_config.pet_config (training only; prediction runs merged weights)
 
     @property
@@ -251,13 +212,14 @@ class _Settings:
 
 def _settings(config: dict) -> _Settings:
     """The model shape, parallel degrees, dtypes, batch and memory switches of a loaded YAML."""
-    mc = dict((config.get("model") or {}).get("model_config") or {})
-    mc.pop("type", None)
+    mc = {k: v for k, v in ((config.get("model") or {}).get("model_config") or {}).items() if k != "type"}
     if not mc:
         raise ValueError("model.model_config is missing from the config")
     pc = dict(config.get("parallel_config") or {})
     predict = is_predict(config)
     recompute = config.get("recompute_config") or {}
+    if not isinstance(mc.get("use_flash_attention", False), bool):
+        raise ValueError(f"model_config.use_flash_attention = {mc['use_flash_attention']!r}: expected True or False")
     dtype = lambda field: bytes_of(mc.get(field, "float32"), "model_config." + field)   # noqa: E731
     return _Settings(
         model_config=mc, parallel_config=pc, shape=model_shape(mc), parallel=parallel_shape(pc), predict=predict,
@@ -268,7 +230,7 @@ def _settings(config: dict) -> _Settings:
         parallel_optimizer=bool((config.get("parallel") or {}).get("enable_parallel_optimizer")) and not predict,
         swap=bool((config.get("optimizer") or {}).get("swap")) and not predict,
         moe_dispatch=mc.get("moe_dispatch"), expert_capacity_factor=float(mc.get("expert_capacity_factor") or 0.0),
-        capacity_factor=float(mc.get("capacity_factor") or 0.0),
+        capacity_factor=float(mc.get("capacity_factor") or 0.0), flash_attention=mc.get("use_flash_attention", False),
         lora=parse_pet_config(mc["pet_config"]) if mc.get("pet_config") and not predict else None)
 
 
@@ -323,9 +285,19 @@ def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_par
     hh = 2 * h / (t if seq_parallel else 1)          # norm input + output
     attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
                         + 2 * a * (dn + dr) / t + a * dv / t)
-    attn += b * (a / t) * s * s * (st.softmax_bytes + c)
+    attn += _attention_core_bytes(st, b, t, st.flash_attention)
     lora = _lora_activation_bytes(st, layer, b) if st.lora else 0.0
     return attn + _ffn_activation_bytes(st, layer, b, t, hh) + lora
+
+
+def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool) -> float:
+    """What the attention itself keeps for the backward (besides q, k, v and the context): the (s, s) softmax output
+    and its cast for the PV matmul; fused (use_flash_attention), the kernel's fp32 softmax max and sum, (b, a/t, s, 8)
+    each, the value zero-padded to the q/k head dim and the kernel's padded output (its d_v slice is the context)."""
+    m, c, s, heads = st.shape, st.compute_bytes, st.seq_length, b * (st.shape.num_attention_heads / t)
+    if fused:                                        # 2 x 8 fp32 statistics per row: 64 bytes
+        return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
+    return heads * s * s * (st.softmax_bytes + c)
 
 
 def _card_share(param: Param, st: _Settings) -> float:
@@ -355,13 +327,10 @@ def _ffn_activation_bytes(st: _Settings, layer: int, b: float, t: int, hh: float
     if not is_moe_layer(m, layer):
         return s * b * c * (hh + 3 * m.intermediate_size / t)
     e, fm, k = m.n_routed_experts, m.moe_intermediate_size, m.num_experts_per_tok
-    if st.moe_dispatch == "capacity":                # E buffers of C rows (RoutedExperts.capacity)
-        rows = e * expert_capacity(s * b, k, e, st.expert_capacity_factor)
-    else:
-        rows = k * s * b * max(1.0, st.capacity_factor)
+    rows = (e * expert_capacity(s * b, k, e, st.expert_capacity_factor) if st.moe_dispatch == "capacity"
+            else k * s * b * max(1.0, st.capacity_factor))           # capacity: E buffers of C rows
     ffn = s * b * c * (hh + 3 * (m.n_shared_experts or 0) * fm / t) + 8 * s * b * e
-    ffn += rows * c * (2 * m.hidden_size + 3 * fm / t)
-    return ffn
+    return ffn + rows * c * (2 * m.hidden_size + 3 * fm / t)
 
 
 def _training_activation_bytes(st: _Settings, stage: int, layers: range) -> float:
@@ -438,8 +407,12 @@ def plan(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -
     ``fits`` against card_memory_gb, host bytes of swapped optimizer states, and the parallel_check problems.
     """
     st = _settings(config)
-    stages = [_stage_plan(st, stage, layers, overhead_gb) for stage, layers in enumerate(_stage_layers(st))]
-    return _plan_result(st, stages, card_memory_gb, overhead_gb)
+    return _plan_result(st, _stage_plans(st, overhead_gb), card_memory_gb, overhead_gb)
+
+
+def _stage_plans(st: _Settings, overhead_gb: float) -> List[dict]:
+    """_stage_plan of every pipeline stage."""
+    return [_stage_plan(st, stage, layers, overhead_gb) for stage, layers in enumerate(_stage_layers(st))]
 
 
 def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overhead_gb: float) -> dict:
@@ -454,10 +427,12 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
                   "use_seq_parallel": p.use_seq_parallel, "device_num": device_num},
         "settings": {"param_bytes": st.param_bytes, "compute_bytes": st.compute_bytes, "seq_length": st.seq_length,
                      "batch_size": st.batch_size, "recompute": st.recompute,
+                     "use_flash_attention": st.flash_attention,
                      "parallel_optimizer": st.parallel_optimizer, "optimizer_swap": st.swap,
                      "card_memory_gb": card_memory_gb, "overhead_gb": overhead_gb},
         "params": count_parameters(st.shape),
         "lora": _lora_summary(st),
+        "flash_attention": _flash_summary(st, busiest, overhead_gb),
         "stages": stages,
         "busiest_stage": busiest["stage"],
         "bytes": {key: busiest.get(key, 0.0) for key in BYTE_KEYS},
@@ -478,11 +453,19 @@ def _lora_summary(st: _Settings) -> Optional[dict]:
             "adapter_params": adapters, "share": adapters / (adapters + count_parameters(st.shape)["total"])}
 
 
+def _flash_summary(st: _Settings, busiest: dict, overhead_gb: float) -> Optional[dict]:
+    """use_flash_attention on: per card, the attention's bytes per layer and micro-batch (the prefill's, predicting)
+    and the busiest stage's activations (workspace) and total, with the fused kernel ("fused") and without it."""
+    if not st.flash_attention:
+        return None
+    b, key = (st.batch_size / st.parallel.dp, "workspace") if st.predict else (st.batch_size, "activations")
+    unfused = max(_stage_plans(replace(st, flash_attention=False), overhead_gb), key=lambda e: e["total"])
+    return {side: {"attention_per_layer": _attention_core_bytes(st, b, st.parallel.mp, fused), key: e[key],
+                   "total": e["total"]} for side, fused, e in (("fused", True, busiest), ("unfused", False, unfused))}
+
+
 def _largest_ep(limit: int, dp: int, experts: Optional[int]) -> int:
-    for ep in range(min(limit, dp), 0, -1):
-        if dp % ep == 0 and (not experts or experts % ep == 0):
-            return ep
-    return 1
+    return next((ep for ep in range(min(limit, dp), 0, -1) if dp % ep == 0 and (not experts or experts % ep == 0)), 1)
 
 
 def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0,
@@ -499,9 +482,8 @@ def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: fl
             list(range(step, max_cards + 1, step)):
         dp = cards // group
         ep = _largest_ep(shape.ep, dp, st.shape.n_routed_experts)
-        trial = dict(config)
-        trial["parallel_config"] = dict(pc, data_parallel=dp, expert_parallel=ep)
-        result = plan(trial, card_memory_gb, overhead_gb)
+        result = plan(dict(config, parallel_config=dict(pc, data_parallel=dp, expert_parallel=ep)), card_memory_gb,
+                      overhead_gb)
         if result["fits"] and not result["problems"]:
             return {"device_num": cards, "data_parallel": dp, "expert_parallel": ep,
                     "total_bytes": result["total_bytes"]}
@@ -555,6 +537,11 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Op
             lines.append(f"    {label:<20}{_gb(result['bytes'][key])}")
     verdict = "fits" if result["fits"] else "does NOT fit"
     lines.append(f"    {'total':<20}{_gb(result['total_bytes'])}  of {st['card_memory_gb']:g} GB per card: {verdict}")
+    for side, entry in (result["flash_attention"] or {}).items():
+        key = "activations" if "activations" in entry else "workspace"
+        lines.append(f"  use_flash_attention {'True: ' if side == 'fused' else 'False:'} attention "
+                     f"{entry['attention_per_layer'] / GIB:.2f} GB per layer and micro-batch, {key} "
+                     f"{entry[key] / GIB:.2f} GB, total {entry['total'] / GIB:.2f} GB per card")
     if result["host_optimizer_bytes_per_node"]:
         lines.append(f"  host memory for swapped optimizer states: {_gb(result['host_optimizer_bytes_per_node'])}"
                      f" per node of {CARDS_PER_NODE} cards")
