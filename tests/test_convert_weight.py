@@ -313,7 +313,7 @@ def test_sharded_output_index_and_loader(hf, tmp_path, fmt):
     for name, param in whole.items():
         np.testing.assert_array_equal(param.asnumpy(), params[name])
     net = DummyNet(expected_ms_shapes(config))
-    loaded = cio.load_ms_checkpoint(net, str(out), batch_bytes=4096)
+    loaded = cio.load_ms_checkpoint(net, str(out))
     assert set(loaded) == set(params)
     for param in net.get_parameters():
         np.testing.assert_array_equal(param.asnumpy(), params[param.name])

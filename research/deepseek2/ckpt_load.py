@@ -1,7 +1,8 @@
 """Loading checkpoints into a net: a MindSpore ``.ckpt`` (file or converted folder) or a Hugging Face folder.
 
-Both loaders compare the checkpoint's names and shapes with the net's parameters before loading anything, then hand
-tensors to ``mindspore.load_param_into_net`` in batches: memory is one batch or one input shard, never the model.
+Both loaders compare the checkpoint's names and shapes with the net's parameters before loading anything, then give
+each parameter its tensor as it is read (``set_data`` over the array's own buffer): memory is the model plus one
+tensor (or one stacked expert parameter being assembled), never a second model.
 """
 import json
 import os
@@ -13,7 +14,7 @@ from mindformers.tools.logger import logger
 from tqdm import tqdm
 
 from research.deepseek2.ckpt_check import compare, raise_problems
-from research.deepseek2.ckpt_common import cast_array, describe, np_dtype
+from research.deepseek2.ckpt_common import cast_array, np_dtype
 from research.deepseek2.ckpt_folders import HFCheckpoint, MSCheckpoint
 from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
 from research.deepseek2.errors import CheckpointError
@@ -46,17 +47,17 @@ def _to_parameter(name: str, array: np.ndarray, dtype) -> "ms.Parameter":
     return ms.Parameter(ms.Tensor(cast_array(array, dtype)), name=name, requires_grad=False)
 
 
-def _load_batch(net, batch: dict):
-    if not batch:
-        return
-    not_loaded, _ = ms.load_param_into_net(net, batch, strict_load=False)
-    failed = sorted(set(batch) & set(not_loaded))
-    if failed:
-        raise CheckpointError(f"load_param_into_net did not load {describe(failed)}")
-    batch.clear()
+def _assign(param, array: np.ndarray, via=None):
+    """Give ``param`` the values of ``array`` (cast to its dtype, through ``via`` first if given), sharing the array's
+    buffer (``Tensor.from_numpy``): one copy of a tensor at most, where ``Parameter(Tensor(array))`` +
+    ``load_param_into_net`` held three (docs/benchmarks.md, checkpoint loading)."""
+    data = cast_array(cast_array(array, via), np_dtype(param.dtype))
+    if not (data.flags.c_contiguous and data.flags.owndata and data.flags.writeable):
+        data = np.array(data, order="C")               # a buffer of its own for the tensor to keep
+    param.set_data(ms.Tensor.from_numpy(data))
 
 
-def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1 << 30, skip=frozenset()):
+def load_ms_checkpoint(net, path: str, strict: bool = True, skip=frozenset()):
     """Load a MindSpore checkpoint (``.ckpt`` or ``.safetensors`` file, or a converted folder) into ``net`` shard by
     shard.
 
@@ -66,8 +67,6 @@ def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1
             that index json.
         strict: raise ``CheckpointError`` listing missing/unexpected/mis-shaped names (else log a warning and load
             what matches).
-        batch_bytes: tensors are handed to ``mindspore.load_param_into_net`` in batches of about this size, so a
-            single large ``.ckpt`` never sits whole in memory.
         skip: checkpoint entries the caller reads itself (LoRA adapters merged by ``lora_io.load_merged``).
     Returns:
         net None: {name: Parameter} of the whole checkpoint (dtype as stored). Otherwise the list of loaded names.
@@ -84,23 +83,17 @@ def load_ms_checkpoint(net, path: str, strict: bool = True, batch_bytes: int = 1
     params = _net_params(net)
     _check_names(params, {n: (v[0], v[1]) for n, v in info.items() if n not in skip}, path, strict,
                  _declared_buffers(net))
-    loaded, batch, size = [], {}, 0
+    loaded = []
     with tqdm(total=len(info), desc="loading", unit="tensor") as bar:
         for file, tensors in source.iter_files():
             logger.info(f"loading {file}")
-            for name, array in tensors:
+            for name, array in tensors:                # one tensor in memory at a time
                 bar.update(1)
                 if name not in params or tuple(params[name].shape) != tuple(array.shape):
                     continue
-                batch[name] = _to_parameter(name, array, np_dtype(params[name].dtype))
+                _assign(params[name], array)
                 loaded.append(name)
-                size += array.nbytes
                 del array
-                if size >= batch_bytes:
-                    _load_batch(net, batch)
-                    size = 0
-            _load_batch(net, batch)
-            size = 0
     return loaded
 
 
@@ -118,7 +111,7 @@ def load_hf_checkpoint(net, hf_dir: str, dtype=None, config=None, strict: bool =
 
     Names are mapped through ``weight_map`` and routed experts stacked on the fly. ``config`` defaults to
     ``DeepseekV2Config(**hf_dir/config.json)``; ``dtype`` None casts each tensor to its net parameter's dtype,
-    otherwise to ``dtype`` (MindSpore then converts to the parameter's dtype if it differs).
+    otherwise through ``dtype`` first (then to the parameter's dtype).
     Raises ``CheckpointError`` listing missing/unexpected/mis-shaped names before loading anything (strict).
     Returns the loaded parameter names.
     """
@@ -130,15 +123,11 @@ def load_hf_checkpoint(net, hf_dir: str, dtype=None, config=None, strict: bool =
     _check_names(params, {n: (shape, None) for n, shape in expected_ms_shapes(config).items()}, hf_dir, strict,
                  _declared_buffers(net))
     want = None if dtype is None else np_dtype(dtype)
-    loaded, batch, shard = [], {}, 0
-    for i, name, array in iter_hf_as_ms(hf, config, dtype=None):
-        if i != shard:
-            _load_batch(net, batch)
-            shard = i
+    loaded = []
+    for _, name, array in iter_hf_as_ms(hf, config, dtype=None):
         if name not in params or tuple(params[name].shape) != tuple(array.shape):
             continue
-        batch[name] = _to_parameter(name, array, want if want is not None else np_dtype(params[name].dtype))
+        _assign(params[name], array, via=want)
         loaded.append(name)
         del array
-    _load_batch(net, batch)
     return loaded
