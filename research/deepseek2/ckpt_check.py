@@ -34,6 +34,7 @@ def _dtype_ok(dtype) -> bool:
 def compare(want: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[Tuple[int, ...], object]], source: str,
             buffers: Iterable[str] = (), required_state: Iterable[str] = ()) -> List[str]:
     """Problems between the weights a model wants ({name: shape}) and a checkpoint's ({name: (shape, dtype)}).
+    ``buffers``: declared non-weights, neither required nor refused.
 
     Returns one message per kind (missing, unexpected, mis-shaped, not floating); empty when the checkpoint fits.
     ``required_state``: state entries that must be present too (a resumed run's optimizer moments).
@@ -42,10 +43,13 @@ def compare(want: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[Tuple[int, ..
     kept = sorted(absent & set(buffers))
     missing = sorted((absent - set(kept)) | (set(required_state) - set(got)))
     extra = set(got) - set(want)
-    state = sorted(n for n in extra if n.startswith(STATE_PREFIXES))
-    unexpected = sorted(extra - set(state))
+    saved_buffers = sorted(extra & set(buffers))      # a use_past model's checkpoint carries its latent cache
+    state = sorted(n for n in extra - set(saved_buffers) if n.startswith(STATE_PREFIXES))
+    unexpected = sorted(extra - set(state) - set(saved_buffers))
     if kept:
         logger.info(f"{source}: declared non-weights not in the checkpoint keep their values: {describe(kept)}")
+    if saved_buffers:
+        logger.info(f"{source}: declared non-weights in the checkpoint are skipped: {describe(saved_buffers)}")
     if state:
         logger.info(f"{source}: {len(state)} training-state entries beside the weights: {describe(state, 5)}")
     problems = []
