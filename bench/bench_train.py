@@ -13,7 +13,8 @@ Ours: nn.TrainOneStepCell (or --wrapper deepseek) with MindFormers' AdamW, which
 torch.optim.AdamW: the loss of the first and of the last step must agree between the two columns.
 Part 2, the routed experts alone (router + experts, forward + backward, no shared expert) at several top_k and
 expert counts. The dropless block dispatch computes about tokens x top_k rows (column "expert rows computed"),
-whatever the number of experts; the time column shows what that costs on this CPU. The reference's MoE loops over
+whatever the number of experts; the time column shows what that costs on this CPU. With few tokens
+(``--moe-tokens 1``: a decode step's worth) the per-assignment dispatch runs instead (column "per assignment"). The reference's MoE loops over
 its experts in Python with data-dependent shapes (same table).
 
 Run from the repo root:  python bench/bench_train.py            (about 1-2 minutes on 2 idle cores)
@@ -257,11 +258,13 @@ def worker_moe_ours(a) -> dict:
             times.append(time.perf_counter() - start)
         n = w["x"].shape[1] * k
         block, blocks = moe.routed_experts.plan(n)
+        unit = "B"
         if a.moe_dispatch == "capacity":                  # E buffers of C rows; "block" = C
-            block, blocks = moe.routed_experts.capacity(w["x"].shape[1]), experts
+            block, blocks, unit = moe.routed_experts.capacity(w["x"].shape[1]), experts, "C"
+        elif moe.routed_experts.gathers_per_assignment(n):  # few tokens: one row per assignment, weights gathered
+            block, blocks, unit = 1, n, "per assignment, B"
         results.append(dict(experts=experts, top_k=k, tokens=w["x"].shape[1], first_s=first,
-                            step_s=C.median(times[1:]), rows=block * blocks, block=block,
-                            unit="C" if a.moe_dispatch == "capacity" else "B"))
+                            step_s=C.median(times[1:]), rows=block * blocks, block=block, unit=unit))
     return dict(cases=results)
 
 

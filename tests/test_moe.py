@@ -2,7 +2,7 @@
 
 Oracles: ``moe_numpy`` (float64 NumPy, one formula at a time) and, for gradients, a small PyTorch implementation of
 the same math written here. Covered: Router (greedy, group-limited greedy, weight normalisation/scaling),
-RoutedExperts (the dropless block dispatch, its static plan, gradients), balance_losses (expert, device,
+RoutedExperts (the dropless block dispatch, its static plan, the per-assignment dispatch of decoding, gradients), balance_losses (expert, device,
 communication; the released seq_aux formula), DeepSeekMoE (aux loss, train/eval, device-level token dropping).
 Mostly PyNative; one RoutedExperts and one DeepSeekMoE case run in graph mode.
 """
@@ -199,6 +199,51 @@ def test_routed_experts_graph_mode():
     expected = ref.naive_routed_experts(x, idx, weights, *expert_arrays(cell))
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
 
+
+
+# ---------------------------------------------------------------------------------------------- per assignment
+@pytest.mark.parametrize("tokens, experts, k, chosen", [(1, 16, 4, True), (2, 64, 6, True), (9, 4, 1, True),
+                                                        (64, 8, 2, False)])
+def test_per_assignment_dispatch_is_chosen_from_static_shapes(tokens, experts, k, chosen):
+    cell = RoutedExperts(make_config(n_routed_experts=experts, num_experts_per_tok=k))
+    assert cell.gathers_per_assignment(tokens * k) is chosen
+    cell.per_assignment = False                                        # the benchmark's A/B switch
+    assert cell.gathers_per_assignment(tokens * k) is False
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("held", ["all", "half"])
+def test_per_assignment_dispatch_equals_block_plan_with_dropping(mode, held):
+    """Decode-sized input: the per-assignment dispatch gives the block plan's output and the naive loop's, with a
+    keep mask (dropped assignments give exactly nothing) and with only part of the experts held (expert parallel)."""
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    cfg = make_config(n_routed_experts=16, num_experts_per_tok=4)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, cfg.hidden_size)).astype(np.float32)
+    idx, weights = random_routing(rng, 3, 16, 4)
+    keep = np.ones((3, 4), bool)
+    keep[0, 1] = keep[2, :] = False
+    if held == "all":
+        cell = RoutedExperts(cfg)
+    else:
+        cell = _RoutedExperts(cfg, 8, first_expert=8)                  # experts 8..15 held here
+    assert cell.gathers_per_assignment(3 * 4)
+    out = run_experts(cell, x, idx, weights, keep)
+    w1, w3, w2 = expert_arrays(cell)
+    if held == "half":                                                 # the naive loop over all 16, 0..7 zero
+        pad = lambda w: np.concatenate((np.zeros_like(w), w), 0)        # noqa: E731
+        w1, w3, w2 = pad(w1), pad(w3), pad(w2)
+    expected = ref.naive_routed_experts(x, idx, weights, w1, w3, w2, keep=keep & ((idx >= 8) if held == "half"
+                                                                                  else True))
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(out[2], 0.0)
+    plan = RoutedExperts(cfg) if held == "all" else _RoutedExperts(cfg, 8, first_expert=8)
+    plan.per_assignment = False                                        # a fresh cell: graph mode compiles anew
+    for name in ("w1", "w3", "w2"):
+        getattr(plan, name).set_data(getattr(cell, name).value())
+    blocks = run_experts(plan, x, idx, weights, keep)
+    np.testing.assert_allclose(out, blocks, rtol=1e-6, atol=1e-6)
+    assert np.abs(expected).max() > 1.0
 
 # ---------------------------------------------------------------------------------------------- the static plan
 def plans(experts, block):

@@ -5,7 +5,7 @@ experts, the three balance losses and device-level token dropping.
 
 Read top to bottom: ``Router`` (affinities, greedy or device-limited top-k), ``balance_losses`` (L_ExpBal,
 L_DevBal, L_CommBal), ``RankWithin`` (a sort-based rank used by dropping and the capacity dispatch),
-``RoutedExperts`` (the stacked experts and their two dispatches), ``DeepSeekMoE`` (all of it together).
+``RoutedExperts`` (the stacked experts and their dispatches), ``DeepSeekMoE`` (all of it together).
 Shapes: T tokens (b*s), E experts held, k top_k, h hidden, i moe_intermediate_size, G token groups.
 """
 import math
@@ -121,7 +121,7 @@ class RankWithin(nn.Cell):
 
 
 class RoutedExperts(nn.Cell):
-    """The routed experts, stacked: w1/w3 (E, inter, hidden), w2 (E, hidden, inter). Two dispatches:
+    """The routed experts, stacked: w1/w3 (E, inter, hidden), w2 (E, hidden, inter). Three dispatches:
 
     dropless (default; inference and data-parallel training): the T*k (token, expert) assignments are laid out
     expert after expert, each expert's run padded to a multiple of a block of B rows; every block then belongs to one
@@ -129,13 +129,21 @@ class RoutedExperts(nn.Cell):
     to a block), growing with tokens x top_k, never tokens x experts. B shrinks with the number of assignments
     (B = 1 when decoding one token: exactly k rows).
 
+    per assignment (few tokens: decoding, short prompts): when the block plan would copy at least one expert's
+    weights per assignment anyway (T*k <= its number of blocks; with the automatic plan whenever T*k <= 4E, so every
+    decode step of b rows with b*k <= 4E), the chosen experts' weights are gathered straight from the top-k indices,
+    (T*k, i, h), and every assignment is one row of a batched matmul: the same products as the plan's blocks of one
+    row, without its bookkeeping (one-hot over E, ranks, scatter, block owners), so the cost is flat in E: it reads
+    the T*k selected experts' weights and nothing of the other experts. The choice is made from static shapes (the
+    token count a graph is compiled for), so prefill and decode graphs each hold one dispatch.
+
     capacity (``moe_dispatch: capacity``; the expert-parallel layout of semi-auto/auto parallel training): tokens are
     split into G groups (G = data_parallel; one group otherwise) and every expert gets a static buffer of C rows per
     group, C = ceil(expert_capacity_factor * T_g*k / E) capped at T_g (factor 0: C = T_g, nothing is ever dropped).
     An expert holding more than C assignments of a group keeps the C with the highest affinity (the paper's rule for
     dropping, applied per expert); the rest contribute nothing. The buffers (E, G*C, h) are what expert parallel
     splits: experts over ep ranks, rows over the dp // ep ranks of each expert group, widths over mp. It is a
-    training layout: outside training the dropless dispatch runs, so inference never drops.
+    training layout: outside training the dropless (or per-assignment) dispatch runs, so inference never drops.
     """
 
     def __init__(self, config, num_experts: int, first_expert: int = 0, token_groups: int = 1,
@@ -151,6 +159,7 @@ class RoutedExperts(nn.Cell):
         self.capacity_factor = config.expert_capacity_factor
         self.groups = token_groups                               # capacity dispatch: token groups (data parallel)
         self.compute_dtype = compute_dtype
+        self.per_assignment = True                               # False: always the block plan (benchmark A/B)
         def stacked(shape, name):
             return Parameter(initializer(Normal(config.init_std), shape, param_init_type), name=name)
 
@@ -176,6 +185,11 @@ class RoutedExperts(nn.Cell):
         # every busy expert pads its run by at most block - 1 rows
         return block, -(-(num_assignments + busy * (block - 1)) // block)
 
+    def gathers_per_assignment(self, num_assignments: int) -> bool:
+        """Static choice of the per-assignment dispatch: it copies one expert's weights per assignment, which the
+        block plan does too whenever it needs as many blocks as there are assignments (B = 1: decoding)."""
+        return self.per_assignment and num_assignments <= self.plan(num_assignments)[1]
+
     def capacity(self, group_tokens: int) -> int:
         """Rows per expert and group of the capacity dispatch (inventory.expert_capacity)."""
         return expert_capacity(group_tokens, self.top_k, self.num_experts, self.capacity_factor)
@@ -191,7 +205,31 @@ class RoutedExperts(nn.Cell):
             keep = local if keep is None else keep * local
         if self.dispatch == "capacity" and self.training:      # a training layout: inference never drops
             return self.capacity_dispatch(x, topk_idx, topk_weight, keep, topk_weight if priority is None else priority)
+        if self.gathers_per_assignment(topk_idx.shape[0] * topk_idx.shape[1]):
+            return self.assignment_dispatch(x, topk_idx, topk_weight, keep)
         return self.dropless_dispatch(x, topk_idx, topk_weight, keep)
+
+    def assignment_dispatch(self, x, topk_idx, topk_weight, keep):
+        """One batched-matmul row per (token, expert) assignment, on the selected experts' gathered weights."""
+        tokens, k = topk_idx.shape
+        n, h = tokens * k, self.hidden_size
+        expert = ops.reshape(topk_idx, (n,))                                               # (N,) a = t*k + j
+        w1 = ops.cast(ops.gather(self.w1, expert, 0), self.compute_dtype)                  # (N, i, h)
+        w3 = ops.cast(ops.gather(self.w3, expert, 0), self.compute_dtype)
+        w2 = ops.cast(ops.gather(self.w2, expert, 0), self.compute_dtype)                  # (N, h, i)
+        xs = ops.broadcast_to(ops.expand_dims(ops.cast(x, self.compute_dtype), 1), (tokens, k, h))
+        xs = ops.reshape(xs, (n, 1, h))                                                    # token t, k times
+        hidden = ops.silu(self.bmm_t(xs, w1)) * self.bmm_t(xs, w3)                         # (N, 1, i)
+        per_assignment = ops.reshape(self.bmm_t(hidden, w2), (tokens, k, h))               # (T, k, h)
+        if keep is None:
+            weights = topk_weight
+        else:                                                      # dropped (or held elsewhere): exactly nothing
+            kept = ops.cast(keep, mstype.float32) > 0
+            weights = topk_weight * ops.cast(kept, mstype.float32)
+            per_assignment = ops.select(ops.broadcast_to(ops.expand_dims(kept, -1), per_assignment.shape),
+                                        per_assignment, ops.zeros_like(per_assignment))
+        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
+        return ops.cast(combined, x.dtype)                                                 # (T, h)
 
     def dropless_dispatch(self, x, topk_idx, topk_weight, keep):
         tokens, k = topk_idx.shape
