@@ -48,9 +48,9 @@ class DecoderLayer(nn.Cell):
             self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.compute_dtype,
                                             config.param_init_type, config.init_std, local.tp)
 
-    def construct(self, x, cos, sin, mask=None, batch_valid_length=None):
+    def construct(self, x, cos, sin, batch_valid_length=None):
         """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, batch_valid_length)
+        h = x + self.attention(self.attention_norm(x), cos, sin, batch_valid_length)
         if self.is_moe:
             ffn, aux = self.feed_forward(self.ffn_norm(h))
         else:
@@ -77,7 +77,6 @@ class DeepseekV2Model(nn.Cell):
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
         self.rotary = RotaryEmbedding(config, max(config.seq_length, 1))
         self.pipeline_stages = self._place_layers(config)
-        self.causal = Tensor(np.triu(np.ones((config.seq_length, config.seq_length), np.bool_), 1))
 
     def _place_layers(self, config):
         """Pipeline stage, recompute and gradient fusion of each layer from the YAML's parallel_config and
@@ -101,13 +100,11 @@ class DeepseekV2Model(nn.Cell):
         x = ops.cast(self.tok_embeddings(tokens), self.config.compute_dtype)               # (b, s, h)
         if self.use_past and not self.is_first_iteration:
             cos, sin = self.rotary(s, batch_valid_length - 1)                              # (b, 1, 1, rope)
-            mask = None
         else:
             cos, sin = self.rotary(s)                                                      # (s, rope)
-            mask = self.causal[:s, :s]                                                     # (s, s) True = hidden
         aux = ops.zeros((), mstype.float32)
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin, mask, batch_valid_length)
+            x, layer_aux = layer(x, cos, sin, batch_valid_length)
             aux = aux + layer_aux
         return self.norm_out(x), aux
 

@@ -90,6 +90,7 @@ class DeepseekV2Config(PretrainedConfig):
                  layernorm_compute_type: str = "float32",
                  ignore_token_id: int = -100,
                  use_flash_attention: bool = False,       # training/prefill attention by the fused Ascend kernel
+                 attention_chunk_size: int = 1024,        # query rows attended at once (basic-op path); 0 = all
                  # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
                  device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
@@ -153,6 +154,7 @@ class DeepseekV2Config(PretrainedConfig):
         self.layernorm_compute_type = _dtype(layernorm_compute_type, "layernorm_compute_type")
         self.ignore_token_id = ignore_token_id
         self.use_flash_attention = use_flash_attention
+        self.attention_chunk_size = attention_chunk_size
 
         self.device_aux_loss_alpha = float(device_aux_loss_alpha)
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
@@ -246,6 +248,10 @@ class DeepseekV2Config(PretrainedConfig):
                     fail("topk_group", f"topk_group groups hold fewer experts than num_experts_per_tok={k}")
             if self.n_routed_experts % self.moe_num_devices:
                 fail("moe_num_devices", f"n_routed_experts={self.n_routed_experts} is not divisible by it")
+        if isinstance(self.attention_chunk_size, bool) or not isinstance(self.attention_chunk_size, int) \
+                or self.attention_chunk_size < 0:
+            fail("attention_chunk_size", "expected an integer >= 0: the query rows the training/prefill attention "
+                                         "computes at once (0: the whole sequence)")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
         if not 0.0 <= self.never_drop_seq_ratio <= 1.0:

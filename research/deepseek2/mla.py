@@ -9,6 +9,11 @@ Incremental decoding keeps only [c^KV | RoPE(k^R)] per token and layer (kv_lora_
 and absorbs the up-projections: q^C is projected into the latent space through the key half of W^UKV, attention
 runs against the latent cache as a single shared head, and the value half of W^UKV is applied after attention.
 
+Training/prefill attention from basic ops runs in chunks of ``attention_chunk_size`` query rows (default 1024): a
+chunk of queries [start, stop) attends to the keys [0, stop) only, so no (b, n, s, s) buffer exists for the whole
+prompt (the largest is (b, n, chunk, s)) and the causally hidden upper blocks are never computed. The values are the
+unchunked ones: a hidden key adds an exact 0 to its row's softmax.
+
 ``use_flash_attention`` (default False) sends the training/prefill attention to MindSpore's fused Ascend kernel
 (``fused_attention`` below): no (b, n, s, s) scores or probabilities are stored. The decode step is unchanged.
 """
@@ -20,7 +25,8 @@ from mindspore.common.initializer import initializer
 from .layers import RMSNorm, Linear, PartialSum
 from .rope import apply_rotary
 
-__all__ = ["MLAttention", "fused_attention", "check_fused_attention", "FLASH_ATTENTION_SCORE"]
+__all__ = ["MLAttention", "causal_mask", "chunk_bounds", "fused_attention", "check_fused_attention",
+           "FLASH_ATTENTION_SCORE"]
 
 # The fused attention kernel (Ascend only), read by ``fused_attention`` when a graph is built or a PyNative call
 # runs: the tests replace this reference with a stand-in written from basic ops that keeps the same contract.
@@ -47,6 +53,20 @@ def check_fused_attention(compute_dtype, device_target=None):
                          f"(the inputs the fused attention kernel takes); compute_dtype is {compute_dtype}")
 
 
+def causal_mask(q_start: int, q_stop: int, k_stop: int):
+    """(q_stop - q_start, k_stop) bool, True = hidden: the keys after each query's position (static sizes)."""
+    queries = ops.expand_dims(ops.arange(q_start, q_stop, dtype=mstype.int32), 1)
+    keys = ops.expand_dims(ops.arange(0, k_stop, dtype=mstype.int32), 0)
+    return keys > queries
+
+
+def chunk_bounds(seq: int, chunk: int):
+    """The (start, stop) query rows of each chunk of a seq-long sequence; one chunk when chunk is 0 or >= seq."""
+    if not chunk or chunk >= seq:
+        return [(0, seq)]
+    return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
+
+
 def fused_attention(query, key, value, mask, scale, num_heads):
     """softmax(query key^T * scale, positions where mask is True hidden) value, by the fused kernel.
 
@@ -54,7 +74,7 @@ def fused_attention(query, key, value, mask, scale, num_heads):
       query, key  (b, n, s, dq)  layout "BNSD", dq = qk_nope_head_dim + qk_rope_head_dim, one dtype
       value       (b, n, s, dv)  dv <= dq; zero-padded to (b, n, s, dq) before the call (the kernel takes one head
                                  dim for q, k and v); the zero columns give zero output columns, sliced off after
-      mask        (s, s) bool, True = hidden (the model's causal mask); passed as the uint8 attn_mask, 1 = masked
+      mask        (s, s) bool, True = hidden (``causal_mask``); passed as the uint8 attn_mask, 1 = masked
                   out, with sparse_mode 0 (the whole (S1, S2) mask is applied as given)
       scale       python float, the softmax scale with YaRN's mscale^2 (config.softmax_scale): scalar_value
       num_heads   n, the heads this cell holds: head_num
@@ -89,6 +109,7 @@ class MLAttention(nn.Cell):
         self.softmax_dtype = config.softmax_compute_type
         self.use_past = config.use_past
         self.use_flash_attention = config.use_flash_attention
+        self.chunk_size = config.attention_chunk_size
         if self.use_flash_attention:
             check_fused_attention(config.compute_dtype)
         self.is_first_iteration = True
@@ -131,25 +152,41 @@ class MLAttention(nn.Cell):
         return ops.cast(ops.softmax(ops.cast(scores, self.softmax_dtype), -1), dtype)
 
     # ------------------------------------------------------------------ attention forms
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe):
         """Training/prefill: expand the latent into per-head keys and values (compute-friendly).
 
-        q_* (b, n, s, .), c_kv (b, s, r), k_pe (b, 1, s, rope) rotated, mask (s, s) bool (True = hidden).
+        q_* (b, n, s, .), c_kv (b, s, r), k_pe (b, 1, s, rope) rotated. Causal: query i sees keys 0..i.
+        Query rows go in chunks (``chunk_bounds``): rows [start, stop) against keys [0, stop).
         use_flash_attention: the same query, key and value go to the fused kernel (``fused_attention``).
         """
         b, _, s, _ = q_nope.shape
-        kv = ops.transpose(ops.reshape(self.lkv2kv(c_kv), (b, s, self.n_heads, self.nope_dim + self.v_dim)),
+        n, dq = self.n_heads, self.q_head_dim
+        kv = ops.transpose(ops.reshape(self.lkv2kv(c_kv), (b, s, n, self.nope_dim + self.v_dim)),
                            (0, 2, 1, 3))                                                   # (b, n, s, nope+v)
         k_nope, value = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
         query = ops.concat((q_nope, q_pe), -1)                                             # (b, n, s, dq)
-        key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, self.n_heads, s, self.rope_dim))), -1)
+        key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, n, s, self.rope_dim))), -1)
         if self.use_flash_attention:
-            return fused_attention(query, key, value, mask, self.scale, self.n_heads)     # (b, n, s, v)
-        scores = self.bmm_t(query, key) * self.scale                                       # (b, n, s, s)
-        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, s, s) temporary per layer on CPU
+            return fused_attention(query, key, value, causal_mask(0, s, s), self.scale, n)  # (b, n, s, v)
+        bounds = chunk_bounds(s, self.chunk_size)
+        if len(bounds) == 1:
+            return self._attend(query, key, value, causal_mask(0, s, s))
+        outs = []
+        for start, stop in bounds:                                 # static: unrolled in graph mode
+            outs.append(self._attend(ops.slice(query, (0, 0, start, 0), (b, n, stop - start, dq)),
+                                     ops.slice(key, (0, 0, 0, 0), (b, n, stop, dq)),
+                                     ops.slice(value, (0, 0, 0, 0), (b, n, stop, self.v_dim)),
+                                     causal_mask(start, stop, stop)))              # (b, n, stop - start, v)
+        return ops.concat(outs, 2)                                                         # (b, n, s, v)
+
+    def _attend(self, query, key, value, mask):
+        """softmax(query key^T * scale, mask True hidden) value: query (b, n, q, dq), key (b, n, k, dq),
+        value (b, n, k, v), mask (q, k) bool -> (b, n, q, v)."""
+        scores = self.bmm_t(query, key) * self.scale                                       # (b, n, q, k)
+        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, q, k) temporary per layer on CPU
         scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
         probs = self._softmax(scores, value.dtype)
-        return self.bmm(probs, value)                                                      # (b, n, s, v)
+        return self.bmm(probs, value)                                                      # (b, n, q, v)
 
     def _absorbed(self, q_nope, q_pe, cache, valid):
         """Decode against the latent cache as one shared KV head.
@@ -171,10 +208,10 @@ class MLAttention(nn.Cell):
         out = self.bmm_t(ops.transpose(o_latent, (1, 0, 2)), w_uv)                         # (n, b, v)
         return ops.expand_dims(ops.transpose(out, (1, 0, 2)), 2)                           # (b, n, 1, v)
 
-    def construct(self, x, cos, sin, mask=None, batch_valid_length=None):
+    def construct(self, x, cos, sin, batch_valid_length=None):
         """x (b, s, h) -> (b, s, h).
 
-        Full sequence (training, no cache, prefill): cos/sin (s, rope), mask (s, s).
+        Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
         Decode step (use_past, not first iteration): s = 1, cos/sin (b, 1, 1, rope), batch_valid_length (b,).
         """
         b, s, _ = x.shape
@@ -197,6 +234,6 @@ class MLAttention(nn.Cell):
                 rows = ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1)               # (b, 1)
                 cache = ops.scatter_nd_update(self.kv_cache, rows, ops.cast(entry, self.kv_cache.dtype))
                 c_kv = ops.depend(c_kv, cache)
-            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.v_dim))
         return self.partial_sum(self.wo(out))
