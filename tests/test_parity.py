@@ -157,3 +157,34 @@ def test_attention_chunk_size_is_checked():
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size=-1))
     with pytest.raises(ValueError, match="attention_chunk_size"):
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size="512"))
+
+
+@pytest.mark.parametrize("chunk", [4, 6])
+def test_prefill_in_chunks_matches_reference(layout, mode, chunk):
+    """use_past generate with prefill_chunk_size: a batch of prompts of 7 and 11 tokens (right-padded) is prefilled
+    in calls of `chunk` tokens against the latent cache; greedy tokens equal the reference's, and the per-step
+    logits equal the one-call prefill's (1e-4)."""
+    _, fields, ref = layout
+    a = list(np.random.RandomState(2).randint(2, fields["vocab_size"], 7))
+    b = list(np.random.RandomState(3).randint(2, fields["vocab_size"], 11))
+    pad = fields["pad_token_id"]
+    results = {}
+    for size in (0, chunk):
+        net = R.build_ms(fields, ref, seq_length=SEQ, use_past=True, batch_size=2, prefill_chunk_size=size)
+        calls = []
+        inner = net.prefill_in_chunks
+        net.prefill_in_chunks = lambda *args: calls.append(args[2]) or inner(*args)
+        res = net.generate([a + [pad] * 4, b], max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                           output_logits=True)
+        assert calls == ([chunk] if size else [])
+        results[size] = (res.sequences, np.concatenate([np.asarray(x) for x in res.logits]))
+    for row, prompt in zip(results[chunk][0], (a, b)):
+        assert list(row)[:len(prompt) + 6] == list(R.reference_generate(ref, np.array([prompt]), 6)[0])
+    np.testing.assert_allclose(results[chunk][1], results[0][1], rtol=0, atol=1e-4)
+
+
+def test_prefill_chunk_size_is_checked():
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        R.DeepseekV2Config(**dict(LAYOUTS["v2"], seq_length=32, prefill_chunk_size=33))
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        R.DeepseekV2Config(**dict(LAYOUTS["v2"], prefill_chunk_size=-2))

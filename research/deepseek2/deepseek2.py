@@ -99,7 +99,9 @@ class DeepseekV2Model(nn.Cell):
         b, s = tokens.shape
         x = ops.cast(self.tok_embeddings(tokens), self.config.compute_dtype)               # (b, s, h)
         if self.use_past and not self.is_first_iteration:
-            cos, sin = self.rotary(s, batch_valid_length - 1)                              # (b, 1, 1, rope)
+            # a decode step (s = 1) or a prefill chunk: the s tokens end at batch_valid_length
+            positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)  # (b, s)
+            cos, sin = self.rotary(s, positions)                                           # (b, 1, s, rope)
         else:
             cos, sin = self.rotary(s)                                                      # (s, rope)
         aux = ops.zeros((), mstype.float32)
@@ -160,6 +162,47 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
             # MindFormers' latency timer synchronises device streams, which CPU lacks (it logs an ERROR line)
             self.detailed_latency.predict_run_mode = False
         return super().generate(input_ids, *args, **kwargs)
+
+    def _incremental_infer(self, model_inputs: dict, prefill, current_index, key_cache=None, value_cache=None,
+                           need_flatten=False):
+        """MindFormers' model call inside generate. With use_past and prefill_chunk_size set, a prompt longer than
+        the chunk is prefilled chunk after chunk (``prefill_in_chunks``); everything else is MindFormers' own."""
+        chunk = self.config.prefill_chunk_size
+        ids = model_inputs["input_ids"]
+        if prefill and chunk and self.use_past and not need_flatten and key_cache is None \
+                and len(ids.shape) == 2 and ids.shape[-1] > chunk:
+            return self.prefill_in_chunks(ids, model_inputs["batch_valid_length"], chunk)
+        return super()._incremental_infer(model_inputs, prefill, current_index, key_cache, value_cache, need_flatten)
+
+    def prefill_in_chunks(self, input_ids, valid_length, chunk: int):
+        """Prefill the latent caches chunk by chunk, each chunk attending to the cache written so far.
+
+        input_ids (b, seq_length) right-padded, valid_length (b,) prompt lengths. Every call takes chunk tokens
+        (one graph of its own, phase "chunk"; the last chunk ends at seq_length at the latest and may recompute a
+        few cached positions, which rewrites the same entries), so the attention's largest buffer is
+        (b, heads, chunk, seq_length) whatever the prompt length. Returns (b, seq_length, vocab) float32 logits in
+        which only each row's last prompt position is filled: all generate reads of a prefill.
+        """
+        ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+        valid = np.asarray(valid_length, np.int64).reshape(-1)
+        b, seq = ids.shape
+        logits = None
+        self.add_flags_custom(is_first_iteration=False)                   # the cached branch, chunk rows at once
+        phase = f"chunk_{self._pre_set_phase}" if self._pre_set_phase else "chunk"
+        for start in range(0, int(valid.max()), chunk):
+            start = min(start, seq - chunk)
+            end = start + chunk
+            self.phase = phase
+            out = self(input_ids=Tensor(np.ascontiguousarray(ids[:, start:end]), mstype.int32),
+                       batch_valid_length=Tensor(np.full((b,), end, np.int32))).asnumpy()   # (b, chunk, vocab)
+            if logits is None:
+                logits = np.zeros((b, seq, out.shape[-1]), np.float32)     # untouched rows take no memory
+            for row in range(b):
+                last = int(valid[row]) - 1
+                if start <= last < end:
+                    logits[row, last] = out[row, last - start]
+        self.phase = "increment"
+        return Tensor.from_numpy(logits)
 
     def set_train(self, mode=True):
         if mode and self.local.tp > 1:

@@ -91,6 +91,7 @@ class DeepseekV2Config(PretrainedConfig):
                  ignore_token_id: int = -100,
                  use_flash_attention: bool = False,       # training/prefill attention by the fused Ascend kernel
                  attention_chunk_size: int = 1024,        # query rows attended at once (basic-op path); 0 = all
+                 prefill_chunk_size: int = 0,             # use_past generate: prompt tokens per prefill call; 0 = all
                  # --- DeepSeekMoE training knobs (paper section 2.2.2 - 2.2.4) ---
                  device_aux_loss_alpha: float = 0.0,      # alpha_2, device-level balance (0.05 in the paper)
                  comm_aux_loss_alpha: float = 0.0,        # alpha_3, communication balance (0.02 in the paper)
@@ -155,6 +156,7 @@ class DeepseekV2Config(PretrainedConfig):
         self.ignore_token_id = ignore_token_id
         self.use_flash_attention = use_flash_attention
         self.attention_chunk_size = attention_chunk_size
+        self.prefill_chunk_size = prefill_chunk_size
 
         self.device_aux_loss_alpha = float(device_aux_loss_alpha)
         self.comm_aux_loss_alpha = float(comm_aux_loss_alpha)
@@ -252,6 +254,10 @@ class DeepseekV2Config(PretrainedConfig):
                 or self.attention_chunk_size < 0:
             fail("attention_chunk_size", "expected an integer >= 0: the query rows the training/prefill attention "
                                          "computes at once (0: the whole sequence)")
+        if isinstance(self.prefill_chunk_size, bool) or not isinstance(self.prefill_chunk_size, int) \
+                or not 0 <= self.prefill_chunk_size <= self.seq_length:
+            fail("prefill_chunk_size", f"expected an integer in [0, seq_length={self.seq_length}]: the prompt tokens "
+                                       f"each prefill call of a use_past generate takes (0: the whole prompt at once)")
         if self.capacity_factor < 0:
             fail("capacity_factor", "expected >= 0 (0 turns token dropping off)")
         if not 0.0 <= self.never_drop_seq_ratio <= 1.0:

@@ -173,6 +173,8 @@ class MLAttention(nn.Cell):
             return self._attend(query, key, value, causal_mask(0, s, s))
         outs = []
         for start, stop in bounds:                                 # static: unrolled in graph mode
+            if outs:                                               # one chunk after the other: its buffers reused
+                query = ops.depend(query, outs[-1])
             outs.append(self._attend(ops.slice(query, (0, 0, start, 0), (b, n, stop - start, dq)),
                                      ops.slice(key, (0, 0, 0, 0), (b, n, stop, dq)),
                                      ops.slice(value, (0, 0, 0, 0), (b, n, stop, self.v_dim)),
@@ -189,30 +191,33 @@ class MLAttention(nn.Cell):
         return self.bmm(probs, value)                                                      # (b, n, q, v)
 
     def _absorbed(self, q_nope, q_pe, cache, valid):
-        """Decode against the latent cache as one shared KV head.
+        """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
 
-        q_nope (b, n, 1, nope), q_pe (b, n, 1, rope) rotated, cache (b, S, r + rope), valid (b, 1, S) bool.
+        q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, S, r + rope), valid (b, s, S) bool.
         """
-        b = q_nope.shape[0]
+        b, n, s, _ = q_nope.shape
         r = self.kv_lora_rank
         w = ops.reshape(ops.cast(self.lkv2kv.weight, self.compute_dtype),
-                        (self.n_heads, self.nope_dim + self.v_dim, r))                     # (n, nope+v, r)
+                        (n, self.nope_dim + self.v_dim, r))                                # (n, nope+v, r)
         w_uk, w_uv = w[:, :self.nope_dim, :], w[:, self.nope_dim:, :]                      # (n, nope, r), (n, v, r)
-        q_heads = ops.transpose(ops.reshape(q_nope, (b, self.n_heads, self.nope_dim)), (1, 0, 2))  # (n, b, nope)
-        q_latent = ops.transpose(self.bmm(q_heads, w_uk), (1, 0, 2))                       # (b, n, r)
-        query = ops.concat((q_latent, ops.reshape(q_pe, (b, self.n_heads, self.rope_dim))), -1)  # (b, n, r+rope)
-        scores = self.bmm_t(query, cache) * self.scale                                     # (b, n, S)
-        scores = ops.masked_fill(scores, ops.logical_not(valid), Tensor(-1e30, scores.dtype))
-        probs = self._softmax(scores, cache.dtype)
-        o_latent = self.bmm(probs, cache[..., :r])                                         # (b, n, r)
-        out = self.bmm_t(ops.transpose(o_latent, (1, 0, 2)), w_uv)                         # (n, b, v)
-        return ops.expand_dims(ops.transpose(out, (1, 0, 2)), 2)                           # (b, n, 1, v)
+        q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
+        q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
+        query = ops.reshape(ops.concat((q_latent, q_pe), -1), (b, n * s, r + self.rope_dim))  # (b, n*s, r+rope)
+        scores = ops.reshape(self.bmm_t(query, cache) * self.scale, (b, n, s, -1))         # (b, n, s, S)
+        hidden = ops.broadcast_to(ops.expand_dims(ops.logical_not(valid), 1), scores.shape)
+        scores = ops.masked_fill(scores, hidden, Tensor(-1e30, scores.dtype))
+        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, n * s, -1))            # (b, n*s, S)
+        o_latent = self.bmm(probs, cache)[..., :r]                     # (b, n*s, r): the cache read as it is
+        o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
+        out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
+        return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
     def construct(self, x, cos, sin, batch_valid_length=None):
         """x (b, s, h) -> (b, s, h).
 
         Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
-        Decode step (use_past, not first iteration): s = 1, cos/sin (b, 1, 1, rope), batch_valid_length (b,).
+        Decode step or prefill chunk (use_past, not first iteration): the s tokens at positions
+        batch_valid_length - s .. batch_valid_length - 1 (b,), cos/sin (b, 1, s, rope); s = 1 when decoding.
         """
         b, s, _ = x.shape
         q_nope, q_pe = self._query(x)
@@ -220,13 +225,15 @@ class MLAttention(nn.Cell):
         q_pe = apply_rotary(q_pe, cos, sin)
         k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
         if self.use_past and not self.is_first_iteration:
-            entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, 1, r + rope)
-            position = batch_valid_length - 1                                              # (b,)
-            index = ops.stack((ops.arange(b, dtype=mstype.int32), position), -1)           # (b, 2)
-            cache = ops.scatter_nd_update(self.kv_cache, index, ops.reshape(entry, (b, -1)))
-            cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))           # (b, S, r + rope), no copy
+            # a decode step (s = 1) or a prefill chunk: the s tokens end at batch_valid_length
+            entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, s, r + rope)
+            position = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)  # (b, s)
+            rows = ops.broadcast_to(ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1), (b, s))
+            index = ops.stack((rows, position), -1)                                        # (b, s, 2)
+            cache = ops.scatter_nd_update(self.kv_cache, index, ops.cast(entry, self.kv_cache.dtype))
+            cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))           # (b, S, r + rope)
             steps = ops.arange(cache.shape[1], dtype=mstype.int32)
-            valid = ops.expand_dims(ops.expand_dims(steps, 0) <= ops.expand_dims(position, 1), 1)  # (b, 1, S)
+            valid = ops.expand_dims(steps, 0) <= ops.expand_dims(position, -1)             # (b, s, S)
             out = self._absorbed(q_nope, q_pe, cache, valid)
         else:
             if self.use_past:

@@ -74,11 +74,12 @@ class RotaryEmbedding(nn.Cell):
         self.sin = Tensor(sin, mstype.float32)
 
     def construct(self, seq_len: int, positions=None):
+        """The first seq_len positions: (s, d) each; positions (b, s) int32: (b, 1, s, d) each."""
         if positions is None:
             return self.cos[:seq_len], self.sin[:seq_len]                                  # (s, d)
-        cos = ops.gather(self.cos, positions, 0)                                           # (b, d)
+        cos = ops.gather(self.cos, positions, 0)                                           # (b, s, d)
         sin = ops.gather(self.sin, positions, 0)
-        return ops.expand_dims(ops.expand_dims(cos, 1), 1), ops.expand_dims(ops.expand_dims(sin, 1), 1)  # (b,1,1,d)
+        return ops.expand_dims(cos, 1), ops.expand_dims(sin, 1)                            # (b, 1, s, d)
 
 
 def apply_rotary(x, cos, sin):
