@@ -138,11 +138,16 @@ def write_result(result: dict) -> None:
 
 
 def run_worker(script: str, argv: Sequence[str], label: str, verbose: bool = False,
-               timeout: Optional[float] = None) -> dict:
+               timeout: Optional[float] = None, memory_limit: Optional[int] = None) -> dict:
     """Run ``python script argv`` in a fresh process and return the dict it wrote with ``write_result``.
 
     The worker's output (MindSpore/MindFormers logs) is hidden unless ``verbose``; on failure its tail is shown.
+    memory_limit: bytes of data segment (RLIMIT_DATA: heap and private mappings) the worker may allocate; past it
+    an allocation fails in the worker (an error, not the kernel's OOM killer picking some other process).
     """
+    def limit_memory():
+        import resource
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     with tempfile.TemporaryDirectory(prefix="ds2_bench_") as tmp:
         result_path = os.path.join(tmp, "result.json")
         env = dict(os.environ, **{RESULT_MARK: result_path})
@@ -151,6 +156,7 @@ def run_worker(script: str, argv: Sequence[str], label: str, verbose: bool = Fal
         load_before = load_average()
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, env=env, cwd=tmp, timeout=timeout, text=True,
+                              preexec_fn=limit_memory if memory_limit else None,
                               stdout=None if verbose else subprocess.PIPE,
                               stderr=None if verbose else subprocess.STDOUT)
         wall = time.perf_counter() - start

@@ -48,9 +48,9 @@ class DecoderLayer(nn.Cell):
             self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.compute_dtype,
                                             config.param_init_type, config.init_std, local.tp)
 
-    def construct(self, x, cos, sin, batch_valid_length=None):
+    def construct(self, x, cos, sin, slots=None, hidden=None):
         """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, batch_valid_length)
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, hidden)
         if self.is_moe:
             ffn, aux = self.feed_forward(self.ffn_norm(h))
         else:
@@ -95,18 +95,29 @@ class DeepseekV2Model(nn.Cell):
             self.norm_out.pipeline_stage = pc.pipeline_stage - 1
         return stages
 
+    def cache_positions(self, b: int, s: int, batch_valid_length):
+        """A decode step (s = 1) or a prefill chunk: the s tokens of each row end at batch_valid_length (b,).
+        Returns their positions (b, s) int32, their cache slots (b, s, 2) (row, position) and the cache slots each
+        may not see, (b, s, seq_length) bool (those after its position); computed once for all layers."""
+        positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)     # (b, s)
+        rows = ops.broadcast_to(ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1), (b, s))
+        slots = ops.stack((rows, positions), -1)                                                       # (b, s, 2)
+        steps = ops.arange(self.config.seq_length, dtype=mstype.int32)
+        hidden = ops.expand_dims(ops.expand_dims(steps, 0), 0) > ops.expand_dims(positions, -1)       # (b, s, S)
+        return positions, slots, hidden
+
     def construct(self, tokens, batch_valid_length=None):
         b, s = tokens.shape
         x = ops.cast(self.tok_embeddings(tokens), self.config.compute_dtype)               # (b, s, h)
+        slots, hidden = None, None
         if self.use_past and not self.is_first_iteration:
-            # a decode step (s = 1) or a prefill chunk: the s tokens end at batch_valid_length
-            positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)  # (b, s)
+            positions, slots, hidden = self.cache_positions(b, s, batch_valid_length)
             cos, sin = self.rotary(s, positions)                                           # (b, 1, s, rope)
         else:
             cos, sin = self.rotary(s)                                                      # (s, rope)
         aux = ops.zeros((), mstype.float32)
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin, batch_valid_length)
+            x, layer_aux = layer(x, cos, sin, slots, hidden)
             aux = aux + layer_aux
         return self.norm_out(x), aux
 

@@ -141,12 +141,14 @@ class MLAttention(nn.Cell):
         b, s, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.l2q_proj(self.lq_norm(self.q2l_proj(x)))
         q = ops.transpose(ops.reshape(q, (b, s, self.n_heads, self.q_head_dim)), (0, 2, 1, 3))
-        return q[..., :self.nope_dim], q[..., self.nope_dim:]
+        q_nope, q_pe = ops.split(q, (self.nope_dim, self.rope_dim), -1)                    # one op, not two slices
+        return q_nope, q_pe
 
     def _latent(self, x):
         """x (b, s, h) -> c_kv (b, s, kv_lora_rank) normalised, k_pe (b, s, rope) (rope not yet applied)."""
         ckv_kpe = self.kv2l(x)
-        return self.lkv_norm(ckv_kpe[..., :self.kv_lora_rank]), ckv_kpe[..., self.kv_lora_rank:]
+        c_kv, k_pe = ops.split(ckv_kpe, (self.kv_lora_rank, self.rope_dim), -1)
+        return self.lkv_norm(c_kv), k_pe
 
     def _softmax(self, scores, dtype):
         return ops.cast(ops.softmax(ops.cast(scores, self.softmax_dtype), -1), dtype)
@@ -163,7 +165,7 @@ class MLAttention(nn.Cell):
         n, dq = self.n_heads, self.q_head_dim
         kv = ops.transpose(ops.reshape(self.lkv2kv(c_kv), (b, s, n, self.nope_dim + self.v_dim)),
                            (0, 2, 1, 3))                                                   # (b, n, s, nope+v)
-        k_nope, value = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
+        k_nope, value = ops.split(kv, (self.nope_dim, self.v_dim), -1)
         query = ops.concat((q_nope, q_pe), -1)                                             # (b, n, s, dq)
         key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, n, s, self.rope_dim))), -1)
         if self.use_flash_attention:
@@ -190,34 +192,36 @@ class MLAttention(nn.Cell):
         probs = self._softmax(scores, value.dtype)
         return self.bmm(probs, value)                                                      # (b, n, q, v)
 
-    def _absorbed(self, q_nope, q_pe, cache, valid):
+    def _absorbed(self, q_nope, q_pe, cache, hidden):
         """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
 
-        q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, S, r + rope), valid (b, s, S) bool.
+        q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, S, r + rope), hidden (b, s, S) bool: the
+        cache slots after each token's position.
         """
         b, n, s, _ = q_nope.shape
         r = self.kv_lora_rank
         w = ops.reshape(ops.cast(self.lkv2kv.weight, self.compute_dtype),
                         (n, self.nope_dim + self.v_dim, r))                                # (n, nope+v, r)
-        w_uk, w_uv = w[:, :self.nope_dim, :], w[:, self.nope_dim:, :]                      # (n, nope, r), (n, v, r)
+        w_uk, w_uv = ops.split(w, (self.nope_dim, self.v_dim), 1)                          # (n, nope, r), (n, v, r)
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
         q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
         query = ops.reshape(ops.concat((q_latent, q_pe), -1), (b, n * s, r + self.rope_dim))  # (b, n*s, r+rope)
         scores = ops.reshape(self.bmm_t(query, cache) * self.scale, (b, n, s, -1))         # (b, n, s, S)
-        hidden = ops.broadcast_to(ops.expand_dims(ops.logical_not(valid), 1), scores.shape)
-        scores = ops.masked_fill(scores, hidden, Tensor(-1e30, scores.dtype))
+        scores = ops.masked_fill(scores, ops.broadcast_to(ops.expand_dims(hidden, 1), scores.shape),
+                                 Tensor(-1e30, scores.dtype))
         probs = ops.reshape(self._softmax(scores, cache.dtype), (b, n * s, -1))            # (b, n*s, S)
         o_latent = self.bmm(probs, cache)[..., :r]                     # (b, n*s, r): the cache read as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
-    def construct(self, x, cos, sin, batch_valid_length=None):
+    def construct(self, x, cos, sin, slots=None, hidden=None):
         """x (b, s, h) -> (b, s, h).
 
         Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
-        Decode step or prefill chunk (use_past, not first iteration): the s tokens at positions
-        batch_valid_length - s .. batch_valid_length - 1 (b,), cos/sin (b, 1, s, rope); s = 1 when decoding.
+        Decode step or prefill chunk (use_past, not first iteration): cos/sin (b, 1, s, rope) at the tokens'
+        positions, slots (b, s, 2) int32 the (row, position) of each token in the cache, hidden (b, s, S) bool the
+        cache slots after each token's position (``DeepseekV2Model.cache_positions``); s = 1 when decoding.
         """
         b, s, _ = x.shape
         q_nope, q_pe = self._query(x)
@@ -225,16 +229,11 @@ class MLAttention(nn.Cell):
         q_pe = apply_rotary(q_pe, cos, sin)
         k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
         if self.use_past and not self.is_first_iteration:
-            # a decode step (s = 1) or a prefill chunk: the s tokens end at batch_valid_length
             entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, s, r + rope)
-            position = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)  # (b, s)
-            rows = ops.broadcast_to(ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1), (b, s))
-            index = ops.stack((rows, position), -1)                                        # (b, s, 2)
-            cache = ops.scatter_nd_update(self.kv_cache, index, ops.cast(entry, self.kv_cache.dtype))
-            cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))           # (b, S, r + rope)
-            steps = ops.arange(cache.shape[1], dtype=mstype.int32)
-            valid = ops.expand_dims(steps, 0) <= ops.expand_dims(position, -1)             # (b, s, S)
-            out = self._absorbed(q_nope, q_pe, cache, valid)
+            cache = ops.scatter_nd_update(self.kv_cache, slots, ops.cast(entry, self.kv_cache.dtype))
+            if b < self.kv_cache.shape[0]:                     # a batch smaller than the cache's: its first rows
+                cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))       # (b, S, r + rope)
+            out = self._absorbed(q_nope, q_pe, cache, hidden)
         else:
             if self.use_past:
                 entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, s, r + rope)

@@ -90,6 +90,6 @@ def apply_rotary(x, cos, sin):
     dtype = x.dtype
     x32 = ops.cast(x, mstype.float32)
     pairs = ops.reshape(x32, x32.shape[:-1] + (x32.shape[-1] // 2, 2))                      # (..., d/2, 2)
-    even, odd = pairs[..., 0:1], pairs[..., 1:2]
+    even, odd = ops.split(pairs, 1, -1)                                                     # (..., d/2, 1)
     rotated = ops.reshape(ops.concat((-odd, even), -1), x32.shape)                         # (-x1, x0, -x3, x2 ...)
     return ops.cast(x32 * cos + rotated * sin, dtype)
