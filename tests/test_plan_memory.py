@@ -196,10 +196,17 @@ def test_236b_yaml_plans(tmp_path):
     result = plan(train, card_memory_gb=64)
     assert result["shape"]["device_num"] == 64 and result["fits"] and result["problems"] == []
     assert 40 * GIB < result["total_bytes"] < 60 * GIB
-    # use_flash_attention (on in the YAML) frees ~2.93 GiB per card: dp 5 x mp 4 x pp 2 fits (61.8 GB); without
-    # it the smallest cluster is the YAML's 64 cards
+    # use_flash_attention (on in the YAML): dp 5 x mp 4 x pp 2 fits (61.8 GB); without
+    # it and without attention chunks (whole (s, s) blocks) the smallest cluster is the YAML's 64 cards; the
+    # basic-op attention in chunks of 1024 query rows keeps the causal blocks only, 4096 x 5120 / 2 = 62.5% of s^2
     assert smallest_cluster(train)["device_num"] == 40
-    assert smallest_cluster(_flash(train, False))["device_num"] == 64
+    unfused = _flash(train, False)
+    unfused["model"]["model_config"]["attention_chunk_size"] = 0
+    assert smallest_cluster(unfused)["device_num"] == 64
+    whole = plan(unfused)["bytes"]["activations"]
+    unfused["model"]["model_config"]["attention_chunk_size"] = 1024
+    chunked = plan(unfused)["bytes"]["activations"]
+    assert chunked < whole
     # without the optimizer offload the same 64 cards do not hold it
     no_swap = copy.deepcopy(train)
     no_swap["optimizer"]["swap"] = False
@@ -224,8 +231,8 @@ def test_cli_prints_the_table():
                  "optimizer states", "activations", "of 64 GB per card: fits", "smallest cluster that fits: 40",
                  "use_flash_attention True:  attention 0.07 GB per layer and micro-batch, activations 3.71 GB, "
                  "total 46.03 GB per card",
-                 "use_flash_attention False: attention 3.00 GB per layer and micro-batch, activations 6.64 GB, "
-                 "total 48.96 GB per card"):
+                 "use_flash_attention False: attention 1.88 GB per layer and micro-batch, activations 5.51 GB, "
+                 "total 47.83 GB per card"):
         assert text in out.stdout, text
     small = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "run_predict_deepseek2_236B.yaml"),
                             "--card_memory_gb", "16"], capture_output=True, text=True, check=False, timeout=60)
@@ -405,10 +412,12 @@ def test_cli_prints_lora_against_full_finetune():
 def test_flash_attention_236b_by_hand():
     """finetune_deepseek2_236B.yaml (use_flash_attention: True): b 1, 128 heads / mp 4 = 32 per card, s 4096, softmax
     fp32 (f 4), bf16 compute (c 2), dq 128 + 64 = 192, dv 128. Per layer, micro-batch and card:
-      unfused b (a/t) s^2 (f + c) = 32 x 4096^2 x 6                    = 3,221,225,472 B (3 GiB)
+      unfused b (a/t) (f + c) x the causal blocks of attention_chunk_size 1024 (rows [i, i + 1024) against keys
+              [0, i + 1024)): 32 x 1024 x (1024 + 2048 + 3072 + 4096) x 6 = 2,013,265,920 B (1.875 GiB;
+              the whole (s, s), 32 x 4096^2 x 6 = 3 GiB, with attention_chunk_size 0)
       fused   64 b (a/t) s        = 64 x 32 x 4096                     =     8,388,608 B (softmax max and sum)
             + c b (a/t) s (2 dq - dv) = 2 x 32 x 4096 x 256            =    67,108,864 B (padded v and output)
-    saving 3,145,728,000 B = 2.93 GiB per layer."""
+    saving 1,937,768,448 B = 1.80 GiB per layer."""
     with open(os.path.join(PKG, "finetune_deepseek2_236B.yaml"), encoding="utf-8") as handle:
         train = yaml.safe_load(handle)
     assert train["model"]["model_config"]["use_flash_attention"] is True
@@ -417,16 +426,16 @@ def test_flash_attention_236b_by_hand():
     assert unfused["flash_attention"] is None                            # the switch off: no comparison
     summary = fused["flash_attention"]
     assert summary["fused"]["attention_per_layer"] == 8388608 + 67108864
-    assert summary["unfused"]["attention_per_layer"] == 3221225472
-    saving = 3221225472 - (8388608 + 67108864)
-    assert saving == 3145728000 and round(saving / GIB, 2) == 2.93
+    assert summary["unfused"]["attention_per_layer"] == 2013265920
+    saving = 2013265920 - (8388608 + 67108864)
+    assert saving == 1937768448 and round(saving / GIB, 2) == 1.80
     # recompute (on in the YAML): the (s, s) term sits in the one layer re-run at a time, on every stage
     for with_it, without in zip(fused["stages"], unfused["stages"]):
         assert without["activations"] - with_it["activations"] == saving
     assert fused["bytes"]["activations"] == summary["fused"]["activations"]
     assert summary["unfused"]["activations"] == unfused["bytes"]["activations"]
     assert summary["unfused"]["total"] == unfused["total_bytes"] == fused["total_bytes"] + saving
-    assert round(fused["total_bytes"] / GIB, 2) == 46.03 and round(unfused["total_bytes"] / GIB, 2) == 48.96
+    assert round(fused["total_bytes"] / GIB, 2) == 46.03 and round(unfused["total_bytes"] / GIB, 2) == 47.83
     # no recompute: every layer of the stage keeps it, for each micro-batch in flight (1F1B: 2 on stage 0, 1 on 1)
     no_recompute = dict(train, recompute_config={"recompute": False})
     stages_with, stages_without = plan(no_recompute)["stages"], plan(_flash(no_recompute, False))["stages"]
@@ -469,3 +478,24 @@ def test_flash_attention_must_be_a_bool(value):
     config = _config(dict(TINY, use_flash_attention=value), {"data_parallel": 1})
     with pytest.raises(ValueError, match="^model_config.use_flash_attention = "):
         plan(config)
+
+
+def test_attention_chunks_and_prefill_chunks_by_hand():
+    """The (s, s) term: attention_chunk_size C keeps the causal blocks sum_i C_i stop_i; prefill_chunk_size p with
+    use_past plans a prefill call of p tokens against the whole cache: (b, a, p, s) scores, logits of p tokens."""
+    from research.deepseek2 import plan_memory as pm
+    config = {"model": {"model_config": dict(TINY, seq_length=10, attention_chunk_size=4)}}
+    st = pm._settings(config)
+    heads = TINY["num_attention_heads"]
+    blocks = 4 * 4 + 4 * 8 + 2 * 10                                   # rows [0,4) see 4 keys, [4,8) 8, [8,10) 10
+    assert pm._attention_core_bytes(st, 1, 1, False) == heads * blocks * (4 + 4)
+    st0 = pm._settings({"model": {"model_config": dict(TINY, seq_length=10, attention_chunk_size=0)}})
+    assert pm._attention_core_bytes(st0, 1, 1, False) == heads * 100 * (4 + 4)
+    predict = {"model": {"model_config": dict(TINY, seq_length=4096, use_past=True)}, "run_mode": "predict"}
+    whole = plan(predict)["bytes"]["workspace"]
+    predict["model"]["model_config"]["prefill_chunk_size"] = 256
+    chunked = plan(predict)["bytes"]["workspace"]
+    assert chunked < whole / 4
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        predict["model"]["model_config"]["prefill_chunk_size"] = -1
+        plan(predict)

@@ -37,8 +37,9 @@ Training bytes per card:
     separately, per node of 8 cards);
   activations per micro-batch (b = batch_size, s = seq_length, c = bytes(compute_dtype), t = mp, softmax in fp32):
     MLA layer:  s b c [2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a dv/t]
-                + b (a/t) s^2 (4 + c)          (norm in/out, latents, q, kv, RoPE'd q/k, context; fp32 softmax
-                                                 output + its cast for the PV matmul)
+                + b (a/t) S_att (4 + c)        (norm in/out, latents, q, kv, RoPE'd q/k, context; fp32 softmax
+                                                 output + its cast for the PV matmul; S_att = s^2, or with
+                                                 attention_chunk_size C < s the causal blocks sum_i C_i stop_i)
                 or, use_flash_attention (the fused kernel, mla.fused_attention), instead of that (s, s) term
                 + 64 b (a/t) s + c b (a/t) s (2(dn+dr) - dv)   (fp32 softmax max and sum, (b, a/t, s, 8) each;
                                                  v zero-padded to dn+dr and the padded output, less the context)
@@ -56,17 +57,16 @@ Training bytes per card:
   overhead: --overhead_gb (workspace, communication buffers, fragmentation), 2 GB by default.
 Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no gradients/optimizer;
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
-  workspace = one layer's prefill activations + fp32 logits (b/dp) s V/t' x 4 + overhead.
+  workspace = one layer's prefill activations + fp32 logits (b/dp) s V/t' x 4 + overhead; with use_past and
+  prefill_chunk_size p < s, a prefill call's: p tokens, attention (b/dp)(a/t) p s (4 + c), logits of p tokens.
 A YAML with use_flash_attention on is also planned with it off: the report prints the attention's bytes per layer
 and micro-batch, the activations (workspace) and the total per card both ways.
 
-LoRA (model_config.pet_config, research/deepseek2/lora.py; training only: prediction runs merged weights): every
-targeted weight (lora.targeted_projections over the inventory) gets A (..., r, in) and B (..., out, r), cut like the
-weight (an expert cut on both, its output rows on B, its input columns on A). The base is frozen: its weights, no
-gradients, no optimizer states. The adapters (pet_config.param_init_type, fp32 by default) have gradients and AdamW
-states (8 bytes/param, + 4 for a master copy unless fp32; the parallel optimizer divides them by dp x mp).
-Activations are the full finetune's (gradients still flow through every layer) plus each Linear adapter's s b r c
-(and s b in (c + 1) with dropout) and, with routed-expert adapters, the layer's effective expert weights.
+LoRA (model_config.pet_config, lora.py; training only): every targeted weight gets A (..., r, in) and B (..., out,
+r), cut like the weight (an expert on both, its output rows on B, its input columns on A). The frozen base has no
+gradients or optimizer states; the adapters (pet_config.param_init_type, fp32 by default) have both (8 bytes/param,
++ 4 for a master copy unless fp32; the parallel optimizer divides them by dp x mp). Activations: the full
+finetune's, plus each Linear adapter's s b r c (s b in (c + 1) with dropout) and routed-expert adapters' weights.
 
 The smallest cluster: multiples of 8 cards keeping the YAML's model_parallel and pipeline_stage, data_parallel
 growing with the cards and expert_parallel the largest value <= the YAML's that divides data_parallel and
@@ -199,6 +199,8 @@ class _Settings:
     capacity_factor: float
     flash_attention: bool               # model_config.use_flash_attention: the fused attention kernel
     lora: Optional[LoraSettings] = None   # model_config.pet_config (training only; prediction runs merged weights)
+    attention_chunk: int = 1024         # model_config.attention_chunk_size: query rows per attention block
+    prefill_chunk: int = 0              # model_config.prefill_chunk_size: prompt tokens per prefill call (use_past)
 
     @property
     def vocab_parts(self) -> int:
@@ -221,6 +223,9 @@ def _settings(config: dict) -> _Settings:
     if not isinstance(mc.get("use_flash_attention", False), bool):
         raise ValueError(f"model_config.use_flash_attention = {mc['use_flash_attention']!r}: expected True or False")
     dtype = lambda field: bytes_of(mc.get(field, "float32"), "model_config." + field)   # noqa: E731
+    chunks = {key: mc.get(key, default) for key, default in (("attention_chunk_size", 1024), ("prefill_chunk_size", 0))}
+    for key in (k for k, v in chunks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ValueError(f"model_config.{key} = {chunks[key]!r}: expected an integer >= 0")
     return _Settings(
         model_config=mc, parallel_config=pc, shape=model_shape(mc), parallel=parallel_shape(pc), predict=predict,
         param_bytes=dtype("param_init_type"), compute_bytes=dtype("compute_dtype"),
@@ -231,7 +236,8 @@ def _settings(config: dict) -> _Settings:
         swap=bool((config.get("optimizer") or {}).get("swap")) and not predict,
         moe_dispatch=mc.get("moe_dispatch"), expert_capacity_factor=float(mc.get("expert_capacity_factor") or 0.0),
         capacity_factor=float(mc.get("capacity_factor") or 0.0), flash_attention=mc.get("use_flash_attention", False),
-        lora=parse_pet_config(mc["pet_config"]) if mc.get("pet_config") and not predict else None)
+        lora=parse_pet_config(mc["pet_config"]) if mc.get("pet_config") and not predict else None,
+        attention_chunk=chunks["attention_chunk_size"], prefill_chunk=chunks["prefill_chunk_size"])
 
 
 # ---------------------------------------------------------------------------------------------- weights per stage
@@ -276,8 +282,10 @@ def _optimizer_shard(weights: _Weights, st: _Settings) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_parallel: bool) -> float:
-    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring)."""
+def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_parallel: bool,
+                            keys: Optional[int] = None) -> float:
+    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring);
+    keys: the cache length a prefill chunk of st.seq_length tokens attends to (None: the causal sequence)."""
     m, c, s = st.shape, st.compute_bytes, st.seq_length
     h, a = m.hidden_size, m.num_attention_heads
     dn, dr, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -285,19 +293,23 @@ def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_par
     hh = 2 * h / (t if seq_parallel else 1)          # norm input + output
     attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
                         + 2 * a * (dn + dr) / t + a * dv / t)
-    attn += _attention_core_bytes(st, b, t, st.flash_attention)
+    attn += _attention_core_bytes(st, b, t, st.flash_attention and keys is None, keys)
     lora = _lora_activation_bytes(st, layer, b) if st.lora else 0.0
     return attn + _ffn_activation_bytes(st, layer, b, t, hh) + lora
 
 
-def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool) -> float:
+def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Optional[int] = None) -> float:
     """What the attention itself keeps for the backward (besides q, k, v and the context): the (s, s) softmax output
     and its cast for the PV matmul; fused (use_flash_attention), the kernel's fp32 softmax max and sum, (b, a/t, s, 8)
     each, the value zero-padded to the q/k head dim and the kernel's padded output (its d_v slice is the context)."""
     m, c, s, heads = st.shape, st.compute_bytes, st.seq_length, b * (st.shape.num_attention_heads / t)
     if fused:                                        # 2 x 8 fp32 statistics per row: 64 bytes
         return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
-    return heads * s * s * (st.softmax_bytes + c)
+    if keys is not None:                             # a prefill chunk: s rows against the whole cache
+        return heads * s * keys * (st.softmax_bytes + c)
+    chunk = st.attention_chunk if 0 < st.attention_chunk < s else s        # rows [i, i + chunk) see keys [0, i + chunk)
+    scores = sum(min(chunk, s - start) * min(start + chunk, s) for start in range(0, s, chunk))
+    return heads * scores * (st.softmax_bytes + c)
 
 
 def _card_share(param: Param, st: _Settings) -> float:
@@ -382,8 +394,11 @@ def _prediction_bytes(st: _Settings, stage: int, layers: range) -> Dict[str, flo
     p, m, c, s = st.parallel, st.shape, st.compute_bytes, st.seq_length
     b_card = st.batch_size / p.dp
     kv_cache = b_card * len(layers) * s * (m.kv_lora_rank + m.qk_rope_head_dim) * c
-    layer_max = max((_layer_activation_bytes(st, layer, b_card, p.mp, False) for layer in layers), default=0)
-    logits = b_card * s * m.vocab_size / st.vocab_parts * 4 if stage == p.pp - 1 else 0
+    tokens, keys, run = s, None, st
+    if 0 < st.prefill_chunk < s and st.model_config.get("use_past"):      # prefill_in_chunks: chunks vs the cache
+        tokens, keys, run = st.prefill_chunk, s, replace(st, seq_length=st.prefill_chunk)
+    layer_max = max((_layer_activation_bytes(run, layer, b_card, p.mp, False, keys) for layer in layers), default=0)
+    logits = b_card * tokens * m.vocab_size / st.vocab_parts * 4 if stage == p.pp - 1 else 0
     return {"kv_cache": kv_cache, "workspace": layer_max + logits}
 
 
