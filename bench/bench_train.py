@@ -66,6 +66,8 @@ def parse_args(argv=None):
                    help="moe_dispatch of our model and MoE table (capacity: the expert-parallel layout)")
     r.add_argument("--expert-capacity-factor", type=float, default=0.0,
                    help="expert_capacity_factor with --moe-dispatch capacity (0: buffers of every token, no drops)")
+    r.add_argument("--attention-chunk", type=int, default=None,
+                   help="our attention_chunk_size (query rows per attention block; default: the config's)")
     r.add_argument("--skip-model", action="store_true", help="only the MoE table")
     r.add_argument("--skip-moe", action="store_true", help="only the whole-model table")
     r.add_argument("--skip-ref-moe", action="store_true", help="MoE table without the reference")
@@ -132,8 +134,9 @@ def worker_ours(a) -> dict:
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2TrainOneStepCell
     C.silence_mindformers()
     rss_import = C.rss_bytes()
+    chunk = {} if a.attention_chunk is None else {"attention_chunk_size": a.attention_chunk}
     cfg = DeepseekV2Config(**model_fields(a), seq_length=a.seq, batch_size=a.batch, moe_dispatch=a.moe_dispatch,
-                           expert_capacity_factor=a.expert_capacity_factor)
+                           expert_capacity_factor=a.expert_capacity_factor, **chunk)
     net = DeepseekV2ForCausalLM(cfg)
     C.load_weights_into_ms(net, a.weights, a.experts)
     net.set_train(True)
@@ -336,7 +339,8 @@ def main(argv=None):
     out = [f"machine: {C.machine_line()}",
            f"config: {json.dumps(model_fields(a), sort_keys=True)}",
            f"batch {a.batch} x seq {a.seq} = {a.batch * a.seq} tokens per step; fp32; AdamW; "
-           f"warm-up {a.warmup} (first step reported alone), median of {a.steps} steps; wrapper {a.wrapper}", ""]
+           f"warm-up {a.warmup} (first step reported alone), median of {a.steps} steps; wrapper {a.wrapper}; "
+           f"our attention_chunk_size {'config default' if a.attention_chunk is None else a.attention_chunk}", ""]
     if not a.skip_model:
         with tempfile.TemporaryDirectory(prefix="ds2_bench_w_") as tmp:
             weights = os.path.join(tmp, "reference.npz")

@@ -405,5 +405,5 @@ def test_converted_safetensors_folder_is_a_checkpoint(assets, ref, tmp_path, cap
     args[args.index("--load_ckpt_format") + 1] = "ckpt"
     os.remove(tmp_path / "out" / "text_generation_result.txt")
     code, _, err = _cli(args, capsys)
-    _one_error_line(code, err, "load_ckpt_format is 'ckpt' but it holds safetensors")
+    _one_error_line(code, err, f"load_ckpt_format is 'ckpt' but {tmp_path / 'ms'} holds safetensors files")
     assert not (tmp_path / "out" / "text_generation_result.txt").exists()

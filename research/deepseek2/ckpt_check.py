@@ -18,7 +18,8 @@ from research.deepseek2.errors import CheckpointError
 from research.deepseek2.inventory import buffers as declared_buffers
 from research.deepseek2.weight_map import expected_ms_shapes
 
-__all__ = ["STATE_PREFIXES", "FLOAT_DTYPES", "compare", "check_checkpoint", "stored_format", "optimizer_state_names"]
+__all__ = ["STATE_PREFIXES", "FLOAT_DTYPES", "compare", "check_checkpoint", "check_declared_format", "stored_format",
+           "optimizer_state_names"]
 
 # training state a MindFormers checkpoint may carry beside the weights (optimizer moments, step counters ...)
 STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.", "accum_grads.",
@@ -128,6 +129,16 @@ def headers(path: str, config=None) -> Tuple[Dict[str, Tuple[Tuple[int, ...], ob
     return {name: (tuple(shape), dtype) for name, (shape, dtype, _) in info.items()}, f"checkpoint {path}"
 
 
+def check_declared_format(path: str, declared_format: Optional[str]) -> str:
+    """The format ``path`` holds (``stored_format``); CheckpointError naming both when the run's
+    ``load_ckpt_format`` names another (a .bin Hugging Face folder is taken under either)."""
+    fmt = stored_format(path)
+    if declared_format and fmt != "bin" and declared_format != fmt:
+        raise CheckpointError(f"load_ckpt_format is {declared_format!r} but {path} holds {fmt} files "
+                              f"(set load_ckpt_format: {fmt}, or --load_ckpt_format {fmt})")
+    return fmt
+
+
 def check_checkpoint(config, path: str, resume: bool = False, declared_format: Optional[str] = None,
                      adapters: Optional[Dict[str, Tuple[int, ...]]] = None) -> Tuple[str, bool]:
     """Refuse (``CheckpointError``) a checkpoint that does not give every weight of ``config`` its shape.
@@ -138,10 +149,7 @@ def check_checkpoint(config, path: str, resume: bool = False, declared_format: O
     ``declared_format``: the run's ``load_ckpt_format``; a path holding another format is refused naming both.
     Returns (the stored format, whether the checkpoint holds the adapters). Reads headers only.
     """
-    fmt = stored_format(path)
-    if declared_format and fmt != "bin" and declared_format != fmt:
-        raise CheckpointError(f"load_ckpt_format is {declared_format!r} but {path} holds {fmt} files "
-                              f"(set load_ckpt_format: {fmt}, or --load_ckpt_format {fmt})")
+    fmt = check_declared_format(path, declared_format)
     got, source = headers(path, config)
     want = dict(expected_ms_shapes(config))
     adapters = dict(adapters or {})

@@ -18,6 +18,7 @@ from mindformers.tools.logger import logger
 
 from .errors import CheckpointError, UsageError
 from .fileio import atomic_write_text
+from .training import pet_config_of
 
 RESULT_FILE = "text_generation_result.txt"
 _MODES = {0: 0, 1: 1, "GRAPH_MODE": 0, "PYNATIVE_MODE": 1}
@@ -166,31 +167,15 @@ def encode_prompts(tokenizer, prompts, chat: bool, model_config, new_tokens: int
     return prompt_ids
 
 
-def _pet_config(config):
-    """The YAML's pet_config, checked, or None (a LoRA YAML predicts from a LoRA output, merged)."""
-    pet_config = config.model.model_config.get("pet_config")
-    if not pet_config:
-        return None
-    from .lora import PetConfigError, parse_pet_config
-    try:
-        parse_pet_config(pet_config)
-    except PetConfigError as err:
-        raise UsageError(f"model.model_config.{err}") from err
-    return pet_config
-
-
 def check_format(checkpoint, declared):
     """A checkpoint in the format ``load_ckpt_format`` names (when it names one), else UsageError naming both."""
-    from .ckpt_check import stored_format
+    from .ckpt_check import check_declared_format
     if not checkpoint or not declared:
         return
     try:
-        held = stored_format(checkpoint)
+        check_declared_format(checkpoint, declared)
     except CheckpointError as err:
         raise UsageError(f"--load_checkpoint {checkpoint}: {err}") from err
-    if held != declared and held != "bin":
-        raise UsageError(f"--load_checkpoint {checkpoint}: load_ckpt_format is {declared!r} but it holds {held} "
-                         f"files (set load_ckpt_format: {held}, or --load_ckpt_format {held})")
 
 
 def build_network(model_config, checkpoint, tp_size: int, tp_rank: int, pet_config=None):
@@ -282,7 +267,7 @@ def run_predict(config, args):
     tp_size, tp_rank = _tensor_parallel(config)
     checkpoint = config.get("load_checkpoint") or config.model.model_config.get("checkpoint_name_or_path")
     check_format(checkpoint, config.get("load_ckpt_format") or None)
-    net = build_network(model_config, checkpoint, tp_size, tp_rank, _pet_config(config))
+    net = build_network(model_config, checkpoint, tp_size, tp_rank, pet_config_of(config))
     streamer = _streamer(tokenizer, bool(args.stream), batch_size)
     texts = generate_texts(net, tokenizer, prompts, prompt_ids, batch_size, gen_kwargs, streamer, config.get("seed"))
     if tp_rank == 0:                                     # every rank holds the same tokens; one writes them
