@@ -167,6 +167,7 @@ class RoutedExperts(nn.Cell):
         self.w3 = stacked((e, i, h), "w3")                       # up_proj
         self.w2 = stacked((e, h, i), "w2")                       # down_proj
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.bmm_combine = ops.BatchMatMul()                     # (T, 1, k) x (T, k, h): the weighted sum over k
         # capacity dispatch
         self.rank_in_expert = RankWithin(e)
         self.sort_slots = ops.Sort(axis=-1)
@@ -209,6 +210,12 @@ class RoutedExperts(nn.Cell):
             return self.assignment_dispatch(x, topk_idx, topk_weight, keep)
         return self.dropless_dispatch(x, topk_idx, topk_weight, keep)
 
+    def combine(self, per_assignment, weights, dtype):
+        """out_t = sum_j weights[t, j] per_assignment[t, j, :] in float32, as one (T, 1, k) x (T, k, h) batched
+        matmul: the same sum as a ReduceSum over the k axis, which is a slow CPU kernel (7x here, docs/profile.md)."""
+        out = self.bmm_combine(ops.expand_dims(weights, 1), ops.cast(per_assignment, mstype.float32))  # (T, 1, h)
+        return ops.cast(ops.squeeze(out, 1), dtype)
+
     def assignment_dispatch(self, x, topk_idx, topk_weight, keep):
         """One batched-matmul row per (token, expert) assignment, on the selected experts' gathered weights."""
         tokens, k = topk_idx.shape
@@ -228,8 +235,7 @@ class RoutedExperts(nn.Cell):
             weights = topk_weight * ops.cast(kept, mstype.float32)
             per_assignment = ops.select(ops.broadcast_to(ops.expand_dims(kept, -1), per_assignment.shape),
                                         per_assignment, ops.zeros_like(per_assignment))
-        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
-        return ops.cast(combined, x.dtype)                                                 # (T, h)
+        return self.combine(per_assignment, weights, x.dtype)                              # (T, h)
 
     def dropless_dispatch(self, x, topk_idx, topk_weight, keep):
         tokens, k = topk_idx.shape
@@ -269,8 +275,7 @@ class RoutedExperts(nn.Cell):
         out = ops.concat((out, ops.zeros((1, self.hidden_size), out.dtype)), 0)            # spare slot -> 0
         per_assignment = ops.reshape(ops.gather(out, dest, 0), (tokens, k, self.hidden_size))
         weights = topk_weight if keep is None else topk_weight * ops.cast(keep, mstype.float32)
-        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
-        return ops.cast(combined, x.dtype)                                                 # (T, h)
+        return self.combine(per_assignment, weights, x.dtype)                              # (T, h)
 
     def capacity_dispatch(self, x, topk_idx, topk_weight, keep, priority):
         tokens, k = topk_idx.shape
@@ -312,8 +317,7 @@ class RoutedExperts(nn.Cell):
         out = ops.concat((out, ops.zeros((g, 1, h), out.dtype)), 1)                        # (G, E*C + 1, h)
         per_assignment = ops.reshape(self.row_gather(out, slot, 1), (tokens, k, h))        # (T, k, h)
         weights = topk_weight * ops.reshape(fits, (tokens, k))
-        combined = ops.reduce_sum(ops.cast(per_assignment, mstype.float32) * ops.expand_dims(weights, -1), 1)
-        return ops.cast(combined, x.dtype)                                                 # (T, h)
+        return self.combine(per_assignment, weights, x.dtype)                              # (T, h)
 
 
 class DeepSeekMoE(nn.Cell):
