@@ -56,7 +56,7 @@ def basic_flash_attention_score(query, key, value, head_num, real_shift=None, dr
     ops.assign_add(CALLS, Tensor(1, mstype.int32))
     ops.assign(SEEN, Tensor(query.shape + key.shape + value.shape + attn_mask.shape + (head_num,), mstype.int32))
     ops.assign(SEEN_SCALE, Tensor(scalar_value, mstype.float32))
-    scores = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2))) * scalar_value            # (b, n, s1, s2)
+    scores = ops.matmul(query * scalar_value, ops.transpose(key, (0, 1, 3, 2)))            # (b, n, s1, s2)
     hidden = ops.broadcast_to(ops.cast(attn_mask, mstype.bool_), scores.shape)              # 1 = masked out
     scores = ops.masked_fill(scores, hidden, Tensor(-1e30, scores.dtype))
     probs = ops.cast(ops.softmax(ops.cast(scores, mstype.float32), -1), value.dtype)

@@ -134,7 +134,8 @@ def test_chunked_attention_matches_reference(layout, mode, chunk):
 
 
 def test_chunked_attention_gradients_equal_unchunked(layout, mode):
-    """Training through the chunks: every weight's gradient equals the unchunked attention's (1e-5 relative)."""
+    """Training through the chunks: every weight's gradient equals the unchunked attention's (5e-5 of its largest
+    element: the matmuls over fewer keys sum in another float32 order)."""
     _, fields, ref = layout
     ids = Tensor(np.random.RandomState(4).randint(2, fields["vocab_size"], (2, SEQ + 1)), ms.int32)
     grads = []
@@ -147,7 +148,7 @@ def test_chunked_attention_gradients_equal_unchunked(layout, mode):
     for p, whole, chunked in zip(params, *grads):
         whole, chunked = whole.asnumpy(), chunked.asnumpy()
         scale = max(np.abs(whole).max(), 1e-6)
-        np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * scale, err_msg=p.name)
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=5e-5 * scale, err_msg=p.name)   # float32 order
     attention = [g.asnumpy() for p, g in zip(params, grads[0]) if "lkv2kv" in p.name]
     assert attention and all(np.abs(g).max() > 0 for g in attention)
 

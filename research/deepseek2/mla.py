@@ -170,6 +170,7 @@ class MLAttention(nn.Cell):
         key = ops.concat((k_nope, ops.broadcast_to(k_pe, (b, n, s, self.rope_dim))), -1)
         if self.use_flash_attention:
             return fused_attention(query, key, value, causal_mask(0, s, s), self.scale, n)  # (b, n, s, v)
+        query = query * self.scale                     # scaled once here, not every (q, k) score: same softmax input
         bounds = chunk_bounds(s, self.chunk_size)
         if len(bounds) == 1:
             return self._attend(query, key, value, causal_mask(0, s, s))
@@ -184,9 +185,9 @@ class MLAttention(nn.Cell):
         return ops.concat(outs, 2)                                                         # (b, n, s, v)
 
     def _attend(self, query, key, value, mask):
-        """softmax(query key^T * scale, mask True hidden) value: query (b, n, q, dq), key (b, n, k, dq),
+        """softmax(query key^T, mask True hidden) value: query (b, n, q, dq) already scaled, key (b, n, k, dq),
         value (b, n, k, v), mask (q, k) bool -> (b, n, q, v)."""
-        scores = self.bmm_t(query, key) * self.scale                                       # (b, n, q, k)
+        scores = self.bmm_t(query, key)                                                    # (b, n, q, k)
         # an explicit broadcast: masked_fill's implicit one allocates a (b, n, q, k) temporary per layer on CPU
         scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
         probs = self._softmax(scores, value.dtype)
