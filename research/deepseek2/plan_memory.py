@@ -52,8 +52,7 @@ Training bytes per card:
     (the 2h terms and the layer input shrink by t under use_seq_parallel)
     no recompute: in_flight x sum of the stage's layers;  recompute: in_flight x layers x s b h c (layer inputs)
     + the largest layer (one layer re-run at a time). in_flight = min(pp - stage, micro_batch_num) micro-batches
-    (1F1B). The last stage adds the logits s b V/t' (c + 4 + 4) (logits, fp32 copy, fp32 gradient; t' = mp
-    unless vocab_emb_dp).
+    (1F1B). The last stage adds the logits s b V/t' (c + 4 + 4) (logits, fp32 copy, gradient; t' = mp, 1 with vocab_emb_dp).
   overhead: --overhead_gb (workspace, communication buffers, fragmentation), 2 GB by default.
 Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no gradients/optimizer;
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
@@ -68,9 +67,8 @@ gradients or optimizer states; the adapters (pet_config.param_init_type, fp32 by
 + 4 for a master copy unless fp32; the parallel optimizer divides them by dp x mp). Activations: the full
 finetune's, plus each Linear adapter's s b r c (s b in (c + 1) with dropout) and routed-expert adapters' weights.
 
-The smallest cluster: multiples of 8 cards keeping the YAML's model_parallel and pipeline_stage, data_parallel
-growing with the cards and expert_parallel the largest value <= the YAML's that divides data_parallel and
-n_routed_experts (research/deepseek2/parallel_check.py rules).
+The smallest cluster: multiples of 8 cards keeping model_parallel and pipeline_stage, data_parallel growing with the
+cards, expert_parallel the largest value <= the YAML's dividing data_parallel and n_routed_experts (parallel_check).
 """
 import argparse
 import functools
