@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from research.deepseek2 import reference as R
-from research.deepseek2.mla import chunk_bounds as mla_chunks
+from research.deepseek2.inventory import chunk_bounds
 
 LAYOUTS = {"v2": R.V2_STYLE, "lite": R.LITE_STYLE}
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -124,7 +124,7 @@ def test_chunked_attention_matches_reference(layout, mode, chunk):
     and the chunked prefill of a latent-cache generate gives the reference's greedy tokens."""
     _, fields, ref = layout
     net = R.build_ms(fields, ref, seq_length=SEQ, attention_chunk_size=chunk)
-    assert len(mla_chunks(SEQ, chunk)) == -(-SEQ // chunk)
+    assert len(chunk_bounds(SEQ, chunk)) == -(-SEQ // chunk)
     ids = np.random.RandomState(7).randint(2, fields["vocab_size"], (2, SEQ))
     np.testing.assert_allclose(net(Tensor(ids, ms.int32)).asnumpy(), R.reference_logits(ref, ids), rtol=0, atol=1e-4)
     net = R.build_ms(fields, ref, seq_length=SEQ, use_past=True, batch_size=1, attention_chunk_size=chunk)

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["Cut", "Param", "ModelShape", "LocalShape", "model_shape", "is_moe_layer", "parameters", "layer_parameters",
            "buffers", "expected_shapes", "parts", "local_shape", "local_param_shape", "inference_split_dim",
-           "divisibility_problems", "expert_capacity", "PARALLEL_AXES"]
+           "divisibility_problems", "expert_capacity", "chunk_bounds", "PARALLEL_AXES"]
 
 PARALLEL_AXES = ("mp", "ep", "vocab")
 
@@ -264,3 +264,11 @@ def expert_capacity(group_tokens: int, top_k: int, num_experts: int, factor: flo
     if factor <= 0:
         return group_tokens
     return max(1, min(group_tokens, math.ceil(factor * group_tokens * top_k / num_experts)))
+
+
+def chunk_bounds(seq: int, chunk: int) -> List[Tuple[int, int]]:
+    """The (start, stop) query rows of each attention chunk of a seq-long sequence (attention_chunk_size; the
+    chunk's queries see keys [0, stop)); one chunk when chunk is 0 or >= seq."""
+    if not chunk or chunk >= seq:
+        return [(0, seq)]
+    return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]

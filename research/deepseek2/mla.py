@@ -22,11 +22,11 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
 
+from .inventory import chunk_bounds
 from .layers import RMSNorm, Linear, PartialSum
 from .rope import apply_rotary
 
-__all__ = ["MLAttention", "causal_mask", "chunk_bounds", "fused_attention", "check_fused_attention",
-           "FLASH_ATTENTION_SCORE"]
+__all__ = ["MLAttention", "causal_mask", "fused_attention", "check_fused_attention", "FLASH_ATTENTION_SCORE"]
 
 # The fused attention kernel (Ascend only), read by ``fused_attention`` when a graph is built or a PyNative call
 # runs: the tests replace this reference with a stand-in written from basic ops that keeps the same contract.
@@ -58,13 +58,6 @@ def causal_mask(q_start: int, q_stop: int, k_stop: int):
     queries = ops.expand_dims(ops.arange(q_start, q_stop, dtype=mstype.int32), 1)
     keys = ops.expand_dims(ops.arange(0, k_stop, dtype=mstype.int32), 0)
     return keys > queries
-
-
-def chunk_bounds(seq: int, chunk: int):
-    """The (start, stop) query rows of each chunk of a seq-long sequence; one chunk when chunk is 0 or >= seq."""
-    if not chunk or chunk >= seq:
-        return [(0, seq)]
-    return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
 
 
 def fused_attention(query, key, value, mask, scale, num_heads):

@@ -83,8 +83,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from research.deepseek2.dtypes import bytes_of
-from research.deepseek2.inventory import (ModelShape, Param, expert_capacity, is_moe_layer, layer_parameters,
-                                          model_shape, parameters, parts)
+from research.deepseek2.inventory import (ModelShape, Param, chunk_bounds, expert_capacity, is_moe_layer,
+                                          layer_parameters, model_shape, parameters, parts)
 from research.deepseek2.lora import LoraSettings, adapter_shapes, parse_pet_config, targeted_projections
 from research.deepseek2.param_counts import count_parameters
 from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, is_predict, layers_per_stage,
@@ -305,8 +305,7 @@ def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Op
         return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
     if keys is not None:                             # a prefill chunk: s rows against the whole cache
         return heads * s * keys * (st.softmax_bytes + c)
-    chunk = st.attention_chunk if 0 < st.attention_chunk < s else s        # rows [i, i + chunk) see keys [0, i + chunk)
-    scores = sum(min(chunk, s - start) * min(start + chunk, s) for start in range(0, s, chunk))
+    scores = sum((stop - start) * stop for start, stop in chunk_bounds(s, st.attention_chunk))   # keys [0, stop)
     return heads * scores * (st.softmax_bytes + c)
 
 
