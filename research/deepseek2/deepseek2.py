@@ -199,11 +199,10 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         b, seq = ids.shape
         logits = None
         self.add_flags_custom(is_first_iteration=False)                   # the cached branch, chunk rows at once
-        phase = f"chunk_{self._pre_set_phase}" if self._pre_set_phase else "chunk"
+        self.phase = f"chunk_{self._pre_set_phase}" if self._pre_set_phase else "chunk"
         for start in range(0, int(valid.max()), chunk):
             start = min(start, seq - chunk)
             end = start + chunk
-            self.phase = phase
             out = self(input_ids=Tensor(np.ascontiguousarray(ids[:, start:end]), mstype.int32),
                        batch_valid_length=Tensor(np.full((b,), end, np.int32))).asnumpy()   # (b, chunk, vocab)
             if logits is None:
