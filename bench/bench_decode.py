@@ -363,12 +363,18 @@ def worker_ref(a) -> dict:
     return result
 
 
-def worker_ours(a) -> dict:
-    import numpy as np
+def graph_mode_cpu(a):
+    """MindSpore in graph mode on CPU with --threads kernel threads (default: its own choice); returns the module."""
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     if a.threads:
         ms.device_context.cpu.op_tuning.threads_num(a.threads)
+    return ms
+
+
+def worker_ours(a) -> dict:
+    import numpy as np
+    ms = graph_mode_cpu(a)
     from mindformers.generation.streamers import BaseStreamer
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     C.silence_mindformers()
@@ -418,10 +424,7 @@ def worker_pair(a) -> dict:
     forward variants of both (BREAKDOWN_OURS, BREAKDOWN_REF) timed interleaved, call by call, so that both see the
     same load; the ratio of their "step" medians is the forward-only decode ratio."""
     import torch
-    import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    if a.threads:
-        ms.device_context.cpu.op_tuning.threads_num(a.threads)
+    ms = graph_mode_cpu(a)
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     C.silence_mindformers()
     torch.set_num_threads(a.threads or os.cpu_count())
@@ -470,11 +473,8 @@ def moe_arrays(a, experts: int) -> dict:
 
 def worker_moe_ours(a) -> dict:
     """DeepSeekMoE at decode size in GRAPH_MODE: each variant a graph phase of the same cells, timed interleaved."""
-    import mindspore as ms
+    ms = graph_mode_cpu(a)
     from mindspore import nn, Tensor
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    if a.threads:
-        ms.device_context.cpu.op_tuning.threads_num(a.threads)
     from research.deepseek2 import DeepseekV2Config
     from research.deepseek2.moe import DeepSeekMoE
     C.silence_mindformers()
