@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from test_training import SMALL, TINY_MODEL, TINY_YAML, _losses, _run, dataset  # noqa: F401  (dataset: fixture)
+from test_training import (SMALL, TINY_MODEL, TINY_YAML, _losses, _run, dataset,  # noqa: F401  (dataset: fixture)
+                           reference_batch_loss, tiny_fields)
 
 NO_AUX = ["--model.model_config.aux_loss_alpha", "0", "--model.model_config.device_aux_loss_alpha", "0",
           "--model.model_config.comm_aux_loss_alpha", "0"]
@@ -25,13 +26,7 @@ SAFETENSORS_SAVES = ["--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, 
 
 
 def _fields(**changes):
-    """The model fields of a tiny CLI run (YAML + TINY_MODEL), as a transformers config takes them."""
-    with open(TINY_YAML, encoding="utf-8") as handle:
-        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
-    fields.pop("type")
-    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
-    fields.update(changes)
-    return fields
+    return tiny_fields(**changes)
 
 
 def _hf_folder(folder, seed=3, drop=None, **changes):
@@ -46,20 +41,6 @@ def _hf_folder(folder, seed=3, drop=None, **changes):
         del tensors[drop]
         save_file(tensors, path, metadata={"format": "pt"})
     return model
-
-
-def _first_batch_loss(model, data, rows):
-    """transformers' mean token loss on the first ``rows`` records (inputs ids[:-1], targets labels[1:])."""
-    import torch
-    import mindspore.dataset as ds
-    batch = list(ds.MindDataset(data, columns_list=["input_ids", "labels"], shuffle=False)
-                 .create_dict_iterator(output_numpy=True, num_epochs=1))[:rows]
-    ids = torch.tensor(np.stack([r["input_ids"] for r in batch]).astype(np.int64))
-    labels = torch.tensor(np.stack([r["labels"] for r in batch]).astype(np.int64))
-    with torch.no_grad():
-        logits = model(input_ids=ids[:, :-1]).logits.float()
-    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                   ignore_index=-100))
 
 
 def _finetune(tmp_path, checkpoint, data, *extra, expect=0):
@@ -80,7 +61,7 @@ def _refused(out, tmp_path, *needles):
 
 def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path):  # noqa: F811
     model = _hf_folder(tmp_path / "hf")
-    expected = _first_batch_loss(model, dataset, rows=4)
+    expected = reference_batch_loss(model, dataset, rows=4)
     out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "safetensors")
     assert "holds every weight of the model" in out and "every weight of the network" in out
     losses = _losses(out)

@@ -31,10 +31,9 @@ import numpy as np
 import pytest
 
 from _launch import ROOT, Job, free_ports, launch_env, read_text, start_launcher, wait_all, worker_log
-from test_training import TINY_MODEL
+from test_training import TINY_MODEL, TINY_YAML, reference_batch_loss, tiny_fields
 
 RUNNER = os.path.join(ROOT, "run_mindformer.py")
-TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
 JOB_TIMEOUT = 420            # seconds for all four jobs together
 CLUSTER_TIME_OUT = "120"
 ROWS, PER_RANK_BATCH, RANKS = 16, 2, 2
@@ -227,32 +226,6 @@ def test_data_parallel_two_nodes_matches_one_node(runs):
 CHECKPOINT_KINDS = ("ckpt_file", "ms_folder", "hf_folder")
 
 
-def _tiny_fields(**changes):
-    """The tiny YAML's model fields with TINY_MODEL applied (as the CLI builds them), ``type`` dropped."""
-    import yaml
-    with open(TINY_YAML, encoding="utf-8") as handle:
-        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
-    fields.pop("type")
-    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
-    fields.update(changes)
-    return fields
-
-
-def _reference_first_global_batch_loss(model, data):
-    """transformers' mean token loss on rows 0 .. PER_RANK_BATCH*RANKS-1 in file order (what the two ranks read
-    at step 1; every row has the same number of counted targets, so the mean of the rank means is this)."""
-    import torch
-    import mindspore.dataset as ds
-    rows = list(ds.MindDataset(data, columns_list=["input_ids", "labels"], shuffle=False)
-                .create_dict_iterator(output_numpy=True, num_epochs=1))[:PER_RANK_BATCH * RANKS]
-    ids = torch.tensor(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
-    labels = torch.tensor(np.stack([r["labels"] for r in rows]).astype(np.int64))
-    with torch.no_grad():
-        logits = model(input_ids=ids[:, :-1]).logits.float()
-    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                   ignore_index=-100))
-
-
 @pytest.fixture(scope="module")
 def finetune_runs(tmp_path_factory):
     """A transformers model saved as an HF folder, converted to a .ckpt file and a MindSpore safetensors folder;
@@ -262,9 +235,11 @@ def finetune_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp_finetune")
     data = str(tmp / "rows.mindrecord")
     _write_rows(data)
-    model = build_reference(_tiny_fields(), seed=5)
+    model = build_reference(tiny_fields(), seed=5)
     model.save_pretrained(str(tmp / "hf"), safe_serialization=True)
-    expected = _reference_first_global_batch_loss(model, data)       # before the jobs: no CPU contention
+    # rows 0 .. PER_RANK_BATCH*RANKS-1 in file order are what the two ranks read at step 1; every row has the same
+    # number of counted targets, so the mean of the two ranks' means is this loss
+    expected = reference_batch_loss(model, data, PER_RANK_BATCH * RANKS)       # before the jobs: no CPU contention
     checkpoints = {"ckpt_file": tmp / "tiny.ckpt", "ms_folder": tmp / "ms_folder", "hf_folder": tmp / "hf"}
     convert = os.path.join(ROOT, "research", "deepseek2", "convert_weight.py")
     for kind in ("ckpt_file", "ms_folder"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_training import SMALL, TINY_MODEL, _losses, _run, dataset  # noqa: F401  (dataset: fixture)
+from test_training import SMALL, TINY_MODEL, _losses, _run, dataset, tiny_fields  # noqa: F401  (dataset: fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny_lora.yaml")
@@ -20,12 +20,7 @@ ADAPTER = "mindpet_delta_lora"
 
 
 def _fields(**changes):
-    with open(LORA_YAML, encoding="utf-8") as handle:
-        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
-    fields.pop("type")
-    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
-    fields.update(changes)
-    return fields
+    return tiny_fields(LORA_YAML, **changes)
 
 
 def _pet_config():

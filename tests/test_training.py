@@ -33,6 +33,33 @@ def _run(args, tmp_path, expect=0):
     return out
 
 
+def tiny_fields(yaml_path=TINY_YAML, **changes):
+    """The model fields of a tiny CLI run (the YAML's model_config with TINY_MODEL applied, as the CLI builds them;
+    ``type`` dropped), as DeepseekV2Config and transformers' config take them."""
+    import yaml
+    with open(yaml_path, encoding="utf-8") as handle:
+        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
+    fields.pop("type")
+    fields.update({key.rsplit(".", 1)[-1]: int(value) for key, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])})
+    fields.update(changes)
+    return fields
+
+
+def reference_batch_loss(model, data, rows):
+    """transformers' mean token loss on the first ``rows`` records of a MindRecord file in file order (inputs
+    ids[:-1], targets labels[1:]): what a training run's first step sees with shuffle off."""
+    import torch
+    import mindspore.dataset as ds
+    batch = list(ds.MindDataset(data, columns_list=["input_ids", "labels"], shuffle=False)
+                 .create_dict_iterator(output_numpy=True, num_epochs=1))[:rows]
+    ids = torch.tensor(np.stack([r["input_ids"] for r in batch]).astype(np.int64))
+    labels = torch.tensor(np.stack([r["labels"] for r in batch]).astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                   ignore_index=-100))
+
+
 def _losses(out):
     """{(epoch, step): loss} from MindFormers' loss monitor lines."""
     return {(int(m.group(1)), int(m.group(2))): float(m.group(4)) for m in LOSS.finditer(out)}
