@@ -68,6 +68,11 @@ def parse_args(argv=None):
                    help="expert_capacity_factor with --moe-dispatch capacity (0: buffers of every token, no drops)")
     r.add_argument("--attention-chunk", type=int, default=None,
                    help="our attention_chunk_size (query rows per attention block; default: the config's)")
+    r.add_argument("--recompute", action="store_true",
+                   help="recompute every decoder layer in the backward (what recompute_config: {recompute: True} "
+                        "does through MindFormers' LayerSetting): memory for time")
+    r.add_argument("--memory-optimize", choices=("O0", "O1"), default=None,
+                   help="MindSpore's memory_optimize_level for our graph (default: MindSpore's, O0)")
     r.add_argument("--skip-model", action="store_true", help="only the MoE table")
     r.add_argument("--skip-moe", action="store_true", help="only the whole-model table")
     r.add_argument("--skip-ref-moe", action="store_true", help="MoE table without the reference")
@@ -130,6 +135,8 @@ def worker_ours(a) -> dict:
     import mindspore as ms
     from mindspore import nn, Tensor
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    if a.memory_optimize:
+        ms.set_context(memory_optimize_level=a.memory_optimize)
     from mindformers.core.optim import AdamW
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2TrainOneStepCell
     C.silence_mindformers()
@@ -139,6 +146,9 @@ def worker_ours(a) -> dict:
                            expert_capacity_factor=a.expert_capacity_factor, **chunk)
     net = DeepseekV2ForCausalLM(cfg)
     C.load_weights_into_ms(net, a.weights, a.experts)
+    if a.recompute:
+        for layer in net.model.layers:
+            layer.recompute()
     net.set_train(True)
     rss_build = C.rss_bytes()
     C.reset_peak_rss()
@@ -159,7 +169,10 @@ def worker_ours(a) -> dict:
         return float(loss.asnumpy())                                               # blocks until the step ends
 
     return dict(C.run_train_steps(step, a.warmup, a.steps),                        # the first step compiles
-                framework=f"MindSpore {ms.__version__} graph mode", rss_import=rss_import, rss_build=rss_build,
+                framework=f"MindSpore {ms.__version__} graph mode"
+                          + (", every layer recomputed" if a.recompute else "")
+                          + (f", memory_optimize_level {a.memory_optimize}" if a.memory_optimize else ""),
+                rss_import=rss_import, rss_build=rss_build,
                 params=int(sum(int(np.prod(p.shape)) for p in params)))
 
 
