@@ -19,6 +19,7 @@ Run from the repo root:  python bench/bench_long_context.py                 (abo
                          python bench/bench_long_context.py --contexts 32768 --ours-only   (about 12 minutes)
 """
 import argparse
+import re
 import os
 import tempfile
 
@@ -50,14 +51,29 @@ def run(a, worker: str, context: int, weights: str):
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         print(f"[bench] {label}: failed -- {first}", flush=True)
-        return {"failed": first}
+        return {"failed": first, "why": failure_kind(str(err))}
+
+
+# how torch (DefaultCPUAllocator), numpy, Python and MindSpore say an allocation failed
+OUT_OF_MEMORY = re.compile(r"MemoryError|bad_alloc|out of memory|can't allocate|cannot allocate|unable to allocate|"
+                           r"DefaultCPUAllocator|malloc.*fail|memory not enough", re.IGNORECASE)
+
+
+def failure_kind(message: str) -> str:
+    """What the worker's failure says: over the memory limit, stopped by a signal, or another error."""
+    code = re.search(r"failed \(exit (-?\d+)\)", message)
+    if code and int(code.group(1)) < 0:
+        return f"stopped (signal {-int(code.group(1))})"
+    if OUT_OF_MEMORY.search(message):
+        return "failed (over the limit)"
+    return f"failed (exit {code.group(1) if code else '?'}; not memory, see the worker log)"
 
 
 def cell(result):
     if result is None:
         return ["not tried", "-", "-"]
     if "failed" in result:
-        return ["failed (over the limit)", "-", "-"]
+        return [result.get("why", "failed"), "-", "-"]
     return [f"{result['peak_rss'] / GIB:.2f}", f"{result['prefill_s']:.1f}", f"{1 / result['step_s']:.1f}"]
 
 
