@@ -92,7 +92,7 @@ def test_cache_holds_only_latent(layout):
     caches = net.kv_cache_parameters()
     width = fields["kv_lora_rank"] + fields["qk_rope_head_dim"]
     assert len(caches) == fields["num_hidden_layers"]
-    assert all(tuple(c.shape) == (batch, SEQ, width) for c in caches)
+    assert all(tuple(c.shape) == (batch * SEQ, width) for c in caches)      # row: sequence * SEQ + position
     state = [p for p in net.get_parameters() if not p.requires_grad and "kv_cache" in p.name]
     assert sum(int(np.prod(p.shape)) for p in state) == batch * fields["num_hidden_layers"] * SEQ * width
 

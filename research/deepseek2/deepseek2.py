@@ -106,11 +106,12 @@ class DeepseekV2Model(nn.Cell):
 
     def cache_positions(self, b: int, s: int, batch_valid_length):
         """A decode step (s = 1) or a prefill chunk: the s tokens of each row end at batch_valid_length (b,).
-        Returns their positions (b, s) int32, their cache slots (b, s, 2) (row, position) and the cache slots each
-        may not see, (b, s, seq_length) bool (those after its position); computed once for all layers."""
+        Returns their positions (b, s) int32, their cache rows (b*s,) int32 (sequence * seq_length + position, the
+        layout of ``MLAttention.kv_cache``) and the cache slots each may not see, (b, s, seq_length) bool (those
+        after its position); computed once for all layers."""
         positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)     # (b, s)
-        rows = ops.broadcast_to(ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1), (b, s))
-        slots = ops.stack((rows, positions), -1)                                                       # (b, s, 2)
+        first = ops.expand_dims(ops.arange(b, dtype=mstype.int32) * self.config.seq_length, 1)         # (b, 1)
+        slots = ops.reshape(first + positions, (-1,))                                                  # (b*s,)
         steps = ops.arange(self.config.seq_length, dtype=mstype.int32)
         hidden = ops.expand_dims(ops.expand_dims(steps, 0), 0) > ops.expand_dims(positions, -1)       # (b, s, S)
         return positions, slots, hidden
@@ -239,7 +240,8 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         return super().set_train(mode)
 
     def kv_cache_parameters(self):
-        """The per-layer latent caches (use_past only): (batch, seq_length, kv_lora_rank + qk_rope_head_dim)."""
+        """The per-layer latent caches (use_past only): (batch * seq_length, kv_lora_rank + qk_rope_head_dim), row
+        sequence * seq_length + position."""
         return [layer.attention.kv_cache for layer in self.model.layers] if self.use_past else []
 
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,

@@ -121,8 +121,12 @@ class MLAttention(nn.Cell):
         self.wo = Linear(n * self.v_dim, h, has_bias=config.attention_bias, **kw)          # W^O
         self.partial_sum = PartialSum(tp)                       # heads of the other ranks
         if self.use_past:
-            # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head
-            self.kv_cache = Parameter(initializer("zeros", (config.batch_size, config.seq_length,
+            # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head; one row per (sequence,
+            # position), row = sequence * seq_length + position: a decode step writes its rows in place
+            # (ScatterUpdate on the first axis), where a scatter into (batch, seq_length, width) copies the whole
+            # cache every step (measured: 0.1 ms per layer at 4K rows, 8 ms at 64K)
+            self.cache_shape = (config.batch_size, config.seq_length, config.cache_width)
+            self.kv_cache = Parameter(initializer("zeros", (config.batch_size * config.seq_length,
                                                             config.cache_width), config.compute_dtype),
                                       name="kv_cache", requires_grad=False)
         self.bmm = ops.BatchMatMul()
@@ -209,13 +213,22 @@ class MLAttention(nn.Cell):
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
+    def _write_cache(self, rows, entry, b: int):
+        """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' cache
+        (b, S, r + rope) as attention reads it."""
+        entry = ops.cast(ops.reshape(entry, (-1, entry.shape[-1])), self.kv_cache.dtype)
+        cache = ops.depend(self.kv_cache, ops.scatter_update(self.kv_cache, rows, entry))
+        if b < self.cache_shape[0]:                            # a batch smaller than the cache's: its first rows
+            cache = ops.slice(cache, (0, 0), (b * self.cache_shape[1], self.cache_shape[2]))
+        return ops.reshape(cache, (b,) + self.cache_shape[1:])                             # (b, S, r + rope)
+
     def construct(self, x, cos, sin, slots=None, hidden=None):
         """x (b, s, h) -> (b, s, h).
 
         Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
         Decode step or prefill chunk (use_past, not first iteration): cos/sin (b, 1, s, rope) at the tokens'
-        positions, slots (b, s, 2) int32 the (row, position) of each token in the cache, hidden (b, s, S) bool the
-        cache slots after each token's position (``DeepseekV2Model.cache_positions``); s = 1 when decoding.
+        positions, slots (b*s,) int32 each token's cache row (sequence * seq_length + position), hidden (b, s, S)
+        bool the cache slots after each token's position (``DeepseekV2Model.cache_positions``); s = 1 when decoding.
         """
         b, s, _ = x.shape
         q_nope, q_pe = self._query(x)
@@ -224,16 +237,11 @@ class MLAttention(nn.Cell):
         k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
         if self.use_past and not self.is_first_iteration:
             entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, s, r + rope)
-            cache = ops.scatter_nd_update(self.kv_cache, slots, ops.cast(entry, self.kv_cache.dtype))
-            if b < self.kv_cache.shape[0]:                     # a batch smaller than the cache's: its first rows
-                cache = ops.slice(cache, (0, 0, 0), (b,) + tuple(cache.shape[1:]))       # (b, S, r + rope)
-            out = self._absorbed(q_nope, q_pe, cache, hidden)
+            out = self._absorbed(q_nope, q_pe, self._write_cache(slots, entry, b), hidden)
         else:
-            if self.use_past:
-                entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, s, r + rope)
-                rows = ops.expand_dims(ops.arange(b, dtype=mstype.int32), 1)               # (b, 1)
-                cache = ops.scatter_nd_update(self.kv_cache, rows, ops.cast(entry, self.kv_cache.dtype))
-                c_kv = ops.depend(c_kv, cache)
+            if self.use_past:                                  # the prompt: rows 0 .. b*S-1 of the cache
+                entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, S, r + rope)
+                c_kv = ops.depend(c_kv, self._write_cache(ops.arange(b * s, dtype=mstype.int32), entry, b))
             out = self._expanded(q_nope, q_pe, c_kv, k_pe)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.v_dim))
         return self.partial_sum(self.wo(out))
