@@ -411,7 +411,7 @@ def worker_ours(a) -> dict:
                             f"{a.threads or 'default'} kernel threads, prefill_chunk_size {cfg.prefill_chunk_size}, "
                             f"attention_chunk_size {cfg.attention_chunk_size}",
                   cache_bytes_alloc=nbytes, cache_bytes_per_token=nbytes / seq_length,
-                  cache_kind=f"[c_kv | k_rope] (b, seq_length={seq_length}, {cfg.cache_width}) per layer",
+                  cache_kind=f"[c_kv | k_rope] rows (batch 1 x seq_length {seq_length}, {cfg.cache_width}) per layer",
                   generated=generated, sequence=[int(t) for t in out[0][a.context:]], rss_build=rss_build,
                   peak_rss=peak, decode_dispatch=dispatch)
     if a.breakdown:                          # the direct forward of this process, for the generate loop's share
