@@ -25,15 +25,11 @@ SAFETENSORS_SAVES = ["--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, 
                      "checkpoint_format: safetensors}]"]
 
 
-def _fields(**changes):
-    return tiny_fields(**changes)
-
-
 def _hf_folder(folder, seed=3, drop=None, **changes):
     """A transformers DeepseekV2ForCausalLM saved as safetensors (``drop``: a tensor taken out afterwards)."""
     from safetensors.torch import load_file, save_file
     from research.deepseek2.reference import build_reference
-    model = build_reference(_fields(**changes), seed=seed)
+    model = build_reference(tiny_fields(**changes), seed=seed)
     model.save_pretrained(str(folder), safe_serialization=True)
     if drop:
         path = os.path.join(str(folder), "model.safetensors")
@@ -88,7 +84,7 @@ def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path):  # n
 def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):  # noqa: F811
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    net = DeepseekV2ForCausalLM(DeepseekV2Config(**_fields()))
+    net = DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields()))
     params = [{"name": p.name, "data": p} for p in net.get_parameters() if p.name != "model.norm_out.weight"]
     ms.save_checkpoint(params, str(tmp_path / "partial.ckpt"))
     out = _finetune(tmp_path, tmp_path / "partial.ckpt", dataset, expect=2)
@@ -120,7 +116,7 @@ def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run,
     step4 = [name for name in os.listdir(folder) if name.endswith("-1_4.safetensors")]
     assert step4, sorted(os.listdir(folder))
     saved = ms.load_checkpoint(str(folder / step4[0]), format="safetensors")
-    weights = expected_shapes(_fields())
+    weights = expected_shapes(tiny_fields())
     assert {n: tuple(saved[n].shape) for n in weights} == weights
     assert set(optimizer_state_names(weights)) <= set(saved)
     stopped = tmp_path / "stopped" / "rank_0"
@@ -140,7 +136,7 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path):
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     (tmp_path / "weights" / "rank_0").mkdir(parents=True)
-    ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**_fields())),
+    ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields())),
                        str(tmp_path / "weights" / "rank_0" / "w.ckpt"))
     out = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
                 str(tmp_path / "out"), "--load_checkpoint", str(tmp_path / "weights"), "--resume_training", "True",
@@ -158,7 +154,7 @@ def test_mindformers_loader_reads_an_hf_folder_through_the_hooks(tmp_path):
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     from research.deepseek2.checkpoint_io import load_checkpoint
     _hf_folder(tmp_path / "hf")
-    config = DeepseekV2Config(**_fields())
+    config = DeepseekV2Config(**tiny_fields())
     ours = DeepseekV2ForCausalLM(config)
     load_checkpoint(ours, str(tmp_path / "hf"))
     theirs = DeepseekV2ForCausalLM(config)
@@ -197,7 +193,7 @@ def test_tensor_parallel_slices_equal_from_every_kind(tmp_path):
     _hf_folder(tmp_path / "hf")
     convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "tiny.ckpt"))
     convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "ms") + "/")
-    config = DeepseekV2Config(**_fields())
+    config = DeepseekV2Config(**tiny_fields())
     loaded = {}
     for kind in ("hf", "tiny.ckpt", "ms"):
         net = DeepseekV2ForCausalLM(config, local_shape(config, 2, 1))
@@ -246,7 +242,7 @@ def test_reverse_takes_a_training_output(safetensors_run, tmp_path):
     for file in (tmp_path / "hf").glob("*.safetensors"):
         hf.update(load_file(str(file)))
     from research.deepseek2.inventory import expected_shapes
-    for name in expected_shapes(_fields()):
+    for name in expected_shapes(tiny_fields()):
         if is_stacked(name):
             for e in range(saved[name].shape[0]):
                 np.testing.assert_array_equal(hf[ms_to_hf(name, e)], saved[name][e])
