@@ -192,15 +192,17 @@ def test_prefill_chunk_size_is_checked():
 
 
 def test_greedy_argmax_on_host_equals_the_op():
-    """generate's greedy choice on CPU (numpy on the host copy) picks what MindSpore's Argmax picks, ties included
-    (the first index, as torch and numpy do), and returns int32 indices generate can read."""
+    """generate's greedy choice on host logits (numpy: decode steps on CPU) picks what MindSpore's Argmax picks on
+    the same logits as a Tensor, ties included (the first index, as torch does); both return int32 Tensors."""
     from mindspore import ops
     from research.deepseek2.deepseek2 import _argmax
     logits = np.random.RandomState(0).randn(3, 257).astype(np.float32)
     logits[1, [5, 200]] = logits[1].max() + 1.0                    # a tie: the first index wins
-    host = _argmax(Tensor(logits), -1)
+    host = _argmax(logits, -1)
     assert isinstance(host, Tensor) and host.dtype == ms.int32
     device = ops.Argmax(axis=-1, output_type=ms.int32)(Tensor(logits)).asnumpy()
     np.testing.assert_array_equal(host.asnumpy(), device)
     assert host.asnumpy().tolist() == [int(np.argmax(logits[0])), 5, int(np.argmax(logits[2]))]
-    np.testing.assert_array_equal(_argmax(logits, -1).asnumpy(), device)   # numpy input (logits processors)
+    on_device = _argmax(Tensor(logits), -1)                         # a Tensor (a prefill's logits): the op
+    assert isinstance(on_device, Tensor) and on_device.dtype == ms.int32
+    np.testing.assert_array_equal(on_device.asnumpy(), device)
