@@ -48,10 +48,10 @@ def run(a, worker: str, context: int, weights: str):
     try:
         return C.run_worker(DECODE, [str(x) for x in argv], label, a.verbose,
                             memory_limit=int(a.limit_gib * GIB))
-    except RuntimeError as err:
+    except C.WorkerFailed as err:
         first = str(err).splitlines()[0]
         print(f"[bench] {label}: failed -- {first}", flush=True)
-        return {"failed": first, "why": failure_kind(str(err))}
+        return {"failed": first, "why": failure_kind(err.returncode, err.output)}
 
 
 # how torch (DefaultCPUAllocator), numpy, Python and MindSpore say an allocation failed
@@ -59,14 +59,15 @@ OUT_OF_MEMORY = re.compile(r"MemoryError|bad_alloc|out of memory|can't allocate|
                            r"DefaultCPUAllocator|malloc.*fail|memory not enough", re.IGNORECASE)
 
 
-def failure_kind(message: str) -> str:
-    """What the worker's failure says: over the memory limit, stopped by a signal, or another error."""
-    code = re.search(r"failed \(exit (-?\d+)\)", message)
-    if code and int(code.group(1)) < 0:
-        return f"stopped (signal {-int(code.group(1))})"
-    if OUT_OF_MEMORY.search(message):
+def failure_kind(returncode: int, output: str) -> str:
+    """What a failed worker says: over the memory limit, stopped by a signal, or another error."""
+    if returncode < 0:
+        return f"stopped (signal {-returncode})"
+    if not output:                                   # --verbose: the output went to the screen, unread here
+        return f"failed (exit {returncode}; see its output above)"
+    if OUT_OF_MEMORY.search(output):
         return "failed (over the limit)"
-    return f"failed (exit {code.group(1) if code else '?'}; not memory, see the worker log)"
+    return f"failed (exit {returncode}; not memory, see the worker log)"
 
 
 def cell(result):

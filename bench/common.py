@@ -137,6 +137,15 @@ def write_result(result: dict) -> None:
     atomic_write_text(path, json.dumps(result))
 
 
+class WorkerFailed(RuntimeError):
+    """A benchmark worker that exited non-zero or wrote no result: its exit code (negative: the signal that stopped
+    it) and its output ("" with --verbose, where the output went to the screen)."""
+
+    def __init__(self, message: str, returncode: int, output: str):
+        super().__init__(message)
+        self.returncode, self.output = returncode, output
+
+
 def run_worker(script: str, argv: Sequence[str], label: str, verbose: bool = False,
                timeout: Optional[float] = None, memory_limit: Optional[int] = None) -> dict:
     """Run ``python script argv`` in a fresh process and return the dict it wrote with ``write_result``.
@@ -167,7 +176,8 @@ def run_worker(script: str, argv: Sequence[str], label: str, verbose: bool = Fal
                 with os.fdopen(fd, "w") as handle:
                     handle.write(proc.stdout or "")
                 tail = "\n".join((proc.stdout or "").splitlines()[-40:]) + f"\n(whole worker log: {log})"
-            raise RuntimeError(f"benchmark worker {label!r} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+            raise WorkerFailed(f"benchmark worker {label!r} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}",
+                               proc.returncode, proc.stdout or "")
         with open(result_path) as handle:
             result = json.load(handle)
         print(f"[bench] {label} done in {wall:.0f} s", file=sys.stderr, flush=True)
