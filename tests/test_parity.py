@@ -160,11 +160,17 @@ def test_attention_chunk_size_is_checked():
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size="512"))
 
 
-@pytest.mark.parametrize("chunk", [4, 6])
-def test_prefill_in_chunks_matches_reference(layout, mode, chunk):
+@pytest.mark.parametrize("chunk, key_lengths", [(4, [4, 8, 16]), (6, [6, 12])])
+def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, monkeypatch):
     """use_past generate with prefill_chunk_size: a batch of prompts of 7 and 11 tokens (right-padded) is prefilled
-    in calls of `chunk` tokens against the latent cache; greedy tokens equal the reference's, and the per-step
-    logits equal the one-call prefill's (1e-4)."""
+    in calls of `chunk` tokens against the latent cache, each over the cache's leading slots only (key_lengths:
+    chunk times a power of two, of SEQ = 32); greedy tokens equal the reference's, and the per-step logits equal
+    the one-call prefill's (1e-4)."""
+    from research.deepseek2 import deepseek2 as model_module
+    used = []
+    inner_length = model_module.prefill_key_length
+    monkeypatch.setattr(model_module, "prefill_key_length", lambda *args: used.append(inner_length(*args))
+                        or used[-1])
     _, fields, ref = layout
     a = list(np.random.RandomState(2).randint(2, fields["vocab_size"], 7))
     b = list(np.random.RandomState(3).randint(2, fields["vocab_size"], 11))
@@ -178,10 +184,22 @@ def test_prefill_in_chunks_matches_reference(layout, mode, chunk):
         res = net.generate([a + [pad] * 4, b], max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                            output_logits=True)
         assert calls == ([chunk] if size else [])
+        assert used == (key_lengths if size else [])
+        used.clear()
         results[size] = (res.sequences, np.concatenate([np.asarray(x) for x in res.logits]))
     for row, prompt in zip(results[chunk][0], (a, b)):
         assert list(row)[:len(prompt) + 6] == list(R.reference_generate(ref, np.array([prompt]), 6)[0])
     np.testing.assert_allclose(results[chunk][1], results[0][1], rtol=0, atol=1e-4)
+
+
+def test_prefill_key_length():
+    from research.deepseek2.deepseek2 import prefill_key_length
+    assert [prefill_key_length(end, 512, 65552) for end in (512, 513, 1024, 1536, 4096, 40000, 65536, 65552)] == \
+        [512, 1024, 1024, 2048, 4096, 65536, 65536, 65552]
+    assert prefill_key_length(6, 4, 7) == 7                      # capped at seq_length
+    for end, chunk in ((0, 4), (33, 4), (8, 0)):
+        with pytest.raises(ValueError, match="prefill chunk"):
+            prefill_key_length(end, chunk, 32)
 
 
 def test_prefill_chunk_size_is_checked():

@@ -102,24 +102,29 @@ class DeepseekV2Model(nn.Cell):
             self.norm_out.pipeline_stage = pc.pipeline_stage - 1
         return stages
 
-    def cache_positions(self, b: int, s: int, batch_valid_length):
+    def cache_positions(self, b: int, s: int, batch_valid_length, keys: int):
         """A decode step (s = 1) or a prefill chunk: the s tokens of each row end at batch_valid_length (b,).
         Returns their positions (b, s) int32, their cache rows (b*s,) int32 (sequence * seq_length + position, the
-        layout of ``MLAttention.kv_cache``) and the cache slots each may not see, (b, s, seq_length) bool (those
-        after its position); computed once for all layers."""
+        layout of ``MLAttention.kv_cache``) and which of the first ``keys`` cache slots each may not see,
+        (b, s, keys) bool (those after its position); computed once for all layers. The attention reads those
+        ``keys`` slots of the cache: all seq_length of them, or fewer for a prefill chunk (``prefill_key_length``)."""
         positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)     # (b, s)
         first = ops.expand_dims(ops.arange(b, dtype=mstype.int32) * self.config.seq_length, 1)         # (b, 1)
         slots = ops.reshape(first + positions, (-1,))                                                  # (b*s,)
-        steps = ops.arange(self.config.seq_length, dtype=mstype.int32)
-        hidden = ops.expand_dims(ops.expand_dims(steps, 0), 0) > ops.expand_dims(positions, -1)       # (b, s, S)
+        steps = ops.arange(keys, dtype=mstype.int32)
+        hidden = ops.expand_dims(ops.expand_dims(steps, 0), 0) > ops.expand_dims(positions, -1)       # (b, s, keys)
         return positions, slots, hidden
 
-    def construct(self, tokens, batch_valid_length=None):
+    def construct(self, tokens, batch_valid_length=None, key_slots=None):
+        """tokens (b, s); with use_past after the first iteration, batch_valid_length (b,) where each row's s tokens
+        end, and key_slots: None (attend over all seq_length cache slots) or a tensor whose length (a static shape)
+        is how many leading cache slots to attend over, all the tokens' positions among them."""
         b, s = tokens.shape
         x = ops.cast(self.tok_embeddings(tokens), self.config.compute_dtype)               # (b, s, h)
         slots, hidden = None, None
         if self.use_past and not self.is_first_iteration:
-            positions, slots, hidden = self.cache_positions(b, s, batch_valid_length)
+            keys = self.config.seq_length if key_slots is None else key_slots.shape[0]
+            positions, slots, hidden = self.cache_positions(b, s, batch_valid_length, keys)
             cos, sin = self.rotary(s, positions)                                           # (b, 1, s, rope)
         else:
             cos, sin = self.rotary(s)                                                      # (s, rope)
@@ -128,6 +133,20 @@ class DeepseekV2Model(nn.Cell):
             x, layer_aux = layer(x, cos, sin, slots, hidden)
             aux = aux + layer_aux
         return self.norm_out(x), aux
+
+
+def prefill_key_length(end: int, chunk: int, seq_length: int) -> int:
+    """How many leading cache slots a prefill chunk ending at position ``end`` attends over: ``chunk`` times the
+    smallest power of two that reaches ``end``, at most seq_length. Powers of two keep the compiled graphs few
+    (one per length) while a chunk reads at most about twice the slots it needs, where all seq_length would make
+    a long prompt's prefill cost grow with prompt length times seq_length."""
+    if not 0 < end <= seq_length or chunk <= 0:
+        raise ValueError(f"a prefill chunk ends within 1..seq_length ({seq_length}) and has a positive size; got "
+                         f"end {end}, chunk {chunk}")
+    keys = chunk
+    while keys < end:
+        keys *= 2
+    return min(keys, seq_length)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -206,9 +225,11 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         """Prefill the latent caches chunk by chunk, each chunk attending to the cache written so far.
 
         input_ids (b, seq_length) right-padded, valid_length (b,) prompt lengths. Every call takes chunk tokens
-        (one graph of its own, phase "chunk"; the last chunk ends at seq_length at the latest and may recompute a
-        few cached positions, which rewrites the same entries), so the attention's largest buffer is
-        (b, heads, chunk, seq_length) whatever the prompt length. Returns (b, seq_length, vocab) float32 logits in
+        (the last chunk ends at seq_length at the latest and may recompute a few cached positions, which rewrites
+        the same entries) and attends over the cache's first ``prefill_key_length`` slots, the chunk's own
+        included: one graph per such length (phase "chunk{length}"), at most log2(seq_length / chunk) + 1 of them.
+        The attention's largest buffer is (b, heads, chunk, seq_length) at most, whatever the prompt length, and
+        a chunk's work grows with its position, not with seq_length. Returns (b, seq_length, vocab) float32 logits in
         which only each row's last prompt position is filled: all generate reads of a prefill.
         """
         ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
@@ -216,12 +237,14 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         b, seq = ids.shape
         logits = None
         self.add_flags_custom(is_first_iteration=False)                   # the cached branch, chunk rows at once
-        self.phase = f"chunk_{self._pre_set_phase}" if self._pre_set_phase else "chunk"
         for start in range(0, int(valid.max()), chunk):
             start = min(start, seq - chunk)
             end = start + chunk
+            keys = prefill_key_length(end, chunk, seq)
+            self.phase = f"chunk{keys}_{self._pre_set_phase}" if self._pre_set_phase else f"chunk{keys}"
             out = self(input_ids=Tensor(np.ascontiguousarray(ids[:, start:end]), mstype.int32),
-                       batch_valid_length=Tensor(np.full((b,), end, np.int32))).asnumpy()   # (b, chunk, vocab)
+                       batch_valid_length=Tensor(np.full((b,), end, np.int32)),
+                       zactivate_len=Tensor(np.zeros((keys,), np.int32))).asnumpy()       # (b, chunk, vocab)
             if logits is None:
                 logits = np.zeros((b, seq, out.shape[-1]), np.float32)     # untouched rows take no memory
             for row in range(b):
@@ -245,7 +268,11 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
                   input_embeds=None, init_reset=None, batch_valid_length=None, batch_index=None,
                   zactivate_len=None, block_tables=None, slot_mapping=None):
-        """Training: loss. Inference: logits (b, s, vocab) float32."""
+        """Training: loss. Inference: logits (b, s, vocab) float32.
+
+        zactivate_len (MindFormers' "active length" input, its shape read, not its values): a decode step or
+        prefill chunk attends over the cache's first len(zactivate_len) slots instead of all seq_length; the
+        tokens' positions must lie among them (``prefill_in_chunks`` passes it)."""
         if self.training:
             tokens = input_ids[:, :-1]                                                     # (b, S)
             targets = input_ids[:, 1:] if labels is None else labels[:, 1:]
@@ -253,7 +280,7 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
             tokens = input_ids
         if batch_valid_length is not None:
             batch_valid_length = ops.reshape(ops.cast(batch_valid_length, mstype.int32), (-1,))
-        hidden, aux = self.model(tokens, batch_valid_length)
+        hidden, aux = self.model(tokens, batch_valid_length, zactivate_len)
         logits = ops.cast(self.lm_head(hidden), mstype.float32)                            # (b, S, vocab)
         if not self.training:
             return logits

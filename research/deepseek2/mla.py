@@ -193,8 +193,8 @@ class MLAttention(nn.Cell):
     def _absorbed(self, q_nope, q_pe, cache, hidden):
         """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
 
-        q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, S, r + rope), hidden (b, s, S) bool: the
-        cache slots after each token's position.
+        q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, K, r + rope) its first K slots, hidden
+        (b, s, K) bool: the slots after each token's position.
         """
         b, n, s, _ = q_nope.shape
         r = self.kv_lora_rank
@@ -204,31 +204,37 @@ class MLAttention(nn.Cell):
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
         q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
         query = ops.reshape(ops.concat((q_latent, q_pe), -1), (b, n * s, r + self.rope_dim))  # (b, n*s, r+rope)
-        scores = ops.reshape(self.bmm_t(query, cache) * self.scale, (b, n, s, -1))         # (b, n, s, S)
+        scores = ops.reshape(self.bmm_t(query, cache) * self.scale, (b, n, s, -1))         # (b, n, s, K)
         scores = ops.masked_fill(scores, ops.broadcast_to(ops.expand_dims(hidden, 1), scores.shape),
                                  Tensor(-1e30, scores.dtype))
-        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, n * s, -1))            # (b, n*s, S)
+        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, n * s, -1))            # (b, n*s, K)
         o_latent = self.bmm(probs, cache)[..., :r]                     # (b, n*s, r): the cache read as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
-    def _write_cache(self, rows, entry, b: int):
-        """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' cache
-        (b, S, r + rope) as attention reads it."""
+    def _write_cache(self, rows, entry, b: int, keys: int = None):
+        """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' first
+        ``keys`` slots (default all S) as attention reads them, (b, keys, r + rope)."""
         entry = ops.cast(ops.reshape(entry, (-1, entry.shape[-1])), self.kv_cache.dtype)
         cache = ops.depend(self.kv_cache, ops.scatter_update(self.kv_cache, rows, entry))
+        _, seq, width = self.cache_shape
+        keys = seq if keys is None else keys
+        if b == 1 and keys < seq:                              # one sequence: its leading rows, one slice
+            return ops.reshape(ops.slice(cache, (0, 0), (keys, width)), (1, keys, width))
         if b < self.cache_shape[0]:                            # a batch smaller than the cache's: its first rows
-            cache = ops.slice(cache, (0, 0), (b * self.cache_shape[1], self.cache_shape[2]))
-        return ops.reshape(cache, (b,) + self.cache_shape[1:])                             # (b, S, r + rope)
+            cache = ops.slice(cache, (0, 0), (b * seq, width))
+        cache = ops.reshape(cache, (b, seq, width))                                        # (b, S, r + rope)
+        return cache if keys == seq else ops.slice(cache, (0, 0, 0), (b, keys, width))    # (b, keys, r + rope)
 
     def construct(self, x, cos, sin, slots=None, hidden=None):
         """x (b, s, h) -> (b, s, h).
 
         Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
         Decode step or prefill chunk (use_past, not first iteration): cos/sin (b, 1, s, rope) at the tokens'
-        positions, slots (b*s,) int32 each token's cache row (sequence * seq_length + position), hidden (b, s, S)
-        bool the cache slots after each token's position (``DeepseekV2Model.cache_positions``); s = 1 when decoding.
+        positions, slots (b*s,) int32 each token's cache row (sequence * seq_length + position), hidden (b, s, K)
+        bool which of the first K cache slots lie after each token's position (``DeepseekV2Model.cache_positions``;
+        K = seq_length, or fewer for a prefill chunk: the attention reads those K slots only); s = 1 when decoding.
         """
         b, s, _ = x.shape
         q_nope, q_pe = self._query(x)
@@ -237,7 +243,7 @@ class MLAttention(nn.Cell):
         k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
         if self.use_past and not self.is_first_iteration:
             entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, s, r + rope)
-            out = self._absorbed(q_nope, q_pe, self._write_cache(slots, entry, b), hidden)
+            out = self._absorbed(q_nope, q_pe, self._write_cache(slots, entry, b, hidden.shape[-1]), hidden)
         else:
             if self.use_past:                                  # the prompt: rows 0 .. b*S-1 of the cache
                 entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, S, r + rope)
