@@ -113,6 +113,9 @@ def parse_args(argv=None):
     r.add_argument("--moe-reps", type=int, default=200, help="timed calls per variant of --moe-table")
     r.add_argument("--prefill-chunk", type=int, default=0, help="our prefill_chunk_size: prompt tokens per prefill "
                    "call against the latent cache (0: the whole prompt in one call)")
+    r.add_argument("--ref-prefill-chunk", type=int, default=0, help="the reference's prompt prefilled by hand in "
+                   "forward calls of this many tokens into its DynamicCache before generate (0: generate takes the "
+                   "whole prompt, as a user calls it); lets it reach contexts whose one-call prefill does not fit")
     r.add_argument("--attention-chunk", type=int, default=None, help="our attention_chunk_size (query rows per "
                    "attention block of a whole-prompt prefill; default: the config's)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads of both frameworks (default: torch one "
@@ -153,7 +156,8 @@ def worker_argv(a, experts: int, context: int, weights: str, worker: str):
             "--topk-group", a.topk_group, "--heads", a.heads, "--q-lora", a.q_lora, "--kv-lora", a.kv_lora,
             "--rope", a.rope, "--nope", a.nope, "--v", a.v, "--vocab", a.vocab, "--new-tokens", a.new_tokens,
             "--seed", a.seed, "--breakdown-reps", a.breakdown_reps, "--worker", worker, "--context", context,
-            "--weights", weights, "--prefill-chunk", a.prefill_chunk] + (["--threads", a.threads] if a.threads else [])
+            "--weights", weights, "--prefill-chunk", a.prefill_chunk, "--ref-prefill-chunk", a.ref_prefill_chunk] + \
+        (["--threads", a.threads] if a.threads else [])
     argv += ["--attention-chunk", a.attention_chunk] if a.attention_chunk is not None else []
     argv += (["--no-warmup"] if a.no_warmup else []) + (["--breakdown"] if a.breakdown and worker != "ours-block-plan"
                                                           else [])
@@ -333,12 +337,27 @@ def worker_ref(a) -> dict:
         pass
 
     ids = torch.tensor(prompt(a, a.context))
+    chunk = a.ref_prefill_chunk if 0 < a.ref_prefill_chunk < a.context else 0
+    prefill_by_hand = []                                     # seconds of each generate's chunked prefill
+
+    def prefilled_cache():
+        """--ref-prefill-chunk: the prompt but its last token pushed through forward in chunks into a DynamicCache
+        (generate then feeds the last token against it); None: generate prefills the whole prompt itself."""
+        if not chunk:
+            return None
+        start_s = time.perf_counter()
+        cache = transformers.DynamicCache()
+        for start in range(0, a.context - 1, chunk):
+            model(ids[:, start:min(start + chunk, a.context - 1)], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+        prefill_by_hand.append(time.perf_counter() - start_s)
+        return cache
 
     def generate(new_tokens, streamer=None):
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   use_cache=True, eos_token_id=None, pad_token_id=fields["pad_token_id"],
-                                  streamer=streamer, return_dict_in_generate=True)
+                                  streamer=streamer, return_dict_in_generate=True, past_key_values=prefilled_cache())
 
     warmup_s = None if a.no_warmup else C.timed(generate, 2)
     streamer = Streamer()
@@ -351,9 +370,12 @@ def worker_ref(a) -> dict:
         nbytes += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     per_token = nbytes / cached_tokens
     stats = decode_stats(streamer.stamps, not a.no_warmup)
+    if chunk:                                                # the timed generate's prefill: by hand + its last token
+        stats["prefill_s"] += prefill_by_hand[-1]
     result = dict(stats, warmup_s=warmup_s,
                   framework=f"transformers {transformers.__version__} / torch {torch.__version__} "
-                            f"(eager, DynamicCache), {torch.get_num_threads()} threads",
+                            f"(eager, DynamicCache), {torch.get_num_threads()} threads"
+                            + (f", prompt prefilled by hand in forward calls of {chunk} tokens" if chunk else ""),
                   cache_bytes_prefill=per_token * a.context, cache_bytes_per_token=per_token,
                   cache_kind="K (b, heads, t, nope+rope) and V (b, heads, t, v) per layer",
                   generated=int(out.sequences.shape[1] - a.context), sequence=out.sequences[0, a.context:].tolist(),

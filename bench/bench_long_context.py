@@ -10,7 +10,9 @@ that implementation is not tried at longer contexts.
              is prefilled in calls of that many tokens against the latent cache, so the attention's largest buffer
              is (1, heads, chunk, seq_length) whatever the prompt;
   reference  transformers' DeepseekV2ForCausalLM (eager attention, DynamicCache): one forward over the prompt,
-             with (1, heads, s, s) fp32 attention weights per layer.
+             with (1, heads, s, s) fp32 attention weights per layer; or, with ``--ref-prefill-chunk``, the prompt
+             pushed by hand through forward in calls of that many tokens into its DynamicCache before generate
+             (not what its generate does by itself, but the same memory bound as ours).
 
 Columns: peak RSS of the process (prefill + decode, from ``ru_maxrss``-like accounting of the worker), the prefill
 seconds, decode tokens/s (median interval), and whether the greedy tokens agree where both ran.
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--contexts", default="4096,8192,16384", help="prompt lengths, tried in increasing order")
     p.add_argument("--limit-gib", type=float, default=24.0, help="memory each worker may allocate (GiB)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="our prefill_chunk_size")
+    p.add_argument("--ref-prefill-chunk", type=int, default=0, help="bench_decode.py's --ref-prefill-chunk: the "
+                   "reference's prompt prefilled by hand in forward calls of this many tokens (0: one generate call, "
+                   "as a user runs it)")
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--preset", default="small", help="bench_decode.py's model preset")
     p.add_argument("--ours-only", action="store_true", help="skip the reference (it failed at a shorter context)")
@@ -43,7 +48,8 @@ def parse_args(argv=None):
 
 def run(a, worker: str, context: int, weights: str):
     argv = ["--preset", a.preset, "--worker", worker, "--context", context, "--weights", weights,
-            "--new-tokens", a.new_tokens, "--no-warmup", "--prefill-chunk", a.prefill_chunk]
+            "--new-tokens", a.new_tokens, "--no-warmup", "--prefill-chunk", a.prefill_chunk,
+            "--ref-prefill-chunk", a.ref_prefill_chunk]
     label = f"{'our' if worker == 'ours' else 'reference'} generate, context {context}, limit {a.limit_gib:g} GiB"
     try:
         return C.run_worker(DECODE, [str(x) for x in argv], label, a.verbose,
@@ -103,7 +109,9 @@ def main(argv=None):
     fits = {w: max([c for c, r in results[w].items() if "failed" not in r], default=0) for w in results}
     print(C.machine_line())
     print(f"preset {a.preset}; batch 1, fp32, greedy, {a.new_tokens} new tokens, no warm-up; ours prefill_chunk_size "
-          f"{a.prefill_chunk}; each worker limited to {a.limit_gib:g} GiB of data (RLIMIT_DATA)")
+          f"{a.prefill_chunk}; reference prompt " + (f"prefilled by hand in calls of {a.ref_prefill_chunk} tokens"
+                                                       if a.ref_prefill_chunk else "in one generate call")
+          + f"; each worker limited to {a.limit_gib:g} GiB of data (RLIMIT_DATA)")
     print()
     print(C.table(["context", "ours peak GiB", "ours prefill s", "ours decode tok/s", "reference peak GiB",
                    "reference prefill s", "reference decode tok/s", "greedy tokens equal"], rows))
