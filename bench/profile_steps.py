@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5 training, 16 decode)")
     p.add_argument("--warmup", type=int, default=3, help="training warm-up steps (the first compiles)")
     p.add_argument("--context", type=int, default=4096, help="decode: prompt tokens")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="decode: prefill_chunk_size of the prompt's "
+                   "prefill (0: one call; its graph's buffers grow with context^2)")
     p.add_argument("--experts", default=None, help="n_routed_experts (default: each benchmark's)")
     p.add_argument("--preset", choices=sorted(D.PRESETS), default="small", help="decode model, as bench_decode")
     p.add_argument("--out-dir", default=None, help="profiler output (default: a temporary directory)")
@@ -226,7 +228,8 @@ def worker_train(a, out: str) -> dict:
 def worker_decode(a, out: str) -> dict:
     """bench_decode's worker_ours (its model and warm-up generate) with a streamer that starts the profiler."""
     k = a.steps
-    argv = ["--preset", a.preset, "--new-tokens", str(2 * k + 2)] + (["--experts", a.experts] if a.experts else [])
+    argv = ["--preset", a.preset, "--new-tokens", str(2 * k + 2), "--prefill-chunk", str(a.prefill_chunk)] + \
+        (["--experts", a.experts] if a.experts else [])
     d = D.parse_args(argv)
     d.context, d.worker, d.weights = a.context, "ours", os.path.join(out, "reference.npz")
     fields = D.model_fields(d, max(d.context + d.new_tokens, 2048))
