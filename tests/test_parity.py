@@ -160,12 +160,13 @@ def test_attention_chunk_size_is_checked():
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size="512"))
 
 
-@pytest.mark.parametrize("chunk, key_lengths", [(4, [4, 8, 16]), (6, [6, 12])])
-def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, monkeypatch):
+@pytest.mark.parametrize("chunk, key_lengths, attention_chunk", [(4, [4, 8, 16], 2), (6, [6, 12], 1024)])
+def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, attention_chunk, monkeypatch):
     """use_past generate with prefill_chunk_size: a batch of prompts of 7 and 11 tokens (right-padded) is prefilled
     in calls of `chunk` tokens against the latent cache, each over the cache's leading slots only (key_lengths:
     chunk times a power of two, of SEQ = 32); greedy tokens equal the reference's, and the per-step logits equal
-    the one-call prefill's (1e-4)."""
+    the one-call prefill's (1e-4). attention_chunk_size 2 splits the 4 heads of the attention against the cache
+    into blocks (head_blocks: one head a block in a prefill chunk, two in a decode step); 1024 keeps them whole."""
     from research.deepseek2 import deepseek2 as model_module
     used = []
     inner_length = model_module.prefill_key_length
@@ -177,7 +178,8 @@ def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, m
     pad = fields["pad_token_id"]
     results = {}
     for size in (0, chunk):
-        net = R.build_ms(fields, ref, seq_length=SEQ, use_past=True, batch_size=2, prefill_chunk_size=size)
+        net = R.build_ms(fields, ref, seq_length=SEQ, use_past=True, batch_size=2, prefill_chunk_size=size,
+                         attention_chunk_size=attention_chunk)
         calls = []
         inner = net.prefill_in_chunks
         net.prefill_in_chunks = lambda *args: calls.append(args[2]) or inner(*args)
@@ -200,6 +202,15 @@ def test_prefill_key_length():
     for end, chunk in ((0, 4), (33, 4), (8, 0)):
         with pytest.raises(ValueError, match="prefill chunk"):
             prefill_key_length(end, chunk, 32)
+
+
+def test_head_blocks():
+    from research.deepseek2.inventory import head_blocks
+    assert head_blocks(16, 1, 1024) == [(0, 16)]                                  # a decode step: one block
+    assert head_blocks(16, 512, 1024) == [(i, i + 2) for i in range(0, 16, 2)]   # 2 heads x 512 tokens a block
+    assert head_blocks(16, 2048, 1024) == [(i, i + 1) for i in range(16)]        # at least one head
+    assert head_blocks(16, 512, 0) == [(0, 16)]                                   # attention_chunk_size 0: off
+    assert head_blocks(5, 4, 8) == [(0, 2), (2, 4), (4, 5)]
 
 
 def test_prefill_chunk_size_is_checked():

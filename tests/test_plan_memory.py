@@ -491,6 +491,9 @@ def test_attention_chunks_and_prefill_chunks_by_hand():
     assert pm._attention_core_bytes(st, 1, 1, False) == heads * blocks * (4 + 4)
     st0 = pm._settings({"model": {"model_config": dict(TINY, seq_length=10, attention_chunk_size=0)}})
     assert pm._attention_core_bytes(st0, 1, 1, False) == heads * 100 * (4 + 4)
+    # a prefill chunk of p = 10 tokens against 40 cache slots: blocks of max(1, C // p) of the 2 heads
+    assert pm._attention_core_bytes(st0, 1, 1, False, keys=40) == heads * 10 * 40 * (4 + 4)
+    assert pm._attention_core_bytes(st, 1, 1, False, keys=40) == 1 * 10 * 40 * (4 + 4)
     predict = {"model": {"model_config": dict(TINY, seq_length=4096, use_past=True)}, "run_mode": "predict"}
     whole = plan(predict)["bytes"]["workspace"]
     predict["model"]["model_config"]["prefill_chunk_size"] = 256

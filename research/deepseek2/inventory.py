@@ -272,3 +272,11 @@ def chunk_bounds(seq: int, chunk: int) -> List[Tuple[int, int]]:
     if not chunk or chunk >= seq:
         return [(0, seq)]
     return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
+
+
+def head_blocks(heads: int, tokens: int, chunk: int) -> List[Tuple[int, int]]:
+    """The (first, stop) heads of each block of the absorbed attention (a prefill chunk or a decode step of
+    ``tokens`` tokens against the latent cache): whole heads, about ``chunk`` (head, token) score rows a block
+    (attention_chunk_size; at least one head), so a block's scores are (b, heads in it, tokens, cache slots);
+    one block when chunk is 0 or covers every head."""
+    return chunk_bounds(heads, max(1, chunk // tokens) if chunk else 0)

@@ -12,7 +12,9 @@ runs against the latent cache as a single shared head, and the value half of W^U
 Training/prefill attention from basic ops runs in chunks of ``attention_chunk_size`` query rows (default 1024): a
 chunk of queries [start, stop) attends to the keys [0, stop) only, so no (b, n, s, s) buffer exists for the whole
 prompt (the largest is (b, n, chunk, s)) and the causally hidden upper blocks are never computed. The values are the
-unchunked ones: a hidden key adds an exact 0 to its row's softmax.
+unchunked ones: a hidden key adds an exact 0 to its row's softmax. Against the cache (a prefill chunk of p tokens),
+the heads go in blocks of about ``attention_chunk_size`` (head, token) rows: the largest buffer is (b, heads of a
+block, p, K) for K cache slots, not (b, n, p, K).
 
 ``use_flash_attention`` (default False) sends the training/prefill attention to MindSpore's fused Ascend kernel
 (``fused_attention`` below): no (b, n, s, s) scores or probabilities are stored. The decode step is unchanged.
@@ -22,7 +24,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from .inventory import chunk_bounds
+from .inventory import chunk_bounds, head_blocks
 from .layers import RMSNorm, Linear, PartialSum
 from .rope import apply_rotary
 
@@ -194,7 +196,9 @@ class MLAttention(nn.Cell):
         """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
 
         q_nope (b, n, s, nope), q_pe (b, n, s, rope) rotated, cache (b, K, r + rope) its first K slots, hidden
-        (b, s, K) bool: the slots after each token's position.
+        (b, s, K) bool: the slots after each token's position. The heads go in blocks of about
+        ``attention_chunk_size`` (head, token) rows (``head_blocks``; a decode step is one block), so a prefill
+        chunk's largest buffers are (b, heads of a block, s, K), not (b, n, s, K).
         """
         b, n, s, _ = q_nope.shape
         r = self.kv_lora_rank
@@ -203,15 +207,29 @@ class MLAttention(nn.Cell):
         w_uk, w_uv = ops.split(w, (self.nope_dim, self.v_dim), 1)                          # (n, nope, r), (n, v, r)
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
         q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
-        query = ops.reshape(ops.concat((q_latent, q_pe), -1), (b, n * s, r + self.rope_dim))  # (b, n*s, r+rope)
-        scores = ops.reshape(self.bmm_t(query, cache) * self.scale, (b, n, s, -1))         # (b, n, s, K)
-        scores = ops.masked_fill(scores, ops.broadcast_to(ops.expand_dims(hidden, 1), scores.shape),
-                                 Tensor(-1e30, scores.dtype))
-        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, n * s, -1))            # (b, n*s, K)
-        o_latent = self.bmm(probs, cache)[..., :r]                     # (b, n*s, r): the cache read as it is
+        query = ops.concat((q_latent, q_pe), -1) * self.scale            # (b, n, s, r+rope), scaled once here
+        hidden = ops.expand_dims(hidden, 1)                                                # (b, 1, s, K)
+        outs = []
+        for first, stop in head_blocks(n, s, self.chunk_size):          # static: unrolled in graph mode
+            block = query if stop - first == n else \
+                ops.slice(query, (0, first, 0, 0), (b, stop - first, s, r + self.rope_dim))    # (b, heads, s, .)
+            if outs:                                                    # one block after the other: buffers reused
+                block = ops.depend(block, outs[-1])
+            outs.append(self._attend_latent(block, cache, hidden))                         # (b, heads*s, r+rope)
+        o_latent = (outs[0] if len(outs) == 1 else ops.concat(outs, 1))[..., :r]  # (b, n*s, r): the cache as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
+
+    def _attend_latent(self, query, cache, hidden):
+        """softmax(query cache^T, hidden slots masked) cache: query (b, heads, s, r + rope) already scaled, cache
+        (b, K, r + rope), hidden (b, 1, s, K) bool -> (b, heads*s, r + rope)."""
+        b, heads, s, width = query.shape
+        scores = ops.reshape(self.bmm_t(ops.reshape(query, (b, heads * s, width)), cache),
+                             (b, heads, s, -1))                                            # (b, heads, s, K)
+        scores = ops.masked_fill(scores, ops.broadcast_to(hidden, scores.shape), Tensor(-1e30, scores.dtype))
+        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, heads * s, -1))        # (b, heads*s, K)
+        return self.bmm(probs, cache)
 
     def _write_cache(self, rows, entry, b: int, keys: int = None):
         """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' first

@@ -11,8 +11,7 @@ Parameters (``count_parameters``, research/deepseek2/param_counts.py) are sums o
 those sums come to, as documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value
 head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
 ns n_shared_experts:
-  embedding V h, lm_head V h (0 if tied), final norm h;
-  per layer: 2 RMSNorms 2h;
+  embedding V h, lm_head V h (0 if tied), final norm h;  per layer: 2 RMSNorms 2h;
     MLA  q: h rq + rq + rq a (dn+dr)  (q_a_proj, q_a_layernorm, q_b_proj)  or  h a (dn+dr) when rq is null;
          kv: h (r+dr) + r + r a (dn+dv)  (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj);  o_proj a dv h;
     dense FFN 3 h f;   MoE: routed E 3 h fm, shared 3 h ns fm, gate E h.
@@ -57,7 +56,8 @@ Training bytes per card:
 Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no gradients/optimizer;
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
   workspace = one layer's prefill activations + fp32 logits (b/dp) s V/t' x 4 + overhead; with use_past and
-  prefill_chunk_size p < s, a prefill call's: p tokens, attention (b/dp)(a/t) p s (4 + c), logits of p tokens.
+  prefill_chunk_size p < s, a prefill call's: p tokens, attention (b/dp) A p s (4 + c), A = the heads of a block
+  (inventory.head_blocks, by attention_chunk_size), logits of p tokens.
 A YAML with use_flash_attention on is also planned with it off: the report prints the attention's bytes per layer
 and micro-batch, the activations (workspace) and the total per card both ways.
 
@@ -83,8 +83,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from research.deepseek2.dtypes import bytes_of
-from research.deepseek2.inventory import (ModelShape, Param, chunk_bounds, expert_capacity, is_moe_layer,
-                                          layer_parameters, model_shape, parameters, parts)
+from research.deepseek2.inventory import (ModelShape, Param, chunk_bounds, expert_capacity, head_blocks,
+                                          is_moe_layer, layer_parameters, model_shape, parameters, parts)
 from research.deepseek2.lora import LoraSettings, adapter_shapes, parse_pet_config, targeted_projections
 from research.deepseek2.param_counts import count_parameters
 from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, is_predict, layers_per_stage,
@@ -303,8 +303,9 @@ def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Op
     m, c, s, heads = st.shape, st.compute_bytes, st.seq_length, b * (st.shape.num_attention_heads / t)
     if fused:                                        # 2 x 8 fp32 statistics per row: 64 bytes
         return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
-    if keys is not None:                             # a prefill chunk: s rows against the whole cache
-        return heads * s * keys * (st.softmax_bytes + c)
+    if keys is not None:                             # a prefill chunk: s rows against the cache, a head block at once
+        first, stop = head_blocks(int(st.shape.num_attention_heads / t), s, st.attention_chunk)[0]   # the largest
+        return b * (stop - first) * s * keys * (st.softmax_bytes + c)
     scores = sum((stop - start) * stop for start, stop in chunk_bounds(s, st.attention_chunk))   # keys [0, stop)
     return heads * scores * (st.softmax_bytes + c)
 
