@@ -117,7 +117,8 @@ def parse_args(argv=None):
                    "forward calls of this many tokens into its DynamicCache before generate (0: generate takes the "
                    "whole prompt, as a user calls it); lets it reach contexts whose one-call prefill does not fit")
     r.add_argument("--attention-chunk", type=int, default=None, help="our attention_chunk_size (query rows per "
-                   "attention block of a whole-prompt prefill; default: the config's)")
+                   "attention block of a whole-prompt prefill, (head, token) rows per head block of a prefill chunk "
+                   "against the cache; default: the config's)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads of both frameworks (default: torch one "
                    "per core, MindSpore its own pool); 1 keeps a comparison fair on a machine shared with other jobs")
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up generate (then the prefill includes "

@@ -8,7 +8,7 @@ that implementation is not tried at longer contexts.
 
   ours       MindSpore graph mode, use_past (latent cache), ``prefill_chunk_size`` = ``--prefill-chunk``: the prompt
              is prefilled in calls of that many tokens against the latent cache, so the attention's largest buffer
-             is (1, heads, chunk, seq_length) whatever the prompt;
+             is (1, heads of a block, chunk, seq_length) whatever the prompt (mla.py: head blocks);
   reference  transformers' DeepseekV2ForCausalLM (eager attention, DynamicCache): one forward over the prompt,
              with (1, heads, s, s) fp32 attention weights per layer; or, with ``--ref-prefill-chunk``, the prompt
              pushed by hand through forward in calls of that many tokens into its DynamicCache before generate
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-prefill-chunk", type=int, default=0, help="bench_decode.py's --ref-prefill-chunk: the "
                    "reference's prompt prefilled by hand in forward calls of this many tokens (0: one generate call, "
                    "as a user runs it)")
+    p.add_argument("--attention-chunk", type=int, default=None, help="our attention_chunk_size (bench_decode.py's "
+                   "--attention-chunk; a prefill chunk's heads go in blocks of about that many (head, token) rows)")
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--preset", default="small", help="bench_decode.py's model preset")
     p.add_argument("--ours-only", action="store_true", help="skip the reference (it failed at a shorter context)")
@@ -50,6 +52,7 @@ def run(a, worker: str, context: int, weights: str):
     argv = ["--preset", a.preset, "--worker", worker, "--context", context, "--weights", weights,
             "--new-tokens", a.new_tokens, "--no-warmup", "--prefill-chunk", a.prefill_chunk,
             "--ref-prefill-chunk", a.ref_prefill_chunk]
+    argv += ["--attention-chunk", a.attention_chunk] if a.attention_chunk is not None else []
     label = f"{'our' if worker == 'ours' else 'reference'} generate, context {context}, limit {a.limit_gib:g} GiB"
     try:
         return C.run_worker(DECODE, [str(x) for x in argv], label, a.verbose,
