@@ -184,13 +184,14 @@ class MLAttention(nn.Cell):
         return ops.concat(outs, 2)                                                         # (b, n, s, v)
 
     def _attend(self, query, key, value, mask):
-        """softmax(query key^T, mask True hidden) value: query (b, n, q, dq) already scaled, key (b, n, k, dq),
-        value (b, n, k, v), mask (q, k) bool -> (b, n, q, v)."""
-        scores = self.bmm_t(query, key)                                                    # (b, n, q, k)
+        """softmax(query key^T, mask True hidden) value: query (..., q, dq) already scaled, key (..., k, dq), value
+        (..., k, v), mask bool broadcastable to (..., q, k) -> (..., q, v). The expanded form: (b, n, .) batches;
+        against the latent cache: (b,) batches, q = (head, token) rows, key = value = the cache."""
+        scores = self.bmm_t(query, key)                                                    # (..., q, k)
         # an explicit broadcast: masked_fill's implicit one allocates a (b, n, q, k) temporary per layer on CPU
         scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
         probs = self._softmax(scores, value.dtype)
-        return self.bmm(probs, value)                                                      # (b, n, q, v)
+        return self.bmm(probs, value)                                                      # (..., q, v)
 
     def _absorbed(self, q_nope, q_pe, cache, hidden):
         """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
@@ -208,28 +209,20 @@ class MLAttention(nn.Cell):
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
         q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
         query = ops.concat((q_latent, q_pe), -1) * self.scale            # (b, n, s, r+rope), scaled once here
+        width, keys = r + self.rope_dim, cache.shape[1]
         hidden = ops.expand_dims(hidden, 1)                                                # (b, 1, s, K)
         outs = []
         for first, stop in head_blocks(n, s, self.chunk_size):          # static: unrolled in graph mode
-            block = query if stop - first == n else \
-                ops.slice(query, (0, first, 0, 0), (b, stop - first, s, r + self.rope_dim))    # (b, heads, s, .)
+            heads = stop - first
+            block = query if heads == n else ops.slice(query, (0, first, 0, 0), (b, heads, s, width))
             if outs:                                                    # one block after the other: buffers reused
                 block = ops.depend(block, outs[-1])
-            outs.append(self._attend_latent(block, cache, hidden))                         # (b, heads*s, r+rope)
+            mask = ops.reshape(ops.broadcast_to(hidden, (b, heads, s, keys)), (b, heads * s, keys))
+            outs.append(self._attend(ops.reshape(block, (b, heads * s, width)), cache, cache, mask))  # (b, h*s, w)
         o_latent = (outs[0] if len(outs) == 1 else ops.concat(outs, 1))[..., :r]  # (b, n*s, r): the cache as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
-
-    def _attend_latent(self, query, cache, hidden):
-        """softmax(query cache^T, hidden slots masked) cache: query (b, heads, s, r + rope) already scaled, cache
-        (b, K, r + rope), hidden (b, 1, s, K) bool -> (b, heads*s, r + rope)."""
-        b, heads, s, width = query.shape
-        scores = ops.reshape(self.bmm_t(ops.reshape(query, (b, heads * s, width)), cache),
-                             (b, heads, s, -1))                                            # (b, heads, s, K)
-        scores = ops.masked_fill(scores, ops.broadcast_to(hidden, scores.shape), Tensor(-1e30, scores.dtype))
-        probs = ops.reshape(self._softmax(scores, cache.dtype), (b, heads * s, -1))        # (b, heads*s, K)
-        return self.bmm(probs, cache)
 
     def _write_cache(self, rows, entry, b: int, keys: int = None):
         """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' first

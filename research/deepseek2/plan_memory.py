@@ -304,7 +304,7 @@ def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Op
     if fused:                                        # 2 x 8 fp32 statistics per row: 64 bytes
         return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
     if keys is not None:                             # a prefill chunk: s rows against the cache, a head block at once
-        first, stop = head_blocks(int(st.shape.num_attention_heads / t), s, st.attention_chunk)[0]   # the largest
+        first, stop = head_blocks(m.num_attention_heads // t, s, st.attention_chunk)[0]            # the largest
         return b * (stop - first) * s * keys * (st.softmax_bytes + c)
     scores = sum((stop - start) * stop for start, stop in chunk_bounds(s, st.attention_chunk))   # keys [0, stop)
     return heads * scores * (st.softmax_bytes + c)
