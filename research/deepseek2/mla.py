@@ -84,6 +84,47 @@ def fused_attention(query, key, value, mask, scale, num_heads):
     return out[..., :dv] if dv < dq else out                                            # (b, n, s, dv)
 
 
+class SoftmaxAttention(nn.Cell):
+    """softmax(query key^T, mask True hidden) value, with its backward written out: query (..., q, d) already
+    scaled, key (..., k, d), value (..., k, v), mask bool broadcastable to (..., q, k) -> (..., q, v). The expanded
+    form calls it with (b, n, .) batches; the form against the latent cache with (b,) batches, q = (head, token)
+    rows and key = value = the cache.
+
+    The backward recomputes the probabilities P from query and key (no (..., q, k) tensor is kept from the forward)
+    and takes the softmax's row term from the output, sum_j dP_ij P_ij = sum_j (dO_i . V_j) P_ij = dO_i . O_i
+    (FlashAttention's D): dS = P * (dO V^T - D). MindSpore's own derivative of the masked softmax runs Mul,
+    ReduceSum over k, Sub and Mul on (..., q, k) plus the masked fill's gradient; this one runs a Sub and a Mul
+    (docs/profile.md). Same values up to rounding; tests/test_parity.py holds the gradients to the reference's.
+    """
+
+    def __init__(self, softmax_dtype):
+        super().__init__()
+        self.softmax_dtype = softmax_dtype
+        self.softmax = ops.Softmax(-1)           # primitives: a bprop cannot call their functional forms in graph mode
+        self.row_sum = ops.ReduceSum(keep_dims=True)
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.bmm_ta = ops.BatchMatMul(transpose_a=True)
+
+    def probs(self, query, key, mask):
+        """(..., q, k) in softmax_dtype."""
+        scores = self.bmm_t(query, key)                                                    # (..., q, k)
+        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, q, k) temporary per layer on CPU
+        scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
+        return self.softmax(ops.cast(scores, self.softmax_dtype))
+
+    def construct(self, query, key, value, mask):
+        return self.bmm(ops.cast(self.probs(query, key, mask), value.dtype), value)        # (..., q, v)
+
+    def bprop(self, query, key, value, mask, out, dout):
+        probs = self.probs(query, key, mask)                                               # (..., q, k) recomputed
+        d_value = self.bmm_ta(ops.cast(probs, dout.dtype), dout)                           # (..., k, v)
+        d_probs = ops.cast(self.bmm_t(dout, value), self.softmax_dtype)                    # (..., q, k)
+        row = ops.cast(self.row_sum(dout * out, -1), self.softmax_dtype)                  # (..., q, 1)
+        d_scores = ops.cast(probs * (d_probs - row), query.dtype)                          # (..., q, k)
+        return self.bmm(d_scores, key), self.bmm_ta(d_scores, query), d_value, ops.zeros_like(mask)
+
+
 class MLAttention(nn.Cell):
     """Multi-head Latent Attention with the compressed (latent) KV cache."""
 
@@ -131,6 +172,7 @@ class MLAttention(nn.Cell):
             self.kv_cache = Parameter(initializer("zeros", (config.batch_size * config.seq_length,
                                                             config.cache_width), config.compute_dtype),
                                       name="kv_cache", requires_grad=False)
+        self.attention = SoftmaxAttention(self.softmax_dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
@@ -148,9 +190,6 @@ class MLAttention(nn.Cell):
         ckv_kpe = self.kv2l(x)
         c_kv, k_pe = ops.split(ckv_kpe, (self.kv_lora_rank, self.rope_dim), -1)
         return self.lkv_norm(c_kv), k_pe
-
-    def _softmax(self, scores, dtype):
-        return ops.cast(ops.softmax(ops.cast(scores, self.softmax_dtype), -1), dtype)
 
     # ------------------------------------------------------------------ attention forms
     def _expanded(self, q_nope, q_pe, c_kv, k_pe):
@@ -172,26 +211,16 @@ class MLAttention(nn.Cell):
         query = query * self.scale                     # scaled once here, not every (q, k) score: same softmax input
         bounds = chunk_bounds(s, self.chunk_size)
         if len(bounds) == 1:
-            return self._attend(query, key, value, causal_mask(0, s, s))
+            return self.attention(query, key, value, causal_mask(0, s, s))
         outs = []
         for start, stop in bounds:                                 # static: unrolled in graph mode
             if outs:                                               # one chunk after the other: its buffers reused
                 query = ops.depend(query, outs[-1])
-            outs.append(self._attend(ops.slice(query, (0, 0, start, 0), (b, n, stop - start, dq)),
-                                     ops.slice(key, (0, 0, 0, 0), (b, n, stop, dq)),
-                                     ops.slice(value, (0, 0, 0, 0), (b, n, stop, self.v_dim)),
-                                     causal_mask(start, stop, stop)))              # (b, n, stop - start, v)
+            outs.append(self.attention(ops.slice(query, (0, 0, start, 0), (b, n, stop - start, dq)),
+                                       ops.slice(key, (0, 0, 0, 0), (b, n, stop, dq)),
+                                       ops.slice(value, (0, 0, 0, 0), (b, n, stop, self.v_dim)),
+                                       causal_mask(start, stop, stop)))            # (b, n, stop - start, v)
         return ops.concat(outs, 2)                                                         # (b, n, s, v)
-
-    def _attend(self, query, key, value, mask):
-        """softmax(query key^T, mask True hidden) value: query (..., q, dq) already scaled, key (..., k, dq), value
-        (..., k, v), mask bool broadcastable to (..., q, k) -> (..., q, v). The expanded form: (b, n, .) batches;
-        against the latent cache: (b,) batches, q = (head, token) rows, key = value = the cache."""
-        scores = self.bmm_t(query, key)                                                    # (..., q, k)
-        # an explicit broadcast: masked_fill's implicit one allocates a (b, n, q, k) temporary per layer on CPU
-        scores = ops.masked_fill(scores, ops.broadcast_to(mask, scores.shape), Tensor(-1e30, scores.dtype))
-        probs = self._softmax(scores, value.dtype)
-        return self.bmm(probs, value)                                                      # (..., q, v)
 
     def _absorbed(self, q_nope, q_pe, cache, hidden):
         """Attention against the latent cache as one shared KV head (decode steps and prefill chunks).
@@ -218,7 +247,7 @@ class MLAttention(nn.Cell):
             if outs:                                                    # one block after the other: buffers reused
                 block = ops.depend(block, outs[-1])
             mask = ops.reshape(ops.broadcast_to(hidden, (b, heads, s, keys)), (b, heads * s, keys))
-            outs.append(self._attend(ops.reshape(block, (b, heads * s, width)), cache, cache, mask))  # (b, h*s, w)
+            outs.append(self.attention(ops.reshape(block, (b, heads * s, width)), cache, cache, mask))  # (b, h*s, w)
         o_latent = (outs[0] if len(outs) == 1 else ops.concat(outs, 1))[..., :r]  # (b, n*s, r): the cache as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
