@@ -119,18 +119,19 @@ def test_train_plan_by_hand():
     assert result["bytes"]["optimizer"] == 2332 * 8               # two fp32 moments, fp32 weights: no master copy
     # activations, no recompute, s=4, b=1, c=4, t=2:
     #   attention: s*b*c*(2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a*dv/t)
-    #              = 16*(16+12+4+6+4+4+8+2) = 896, + scores b*(a/t)*s^2*(4+4) = 128        -> 1024 per layer
-    #   layer 0 dense FFN: 16*(16 + 3*16/2) = 640                                          -> 1664
+    #              = 16*(16+12+4+6+4+4+8+2) = 896 per layer (no scores kept: the backward recomputes them)
+    #   layer 0 dense FFN: 16*(16 + 3*16/2) = 640                                          -> 1536
     #   layer 1 MoE: 16*(16 + 3*1*4/2) = 352, router 8*s*b*E = 128, rows k*s*b = 8: 8*4*(16 + 3*4/2) = 704
-    #                                                                                      -> 1024 + 1184 = 2208
+    #                                                                                      -> 896 + 1184 = 2080
+    #   the attention backward once: b*(a/t)*s^2*(2*4 + 4) = 16*12 = 192
     #   logits s*b*V*(4+4+4) = 4800 (vocab_emb_dp: not split)
-    assert result["bytes"]["activations"] == 1664 + 2208 + 4800
-    assert result["total_bytes"] == 2332 * 16 + 1664 + 2208 + 4800
+    assert result["bytes"]["activations"] == 1536 + 2080 + 192 + 4800
+    assert result["total_bytes"] == 2332 * 16 + 1536 + 2080 + 192 + 4800
     assert result["fits"] and result["mode"] == "train" and result["problems"] == []
 
     recompute = plan(dict(config, recompute_config={"recompute": True}), overhead_gb=0.0)
-    # layer inputs in_flight 1 x 2 layers x s*b*h*c = 256, + the largest layer 2208, + logits 4800
-    assert recompute["bytes"]["activations"] == 256 + 2208 + 4800
+    # layer inputs in_flight 1 x 2 layers x s*b*h*c = 256, + the largest layer 2080, + the backward once 192, logits
+    assert recompute["bytes"]["activations"] == 256 + 2080 + 192 + 4800
 
 
 def test_capacity_dispatch_rows_by_hand():
@@ -170,10 +171,11 @@ def test_pipeline_stages_by_hand():
     assert stage0["params_per_card"] == 800 + 618
     assert stage1["params_per_card"] == 154 + 208 + 384 / 2 + 8 + 800
     # stage 0 keeps 2 micro-batches of layer inputs (1F1B), stage 1 one; t = 1 now
-    layer0 = 16 * (16 + 12 + 8 + 6 + 4 + 8 + 16 + 4) + 1 * 2 * 16 * 8 + 16 * (16 + 48)   # 1184 + 256 + 1024
-    assert stage0["activations"] == 2 * 1 * 128 + layer0
-    layer1 = 1184 + 256 + 16 * (16 + 12) + 128 + 8 * 4 * (16 + 12)
-    assert stage1["activations"] == 1 * 1 * 128 + layer1 + 4800
+    # plus, once per stage, the attention backward's b (a/t) s^2 (2 x 4 + c) = 2 x 16 x 12 = 384
+    layer0 = 16 * (16 + 12 + 8 + 6 + 4 + 8 + 16 + 4) + 16 * (16 + 48)                    # 1184 + 1024
+    assert stage0["activations"] == 2 * 1 * 128 + layer0 + 384
+    layer1 = 1184 + 16 * (16 + 12) + 128 + 8 * 4 * (16 + 12)
+    assert stage1["activations"] == 1 * 1 * 128 + layer1 + 384 + 4800
     assert result["busiest_stage"] == max(range(2), key=lambda i: result["stages"][i]["total"])
 
 
@@ -196,11 +198,12 @@ def test_236b_yaml_plans(tmp_path):
     result = plan(train, card_memory_gb=64)
     assert result["shape"]["device_num"] == 64 and result["fits"] and result["problems"] == []
     assert 40 * GIB < result["total_bytes"] < 60 * GIB
-    # use_flash_attention (on in the YAML): dp 5 x mp 4 x pp 2 fits (61.8 GB); without
-    # it and without attention chunks (whole (s, s) blocks) the smallest cluster is the YAML's 64 cards; the
-    # basic-op attention in chunks of 1024 query rows keeps the causal blocks only, 4096 x 5120 / 2 = 62.5% of s^2
+    # use_flash_attention (on in the YAML): dp 5 x mp 4 x pp 2 fits (61.8 GB); without it the basic-op backward
+    # holds one query chunk's (s, s)-wide buffers once: 40 cards still hold it in chunks of 1024 query rows (1.25
+    # GiB), without attention chunks (5 GiB) the smallest cluster is the YAML's 64 cards
     assert smallest_cluster(train)["device_num"] == 40
     unfused = _flash(train, False)
+    assert smallest_cluster(unfused)["device_num"] == 40
     unfused["model"]["model_config"]["attention_chunk_size"] = 0
     assert smallest_cluster(unfused)["device_num"] == 64
     whole = plan(unfused)["bytes"]["activations"]
@@ -229,10 +232,10 @@ def test_cli_prints_the_table():
     assert out.returncode == 0, out.stderr
     for text in ("235.74B parameters", "dp 8 x mp 4 x pp 2 = 64 cards", "weights", "gradients",
                  "optimizer states", "activations", "of 64 GB per card: fits", "smallest cluster that fits: 40",
-                 "use_flash_attention True:  attention 0.07 GB per layer and micro-batch, activations 3.71 GB, "
-                 "total 46.03 GB per card",
-                 "use_flash_attention False: attention 1.88 GB per layer and micro-batch, activations 5.51 GB, "
-                 "total 47.83 GB per card"):
+                 "use_flash_attention True:  attention 0.07 GB per layer and micro-batch + 0.00 GB once, "
+                 "activations 3.71 GB, total 46.03 GB per card",
+                 "use_flash_attention False: attention 0.00 GB per layer and micro-batch + 1.25 GB once, "
+                 "activations 4.89 GB, total 47.21 GB per card"):
         assert text in out.stdout, text
     small = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "run_predict_deepseek2_236B.yaml"),
                             "--card_memory_gb", "16"], capture_output=True, text=True, check=False, timeout=60)
@@ -288,10 +291,10 @@ def test_lora_train_plan_by_hand():
     assert b["weights"] == 2332 * 4                               # frozen: no gradients, no optimizer states
     assert b["adapters"] == b["gradients"] == TINY_CARD_ADAPTERS * 4
     assert b["optimizer"] == TINY_CARD_ADAPTERS * 8               # fp32 adapters: two moments, no master copy
-    # activations: the full finetune's 1664 + 2208 + 4800, plus every Linear adapter's s b R c = 4*1*2*4 = 32 bytes,
-    # 8 targeted Linear cells per layer
-    assert b["activations"] == 1664 + 2208 + 4800 + 2 * 8 * 32
-    assert result["total_bytes"] == 2332 * 4 + TINY_CARD_ADAPTERS * 16 + 1664 + 2208 + 4800 + 512
+    # activations: the full finetune's 1536 + 2080 + 192 + 4800, plus every Linear adapter's s b R c = 4*1*2*4 = 32
+    # bytes, 8 targeted Linear cells per layer
+    assert b["activations"] == 1536 + 2080 + 192 + 4800 + 2 * 8 * 32
+    assert result["total_bytes"] == 2332 * 4 + TINY_CARD_ADAPTERS * 16 + 1536 + 2080 + 192 + 4800 + 512
     assert result["lora"]["adapter_params"] == TINY_ADAPTERS and result["lora"]["rank"] == 2
     assert result["lora"]["share"] == TINY_ADAPTERS / (TINY_ADAPTERS + TINY_TOTAL)
 
@@ -378,7 +381,8 @@ def test_recipes_build_the_model_config(name):
 
 
 def test_lora_needs_fewer_cards_than_the_full_finetune():
-    """236B: LoRA on 16 cards; the same YAML without pet_config needs 80, the full-finetune recipe 40 with its AdamW
+    """236B: LoRA on 8 cards (the planner's smallest, 63.6 of 64 GB; the YAML keeps 16 for its 58 GB device limit);
+    the same YAML without pet_config needs 80, the full-finetune recipe 40 with its AdamW
     states offloaded to host memory and the fused attention (64 without it). V2-Lite LoRA fits one card; its full
     finetune needs the 8 of a node."""
     from research.deepseek2.plan_memory import full_finetune
@@ -388,7 +392,7 @@ def test_lora_needs_fewer_cards_than_the_full_finetune():
         with open(os.path.join(PKG, name), encoding="utf-8") as handle:
             recipes[name] = yaml.safe_load(handle)
     lora = recipes["finetune_deepseek2_236B_lora.yaml"]
-    assert smallest_cluster(lora)["device_num"] == 16
+    assert smallest_cluster(lora)["device_num"] == 8
     full = full_finetune(lora)
     assert not full["fits"] and full["device_num"] == 16 and full["smallest_cluster"]["device_num"] == 80
     assert smallest_cluster(recipes["finetune_deepseek2_236B.yaml"])["device_num"] == 40
@@ -403,7 +407,7 @@ def test_cli_prints_lora_against_full_finetune():
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
     for text in ("LoRA: rank 8, alpha 16", "56.78M adapter parameters", "weights (frozen)", "LoRA adapters",
-                 "dp 2 x mp 4 x pp 2 = 16 cards", "smallest cluster that fits: 16 cards",
+                 "dp 2 x mp 4 x pp 2 = 16 cards", "smallest cluster that fits: 8 cards",
                  "full finetune of the same YAML (no pet_config)", "smallest cluster: 80 cards"):
         assert text in out.stdout, text
 
@@ -411,13 +415,13 @@ def test_cli_prints_lora_against_full_finetune():
 # ---------------------------------------------------------------------------------------------- use_flash_attention
 def test_flash_attention_236b_by_hand():
     """finetune_deepseek2_236B.yaml (use_flash_attention: True): b 1, 128 heads / mp 4 = 32 per card, s 4096, softmax
-    fp32 (f 4), bf16 compute (c 2), dq 128 + 64 = 192, dv 128. Per layer, micro-batch and card:
-      unfused b (a/t) (f + c) x the causal blocks of attention_chunk_size 1024 (rows [i, i + 1024) against keys
-              [0, i + 1024)): 32 x 1024 x (1024 + 2048 + 3072 + 4096) x 6 = 2,013,265,920 B (1.875 GiB;
-              the whole (s, s), 32 x 4096^2 x 6 = 3 GiB, with attention_chunk_size 0)
-      fused   64 b (a/t) s        = 64 x 32 x 4096                     =     8,388,608 B (softmax max and sum)
-            + c b (a/t) s (2 dq - dv) = 2 x 32 x 4096 x 256            =    67,108,864 B (padded v and output)
-    saving 1,937,768,448 B = 1.80 GiB per layer."""
+    fp32 (f 4), bf16 compute (c 2), dq 128 + 64 = 192, dv 128. Per micro-batch and card:
+      fused, kept per layer  64 b (a/t) s = 64 x 32 x 4096              =     8,388,608 B (softmax max and sum)
+                           + c b (a/t) s (2 dq - dv) = 2 x 32 x 4096 x 256 =   67,108,864 B (padded v and output)
+      unfused, kept per layer nothing beyond q, k, v and the context (the backward recomputes the probabilities);
+               once per stage, the backward of the last query chunk of attention_chunk_size 1024 (rows [3072, 4096)
+               against keys [0, 4096)): b (a/t) 1024 x 4096 (2 f + c) = 32 x 1024 x 4096 x 10 = 1,342,177,280 B
+               (1.25 GiB; the whole (s, s), 32 x 4096^2 x 10 = 5 GiB, with attention_chunk_size 0)."""
     with open(os.path.join(PKG, "finetune_deepseek2_236B.yaml"), encoding="utf-8") as handle:
         train = yaml.safe_load(handle)
     assert train["model"]["model_config"]["use_flash_attention"] is True
@@ -425,52 +429,56 @@ def test_flash_attention_236b_by_hand():
     assert fused["settings"]["use_flash_attention"] and not unfused["settings"]["use_flash_attention"]
     assert unfused["flash_attention"] is None                            # the switch off: no comparison
     summary = fused["flash_attention"]
-    assert summary["fused"]["attention_per_layer"] == 8388608 + 67108864
-    assert summary["unfused"]["attention_per_layer"] == 2013265920
-    saving = 2013265920 - (8388608 + 67108864)
-    assert saving == 1937768448 and round(saving / GIB, 2) == 1.80
-    # recompute (on in the YAML): the (s, s) term sits in the one layer re-run at a time, on every stage
+    kept, once = 8388608 + 67108864, 1342177280
+    assert (summary["fused"]["attention_per_layer"], summary["fused"]["attention_once"]) == (kept, 0)
+    assert (summary["unfused"]["attention_per_layer"], summary["unfused"]["attention_once"]) == (0, once)
+    # recompute (on in the YAML): the fused buffers sit in the one layer re-run at a time, on every stage
     for with_it, without in zip(fused["stages"], unfused["stages"]):
-        assert without["activations"] - with_it["activations"] == saving
+        assert without["activations"] - with_it["activations"] == once - kept
     assert fused["bytes"]["activations"] == summary["fused"]["activations"]
     assert summary["unfused"]["activations"] == unfused["bytes"]["activations"]
-    assert summary["unfused"]["total"] == unfused["total_bytes"] == fused["total_bytes"] + saving
-    assert round(fused["total_bytes"] / GIB, 2) == 46.03 and round(unfused["total_bytes"] / GIB, 2) == 47.83
-    # no recompute: every layer of the stage keeps it, for each micro-batch in flight (1F1B: 2 on stage 0, 1 on 1)
+    assert summary["unfused"]["total"] == unfused["total_bytes"] == fused["total_bytes"] + once - kept
+    assert round(fused["total_bytes"] / GIB, 2) == 46.03 and round(unfused["total_bytes"] / GIB, 2) == 47.21
+    # no recompute: every layer of the stage keeps the fused buffers, for each micro-batch in flight (1F1B: 2 on
+    # stage 0, 1 on stage 1), where the unfused path holds one chunk's backward once
     no_recompute = dict(train, recompute_config={"recompute": False})
     stages_with, stages_without = plan(no_recompute)["stages"], plan(_flash(no_recompute, False))["stages"]
     assert [b["activations"] - a["activations"] for a, b in zip(stages_with, stages_without)] == \
-        [2 * 30 * saving, 1 * 30 * saving]
+        [once - 2 * 30 * kept, once - 1 * 30 * kept]
 
 
 def test_flash_attention_small_config_by_hand():
     """TINY with bf16 compute (c 2), fp32 softmax (f 4), dp 2 x mp 2: b 1, a/t = 1, s 4, dq 2 + 2 = 4, dv 2.
-    Per layer: unfused b (a/t) s^2 (f + c) = 16 x 6 = 96 B; fused 64 b (a/t) s = 256 + c b (a/t) s (2 dq - dv) = 48,
-    304 B (at s = 4 the fused kernel's fixed 8-wide statistics outweigh the 4 x 4 scores)."""
+    Kept per layer for the backward: unfused nothing beyond q, k, v and the context (mla.SoftmaxAttention recomputes
+    its probabilities), fused 64 b (a/t) s = 256 + c b (a/t) s (2 dq - dv) = 48, 304 B. Once per stage, unfused: the
+    backward's recomputed probabilities, their gradient (fp32) and the scores' gradient (bf16), b (a/t) s^2 (2 f + c)
+    = 16 x 10 = 160 B. In a forward (prediction) unfused b (a/t) s^2 (f + c) = 16 x 6 = 96 B."""
     model = dict(TINY, compute_dtype="bfloat16")
     parallel = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 1, "expert_parallel": 2}
     config = _config(model, parallel)
     # unfused, by hand (c 2): attention s b c (2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a dv/t)
-    #   = 8 x 56 = 448, + 96 -> 544; layer 0 dense FFN 8 x (16 + 24) = 320; layer 1 MoE 8 x (16 + 6) = 176, router
+    #   = 8 x 56 = 448; layer 0 dense FFN 8 x (16 + 24) = 320; layer 1 MoE 8 x (16 + 6) = 176, router
     #   8 s b E = 128, rows k s b = 8: 8 x 2 x (16 + 6) = 352 -> 656; logits s b V (c + 4 + 4) = 4 x 100 x 10 = 4000
     unfused = plan(config, overhead_gb=0.0)
-    assert unfused["bytes"]["activations"] == (544 + 320) + (544 + 656) + 4000
+    assert unfused["bytes"]["activations"] == (448 + 320) + (448 + 656) + 4000 + 160
     fused = plan(_flash(config, True), overhead_gb=0.0)
     assert fused["bytes"]["activations"] == (752 + 320) + (752 + 656) + 4000
     summary = fused["flash_attention"]
-    assert (summary["fused"]["attention_per_layer"], summary["unfused"]["attention_per_layer"]) == (304, 96)
+    assert [(summary[side]["attention_per_layer"], summary[side]["attention_once"]) for side in ("fused", "unfused")] \
+        == [(304, 0), (0, 160)]
     assert (summary["fused"]["total"], summary["unfused"]["total"]) == (fused["total_bytes"], unfused["total_bytes"])
-    assert fused["total_bytes"] - unfused["total_bytes"] == 2 * (304 - 96)
-    # recompute: only the largest layer (layer 1) keeps it
+    assert fused["total_bytes"] - unfused["total_bytes"] == 2 * 304 - 160
+    # recompute: the largest layer (layer 1) re-run keeps the fused buffers; the unfused backward's chunk once
     recompute = dict(config, recompute_config={"recompute": True})
-    assert plan(_flash(recompute, True))["bytes"]["activations"] - plan(recompute)["bytes"]["activations"] == 208
+    assert plan(_flash(recompute, True))["bytes"]["activations"] - plan(recompute)["bytes"]["activations"] == \
+        304 - 160
     # prediction: the prefill workspace of one layer (b / dp = 1 row per card, t = mp 2)
     predict = _config(dict(model, use_past=True, param_init_type="bfloat16"),
                       {"data_parallel": 1, "model_parallel": 2}, run_mode="predict")
     on, off = plan(_flash(predict, True), overhead_gb=0.0), plan(predict, overhead_gb=0.0)
     assert on["bytes"]["workspace"] - off["bytes"]["workspace"] == 304 - 96
-    assert on["flash_attention"]["unfused"] == {"attention_per_layer": 96, "workspace": off["bytes"]["workspace"],
-                                                "total": off["total_bytes"]}
+    assert on["flash_attention"]["unfused"] == {"attention_per_layer": 96, "attention_once": 0.0,
+                                                "workspace": off["bytes"]["workspace"], "total": off["total_bytes"]}
 
 
 @pytest.mark.parametrize("value", ["True", 1, None])

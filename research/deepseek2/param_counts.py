@@ -1,6 +1,17 @@
 """Parameter counts of a DeepSeek-V2 model by part, in total and activated per token: sums over the weights of the
-inventory (research/deepseek2/inventory.py). Plain Python; plan_memory reports them (its docstring gives the
-formulas these sums come to, and the released sizes they reproduce).
+inventory (research/deepseek2/inventory.py: every weight's name, shape and cuts, written once). Plain Python;
+plan_memory reports them.
+
+The formulas these sums come to, as documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the
+no-RoPE/RoPE/value head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
+ns n_shared_experts:
+  embedding V h, lm_head V h (0 if tied), final norm h;  per layer: 2 RMSNorms 2h;
+    MLA  q: h rq + rq + rq a (dn+dr)  (q_a_proj, q_a_layernorm, q_b_proj)  or  h a (dn+dr) when rq is null;
+         kv: h (r+dr) + r + r a (dn+dv)  (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj);  o_proj a dv h;
+    dense FFN 3 h f;   MoE: routed E 3 h fm, shared 3 h ns fm, gate E h.
+  "activated" (per token) = total - embedding table - routed experts not chosen (E - k of E per MoE layer). This is
+  the convention of the released numbers: 236B -> 235.7B total / 20.9B activated ("236B / 21B"),
+  V2-Lite -> 15.7B / 2.45B ("15.7B / 2.4B").
 """
 import functools
 from typing import Tuple

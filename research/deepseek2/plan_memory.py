@@ -6,27 +6,15 @@
 Plain Python + PyYAML: no MindSpore import. Sizes are in GB of 2^30 bytes (as MindSpore's max_device_memory);
 parameter counts in units (B = 1e9).
 
-Parameters (``count_parameters``, research/deepseek2/param_counts.py) are sums over the weights of the inventory
-(research/deepseek2/inventory.py: every weight's name, shape and cuts, written once). The formulas below are what
-those sums come to, as documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the no-RoPE/RoPE/value
-head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
-ns n_shared_experts:
-  embedding V h, lm_head V h (0 if tied), final norm h;  per layer: 2 RMSNorms 2h;
-    MLA  q: h rq + rq + rq a (dn+dr)  (q_a_proj, q_a_layernorm, q_b_proj)  or  h a (dn+dr) when rq is null;
-         kv: h (r+dr) + r + r a (dn+dv)  (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj);  o_proj a dv h;
-    dense FFN 3 h f;   MoE: routed E 3 h fm, shared 3 h ns fm, gate E h.
-  "activated" (per token) = total - embedding table - routed experts not chosen (E - k of E per MoE layer). This is
-  the convention of the released numbers: 236B -> 235.7B total / 20.9B activated ("236B / 21B"),
-  V2-Lite -> 15.7B / 2.45B ("15.7B / 2.4B").
+Parameters: ``count_parameters`` (research/deepseek2/param_counts.py: sums over the inventory's weights; its
+docstring gives the formulas and the released sizes they reproduce).
 
 Sharding per card (MindFormers semantics of parallel_config; mp model_parallel, ep expert_parallel, dp, pp), by
-each weight's cuts in the inventory: a weight with an "ep" cut counts as routed experts (split ep x mp), one with an
-"mp" cut as split by mp, one with a "vocab" cut as the embedding / lm_head, the rest as whole. That is:
-  whole on every card of a stage: RMSNorms, q_a_proj, kv_a_proj_with_mqa (the MLA latents are not split), gate;
-  split by mp: q_b_proj/q_proj and kv_b_proj (by heads), o_proj (by rows), dense and shared-expert FFNs;
-  split by ep x mp: routed experts;  embedding / lm_head: split by mp unless vocab_emb_dp;
-  pipeline: stage i holds its layers (num_hidden_layers / pp, or MindFormers' offset), stage 0 the embedding,
-  the last stage the final norm and lm_head. The busiest stage is reported.
+each weight's cuts in the inventory: an "ep" cut: routed experts, split ep x mp (the only ones); an "mp" cut: split
+by mp (q_b_proj/q_proj and kv_b_proj by heads, o_proj by rows, dense and shared-expert FFNs); a "vocab" cut: the
+embedding / lm_head, split by mp unless vocab_emb_dp; the rest whole on every card of a stage (RMSNorms, q_a_proj,
+kv_a_proj_with_mqa: the MLA latents are not split, gate). Pipeline: stage i holds its layers (num_hidden_layers /
+pp, or MindFormers' offset), stage 0 the embedding, the last one the final norm and lm_head; the busiest is reported.
 
 Training bytes per card:
   weights P x bytes(param_init_type); gradients P x bytes(param_init_type);
@@ -36,22 +24,21 @@ Training bytes per card:
     separately, per node of 8 cards);
   activations per micro-batch (b = batch_size, s = seq_length, c = bytes(compute_dtype), t = mp, softmax in fp32):
     MLA layer:  s b c [2h + 2rq + a(dn+dr)/t + (r+dr) + r + a(dn+dv)/t + 2a(dn+dr)/t + a dv/t]
-                + b (a/t) S_att (4 + c)        (norm in/out, latents, q, kv, RoPE'd q/k, context; fp32 softmax
-                                                 output + its cast for the PV matmul; S_att = s^2, or with
-                                                 attention_chunk_size C < s the causal blocks sum_i C_i stop_i)
-                or, use_flash_attention (the fused kernel, mla.fused_attention), instead of that (s, s) term
-                + 64 b (a/t) s + c b (a/t) s (2(dn+dr) - dv)   (fp32 softmax max and sum, (b, a/t, s, 8) each;
-                                                 v zero-padded to dn+dr and the padded output, less the context)
+                (norm in/out, latents, q, kv, RoPE'd q/k, context: no (s, s) tensor, mla.SoftmaxAttention recomputes
+                its probabilities in the backward); use_flash_attention (mla.fused_attention) keeps + 64 b (a/t) s +
+                c b (a/t) s (2(dn+dr) - dv) (fp32 softmax max and sum, (b, a/t, s, 8) each; v zero-padded to dn+dr
+                and the padded output, less the context)
+    attention backward, once per stage, basic-op path: b (a/t) S (2 x 4 + c) (one query chunk's recomputed fp32
+                probabilities, their gradient, the scores' gradient; S = s^2, or C_i stop_i of the last chunk)
     dense FFN:  s b c [2h + 3f/t]             (norm in/out, gate, up, gate*up)
     MoE FFN:    s b c [2h + 3 ns fm / t] + 8 s b E + R c [2h + 3fm/t]
                 (norm in/out, shared experts, fp32 router logits + probs, R dispatched rows: input, gate, up,
-                 product, output); dropless dispatch R = k s b max(1, capacity_factor), capacity dispatch
-                 (moe_dispatch: capacity) R = E C with C = min(s b, ceil(expert_capacity_factor k s b / E)),
-                 C = s b when the factor is 0
+                 product, output); dropless dispatch R = k s b max(1, capacity_factor), capacity dispatch R = E C,
+                 C = min(s b, ceil(expert_capacity_factor k s b / E)), C = s b when the factor is 0
     (the 2h terms and the layer input shrink by t under use_seq_parallel)
     no recompute: in_flight x sum of the stage's layers;  recompute: in_flight x layers x s b h c (layer inputs)
     + the largest layer (one layer re-run at a time). in_flight = min(pp - stage, micro_batch_num) micro-batches
-    (1F1B). The last stage adds the logits s b V/t' (c + 4 + 4) (logits, fp32 copy, gradient; t' = mp, 1 with vocab_emb_dp).
+    (1F1B). The last stage: the logits s b V/t' (c + 4 + 4) (logits, fp32 copy, gradient; t' = mp or vocab_emb_dp 1).
   overhead: --overhead_gb (workspace, communication buffers, fragmentation), 2 GB by default.
 Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no gradients/optimizer;
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
@@ -59,7 +46,7 @@ Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no
   prefill_chunk_size p < s, a prefill call's: p tokens, attention (b/dp) A p s (4 + c), A = the heads of a block
   (inventory.head_blocks, by attention_chunk_size), logits of p tokens.
 A YAML with use_flash_attention on is also planned with it off: the report prints the attention's bytes per layer
-and micro-batch, the activations (workspace) and the total per card both ways.
+and micro-batch and once per stage, the activations (workspace) and the total per card both ways.
 
 LoRA (model_config.pet_config, lora.py; training only): every targeted weight gets A (..., r, in) and B (..., out,
 r), cut like the weight (an expert on both, its output rows on B, its input columns on A). The frozen base has no
@@ -281,9 +268,9 @@ def _optimizer_shard(weights: _Weights, st: _Settings) -> float:
 
 # ---------------------------------------------------------------------------------------------- activations
 def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_parallel: bool,
-                            keys: Optional[int] = None) -> float:
-    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring);
-    keys: the cache length a prefill chunk of st.seq_length tokens attends to (None: the causal sequence)."""
+                            keys: Optional[int] = None, training: bool = False) -> float:
+    """Bytes one decoder layer keeps for its backward for one micro-batch (formula in the module docstring), or holds
+    in a forward; keys: the cache length a prefill chunk of st.seq_length tokens attends to (None: causal)."""
     m, c, s = st.shape, st.compute_bytes, st.seq_length
     h, a = m.hidden_size, m.num_attention_heads
     dn, dr, dv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -291,15 +278,16 @@ def _layer_activation_bytes(st: _Settings, layer: int, b: float, t: int, seq_par
     hh = 2 * h / (t if seq_parallel else 1)          # norm input + output
     attn = s * b * c * (hh + 2 * rq + a * (dn + dr) / t + (r + dr) + r + a * (dn + dv) / t
                         + 2 * a * (dn + dr) / t + a * dv / t)
-    attn += _attention_core_bytes(st, b, t, st.flash_attention and keys is None, keys)
+    fused = st.flash_attention and keys is None      # training keeps only the fused kernel's own buffers
+    attn += _attention_core_bytes(st, b, t, fused, keys) if fused or not training else 0.0
     lora = _lora_activation_bytes(st, layer, b) if st.lora else 0.0
     return attn + _ffn_activation_bytes(st, layer, b, t, hh) + lora
 
 
 def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Optional[int] = None) -> float:
-    """What the attention itself keeps for the backward (besides q, k, v and the context): the (s, s) softmax output
-    and its cast for the PV matmul; fused (use_flash_attention), the kernel's fp32 softmax max and sum, (b, a/t, s, 8)
-    each, the value zero-padded to the q/k head dim and the kernel's padded output (its d_v slice is the context)."""
+    """The attention's own buffers in a forward (besides q, k, v and the context): the softmax output and its cast
+    for the PV matmul; fused, the kernel's fp32 softmax max and sum, (b, a/t, s, 8) each, the value zero-padded to
+    the q/k head dim and the padded output (its d_v slice is the context), which its backward keeps."""
     m, c, s, heads = st.shape, st.compute_bytes, st.seq_length, b * (st.shape.num_attention_heads / t)
     if fused:                                        # 2 x 8 fp32 statistics per row: 64 bytes
         return heads * s * (64 + c * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) - m.v_head_dim))
@@ -308,6 +296,15 @@ def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Op
         return b * (stop - first) * s * keys * (st.softmax_bytes + c)
     scores = sum((stop - start) * stop for start, stop in chunk_bounds(s, st.attention_chunk))   # keys [0, stop)
     return heads * scores * (st.softmax_bytes + c)
+
+
+def _attention_backward_bytes(st: _Settings, b: float, t: int) -> float:
+    """Basic-op attention backward (mla.SoftmaxAttention.bprop), one query chunk: fp32 P and dP, dS; 0 when fused."""
+    if st.flash_attention:
+        return 0.0
+    heads = b * (st.shape.num_attention_heads / t)
+    largest = max((stop - start) * stop for start, stop in chunk_bounds(st.seq_length, st.attention_chunk))
+    return heads * largest * (2 * st.softmax_bytes + st.compute_bytes)
 
 
 def _card_share(param: Param, st: _Settings) -> float:
@@ -345,15 +342,16 @@ def _ffn_activation_bytes(st: _Settings, layer: int, b: float, t: int, hh: float
 
 def _training_activation_bytes(st: _Settings, stage: int, layers: range) -> float:
     """Activations of a training stage: its layers for the in-flight micro-batches (1F1B), or under recompute their
-    inputs and one layer re-run at a time; the last stage adds the logits (fp32 copy and gradient)."""
+    inputs and one layer re-run at a time; plus one attention backward's buffers; the last stage adds the logits."""
     p, m, c, s, b = st.parallel, st.shape, st.compute_bytes, st.seq_length, st.batch_size
     in_flight = min(p.pp - stage, p.micro_batch_num) if p.pp > 1 else 1
-    per_layer = [_layer_activation_bytes(st, layer, b, p.mp, p.use_seq_parallel) for layer in layers]
+    per_layer = [_layer_activation_bytes(st, layer, b, p.mp, p.use_seq_parallel, training=True) for layer in layers]
     if st.recompute:
         layer_input = s * b * m.hidden_size * c / (p.mp if p.use_seq_parallel else 1)
         act = in_flight * len(layers) * layer_input + max(per_layer, default=0)
     else:
         act = in_flight * sum(per_layer)
+    act += _attention_backward_bytes(st, b, p.mp)
     if stage == p.pp - 1:
         act += s * b * m.vocab_size / st.vocab_parts * (c + 4 + 4)
     return act
@@ -413,12 +411,10 @@ def _stage_plan(st: _Settings, stage: int, layers: range, overhead_gb: float) ->
 
 # ---------------------------------------------------------------------------------------------- plan
 def plan(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -> dict:
-    """Memory plan of a MindFormers config dict (a loaded YAML). Bytes per card of the busiest pipeline stage.
-
-    Returns mode, shape (dp/mp/pp/ep/...), params (count_parameters), per-card parameter counts, a ``bytes``
-    breakdown (weights, gradients, optimizer, activations or kv_cache/workspace, overhead), ``total_bytes``,
-    ``fits`` against card_memory_gb, host bytes of swapped optimizer states, and the parallel_check problems.
-    """
+    """Memory plan of a MindFormers config dict (a loaded YAML), per card of the busiest pipeline stage: mode, shape
+    (dp/mp/pp/ep/...), params (count_parameters), per-card parameter counts, a ``bytes`` breakdown (weights,
+    gradients, optimizer, activations or kv_cache/workspace, overhead), ``total_bytes``, ``fits`` against
+    card_memory_gb, host bytes of swapped optimizer states, and the parallel_check problems."""
     st = _settings(config)
     return _plan_result(st, _stage_plans(st, overhead_gb), card_memory_gb, overhead_gb)
 
@@ -467,14 +463,19 @@ def _lora_summary(st: _Settings) -> Optional[dict]:
 
 
 def _flash_summary(st: _Settings, busiest: dict, overhead_gb: float) -> Optional[dict]:
-    """use_flash_attention on: per card, the attention's bytes per layer and micro-batch (the prefill's, predicting)
-    and the busiest stage's activations (workspace) and total, with the fused kernel ("fused") and without it."""
+    """use_flash_attention on: per card, the attention's bytes per layer and micro-batch (kept for the backward;
+    predicting, the prefill's), its bytes once per stage (the basic-op backward's chunk), and the busiest stage's
+    activations (workspace) and total, with the fused kernel ("fused") and without it ("unfused")."""
     if not st.flash_attention:
         return None
     b, key = (st.batch_size / st.parallel.dp, "workspace") if st.predict else (st.batch_size, "activations")
-    unfused = max(_stage_plans(replace(st, flash_attention=False), overhead_gb), key=lambda e: e["total"])
-    return {side: {"attention_per_layer": _attention_core_bytes(st, b, st.parallel.mp, fused), key: e[key],
-                   "total": e["total"]} for side, fused, e in (("fused", True, busiest), ("unfused", False, unfused))}
+    basic, t = replace(st, flash_attention=False), st.parallel.mp
+    unfused = max(_stage_plans(basic, overhead_gb), key=lambda e: e["total"])
+    basic_layer, basic_once = ((_attention_core_bytes(st, b, t, False), 0.0) if st.predict
+                               else (0.0, _attention_backward_bytes(basic, b, t)))
+    return {side: {"attention_per_layer": layer, "attention_once": once, key: e[key], "total": e["total"]}
+            for side, layer, once, e in (("fused", _attention_core_bytes(st, b, t, True), 0.0, busiest),
+                                         ("unfused", basic_layer, basic_once, unfused))}
 
 
 def _largest_ep(limit: int, dp: int, experts: Optional[int]) -> int:
@@ -483,10 +484,8 @@ def _largest_ep(limit: int, dp: int, experts: Optional[int]) -> int:
 
 def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0,
                      max_cards: int = 4096) -> Optional[dict]:
-    """Smallest multiple of 8 cards (keeping model_parallel / pipeline_stage, see the module docstring) that fits.
-
-    Returns {"device_num", "data_parallel", "expert_parallel", "total_bytes"} or None if none up to max_cards.
-    """
+    """Smallest multiple of 8 cards (keeping model_parallel / pipeline_stage, see the module docstring) that fits:
+    {"device_num", "data_parallel", "expert_parallel", "total_bytes"}, or None if none up to max_cards."""
     st = _settings(config)
     shape, pc = st.parallel, st.parallel_config
     group = shape.mp * shape.pp
@@ -553,7 +552,8 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Op
     for side, entry in (result["flash_attention"] or {}).items():
         key = "activations" if "activations" in entry else "workspace"
         lines.append(f"  use_flash_attention {'True: ' if side == 'fused' else 'False:'} attention "
-                     f"{entry['attention_per_layer'] / GIB:.2f} GB per layer and micro-batch, {key} "
+                     f"{entry['attention_per_layer'] / GIB:.2f} GB per layer and micro-batch + "
+                     f"{entry['attention_once'] / GIB:.2f} GB once, {key} "
                      f"{entry[key] / GIB:.2f} GB, total {entry['total'] / GIB:.2f} GB per card")
     if result["host_optimizer_bytes_per_node"]:
         lines.append(f"  host memory for swapped optimizer states: {_gb(result['host_optimizer_bytes_per_node'])}"
