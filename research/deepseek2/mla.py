@@ -120,7 +120,7 @@ class SoftmaxAttention(nn.Cell):
         probs = self.probs(query, key, mask)                                               # (..., q, k) recomputed
         d_value = self.bmm_ta(ops.cast(probs, dout.dtype), dout)                           # (..., k, v)
         d_probs = ops.cast(self.bmm_t(dout, value), self.softmax_dtype)                    # (..., q, k)
-        row = ops.cast(self.row_sum(dout * out, -1), self.softmax_dtype)                  # (..., q, 1)
+        row = self.row_sum(ops.cast(dout, self.softmax_dtype) * ops.cast(out, self.softmax_dtype), -1)  # (..., q, 1)
         d_scores = ops.cast(probs * (d_probs - row), query.dtype)                          # (..., q, k)
         return self.bmm(d_scores, key), self.bmm_ta(d_scores, query), d_value, ops.zeros_like(mask)
 
