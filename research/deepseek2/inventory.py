@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["Cut", "Param", "ModelShape", "LocalShape", "model_shape", "is_moe_layer", "parameters", "layer_parameters",
            "buffers", "expected_shapes", "parts", "local_shape", "local_param_shape", "inference_split_dim",
-           "divisibility_problems", "expert_capacity", "chunk_bounds", "PARALLEL_AXES"]
+           "divisibility_problems", "expert_capacity", "chunk_bounds", "chunk_scores", "PARALLEL_AXES"]
 
 PARALLEL_AXES = ("mp", "ep", "vocab")
 
@@ -272,6 +272,11 @@ def chunk_bounds(seq: int, chunk: int) -> List[Tuple[int, int]]:
     if not chunk or chunk >= seq:
         return [(0, seq)]
     return [(start, min(start + chunk, seq)) for start in range(0, seq, chunk)]
+
+
+def chunk_scores(seq: int, chunk: int) -> List[int]:
+    """The scores (query rows x keys) each attention chunk of ``chunk_bounds`` computes: (stop - start) x stop."""
+    return [(stop - start) * stop for start, stop in chunk_bounds(seq, chunk)]
 
 
 def head_blocks(heads: int, tokens: int, chunk: int) -> List[Tuple[int, int]]:

@@ -3,8 +3,8 @@ inventory (research/deepseek2/inventory.py: every weight's name, shape and cuts,
 plan_memory reports them.
 
 The formulas these sums come to, as documentation; with h hidden_size, V vocab_size, a heads, dn/dr/dv the
-no-RoPE/RoPE/value head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size, E n_routed_experts,
-ns n_shared_experts:
+no-RoPE/RoPE/value head dims, r kv_lora_rank, rq q_lora_rank, f intermediate_size, fm moe_intermediate_size,
+E n_routed_experts, ns n_shared_experts:
   embedding V h, lm_head V h (0 if tied), final norm h;  per layer: 2 RMSNorms 2h;
     MLA  q: h rq + rq + rq a (dn+dr)  (q_a_proj, q_a_layernorm, q_b_proj)  or  h a (dn+dr) when rq is null;
          kv: h (r+dr) + r + r a (dn+dv)  (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj);  o_proj a dv h;

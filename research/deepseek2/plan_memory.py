@@ -70,7 +70,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from research.deepseek2.dtypes import bytes_of
-from research.deepseek2.inventory import (ModelShape, Param, chunk_bounds, expert_capacity, head_blocks,
+from research.deepseek2.inventory import (ModelShape, Param, chunk_scores, expert_capacity, head_blocks,
                                           is_moe_layer, layer_parameters, model_shape, parameters, parts)
 from research.deepseek2.lora import LoraSettings, adapter_shapes, parse_pet_config, targeted_projections
 from research.deepseek2.param_counts import count_parameters
@@ -294,17 +294,15 @@ def _attention_core_bytes(st: _Settings, b: float, t: int, fused: bool, keys: Op
     if keys is not None:                             # a prefill chunk: s rows against the cache, a head block at once
         first, stop = head_blocks(m.num_attention_heads // t, s, st.attention_chunk)[0]            # the largest
         return b * (stop - first) * s * keys * (st.softmax_bytes + c)
-    scores = sum((stop - start) * stop for start, stop in chunk_bounds(s, st.attention_chunk))   # keys [0, stop)
-    return heads * scores * (st.softmax_bytes + c)
+    return heads * sum(chunk_scores(s, st.attention_chunk)) * (st.softmax_bytes + c)      # the causal chunks
 
 
 def _attention_backward_bytes(st: _Settings, b: float, t: int) -> float:
     """Basic-op attention backward (mla.SoftmaxAttention.bprop), one query chunk: fp32 P and dP, dS; 0 when fused."""
     if st.flash_attention:
         return 0.0
-    heads = b * (st.shape.num_attention_heads / t)
-    largest = max((stop - start) * stop for start, stop in chunk_bounds(st.seq_length, st.attention_chunk))
-    return heads * largest * (2 * st.softmax_bytes + st.compute_bytes)
+    largest = max(chunk_scores(st.seq_length, st.attention_chunk))
+    return b * (st.shape.num_attention_heads / t) * largest * (2 * st.softmax_bytes + st.compute_bytes)
 
 
 def _card_share(param: Param, st: _Settings) -> float:
