@@ -190,18 +190,17 @@ def test_attention_chunk_size_is_checked():
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size="512"))
 
 
-@pytest.mark.parametrize("chunk, key_lengths, attention_chunk", [(4, [4, 8, 16], 2), (6, [6, 12], 1024)])
-def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, attention_chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, spans, attention_chunk", [(4, [(0, 4), (4, 8), (8, 12)], 2), (6, [(0, 6), (6, 12)], 1024)])
+def test_prefill_in_chunks_matches_reference(layout, mode, chunk, spans, attention_chunk, monkeypatch):
     """use_past generate with prefill_chunk_size: a batch of prompts of 7 and 11 tokens (right-padded) is prefilled
-    in calls of `chunk` tokens against the latent cache, each over the cache's leading slots only (key_lengths:
-    chunk times a power of two, of SEQ = 32); greedy tokens equal the reference's, and the per-step logits equal
-    the one-call prefill's (1e-4). attention_chunk_size 2 splits the 4 heads of the attention against the cache
+    in calls of `chunk` tokens against the latent cache, each over the cache's slots up to its end only (spans, of
+    SEQ = 32), all through one compiled graph (graph mode: the key axis is dynamic); greedy tokens equal the
+    reference's, and the per-step logits equal the one-call prefill's (1e-4). attention_chunk_size 2 splits the 4 heads of the attention against the cache
     into blocks (head_blocks: one head a block in a prefill chunk, two in a decode step); 1024 keeps them whole."""
     from research.deepseek2 import deepseek2 as model_module
     used = []
-    inner_length = model_module.prefill_key_length
-    monkeypatch.setattr(model_module, "prefill_key_length", lambda *args: used.append(inner_length(*args))
-                        or used[-1])
+    inner_chunks = model_module.prefill_chunks
+    monkeypatch.setattr(model_module, "prefill_chunks", lambda *args: used.extend(inner_chunks(*args)) or used)
     _, fields, ref = layout
     a = list(np.random.RandomState(2).randint(2, fields["vocab_size"], 7))
     b = list(np.random.RandomState(3).randint(2, fields["vocab_size"], 11))
@@ -216,22 +215,25 @@ def test_prefill_in_chunks_matches_reference(layout, mode, chunk, key_lengths, a
         res = net.generate([a + [pad] * 4, b], max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                            output_logits=True)
         assert calls == ([chunk] if size else [])
-        assert used == (key_lengths if size else [])
+        assert used == (spans if size else [])
         used.clear()
+        chunk_graphs = [phase for phase in net.compile_cache if phase.startswith("chunk")]
+        assert len(chunk_graphs) == (1 if size and mode == "graph" else 0), chunk_graphs
+        assert net.get_inputs() is None                  # the dynamic key axis was declared for the prefill only
         results[size] = (res.sequences, np.concatenate([np.asarray(x) for x in res.logits]))
     for row, prompt in zip(results[chunk][0], (a, b)):
         assert list(row)[:len(prompt) + 6] == list(R.reference_generate(ref, np.array([prompt]), 6)[0])
     np.testing.assert_allclose(results[chunk][1], results[0][1], rtol=0, atol=1e-4)
 
 
-def test_prefill_key_length():
-    from research.deepseek2.deepseek2 import prefill_key_length
-    assert [prefill_key_length(end, 512, 65552) for end in (512, 513, 1024, 1536, 4096, 40000, 65536, 65552)] == \
-        [512, 1024, 1024, 2048, 4096, 65536, 65536, 65552]
-    assert prefill_key_length(6, 4, 7) == 7                      # capped at seq_length
-    for end, chunk in ((0, 4), (33, 4), (8, 0)):
-        with pytest.raises(ValueError, match="prefill chunk"):
-            prefill_key_length(end, chunk, 32)
+def test_prefill_chunks():
+    from research.deepseek2.deepseek2 import prefill_chunks
+    assert prefill_chunks(1300, 512, 4096) == [(0, 512), (512, 1024), (1024, 1536)]
+    assert prefill_chunks(10, 4, 10) == [(0, 4), (4, 8), (6, 10)]       # the last call ends at seq_length
+    assert prefill_chunks(4, 4, 4) == [(0, 4)]
+    for prompt, chunk in ((0, 4), (33, 4), (8, 0), (8, 33)):
+        with pytest.raises(ValueError, match="prefill_chunk_size"):
+            prefill_chunks(prompt, chunk, 32)
 
 
 def test_head_blocks():

@@ -10,6 +10,8 @@ Callers load weights (``checkpoint_io.load_ms_checkpoint``) and lay the model ou
 that holds part of the model (hand-written inference tensor parallel, token groups of the capacity dispatch) says so
 with a ``LocalShape`` from the plan (``inventory.local_shape``).
 """
+from typing import List, Tuple
+
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Tensor
@@ -55,9 +57,9 @@ class DecoderLayer(nn.Cell):
             self.feed_forward = FeedForward(config.hidden_size, config.intermediate_size, config.compute_dtype,
                                             config.param_init_type, config.init_std, local.tp)
 
-    def construct(self, x, cos, sin, slots=None, hidden=None):
+    def construct(self, x, cos, sin, slots=None, hidden=None, keys=None):
         """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, slots, hidden)
+        h = x + self.attention(self.attention_norm(x), cos, sin, slots, hidden, keys)
         if self.is_moe:
             ffn, aux = self.feed_forward(self.ffn_norm(h))
         else:
@@ -107,7 +109,8 @@ class DeepseekV2Model(nn.Cell):
         Returns their positions (b, s) int32, their cache rows (b*s,) int32 (sequence * seq_length + position, the
         layout of ``MLAttention.kv_cache``) and which of the first ``keys`` cache slots each may not see,
         (b, s, keys) bool (those after its position); computed once for all layers. The attention reads those
-        ``keys`` slots of the cache: all seq_length of them, or fewer for a prefill chunk (``prefill_key_length``)."""
+        ``keys`` slots of the cache: all seq_length of them, or those up to a prefill chunk's end (``prefill_chunks``;
+        then ``keys`` is the graph's dynamic dimension)."""
         positions = ops.expand_dims(batch_valid_length, 1) - s + ops.arange(s, dtype=mstype.int32)     # (b, s)
         first = ops.expand_dims(ops.arange(b, dtype=mstype.int32) * self.config.seq_length, 1)         # (b, 1)
         slots = ops.reshape(first + positions, (-1,))                                                  # (b*s,)
@@ -117,36 +120,36 @@ class DeepseekV2Model(nn.Cell):
 
     def construct(self, tokens, batch_valid_length=None, key_slots=None):
         """tokens (b, s); with use_past after the first iteration, batch_valid_length (b,) where each row's s tokens
-        end, and key_slots: None (attend over all seq_length cache slots) or a tensor whose length (a static shape)
-        is how many leading cache slots to attend over, all the tokens' positions among them."""
+        end, and key_slots: None (attend over all seq_length cache slots) or a tensor whose length (a dynamic
+        dimension in ``prefill_in_chunks``'s graph) is how many leading cache slots to attend over, all the tokens'
+        positions among them."""
         b, s = tokens.shape
         x = ops.cast(self.tok_embeddings(tokens), self.config.compute_dtype)               # (b, s, h)
-        slots, hidden = None, None
+        slots, hidden, keys = None, None, None
         if self.use_past and not self.is_first_iteration:
-            keys = self.config.seq_length if key_slots is None else key_slots.shape[0]
-            positions, slots, hidden = self.cache_positions(b, s, batch_valid_length, keys)
+            keys = None if key_slots is None else key_slots.shape[0]        # a dynamic dimension for prefill chunks
+            positions, slots, hidden = self.cache_positions(b, s, batch_valid_length,
+                                                            self.config.seq_length if keys is None else keys)
             cos, sin = self.rotary(s, positions)                                           # (b, 1, s, rope)
         else:
             cos, sin = self.rotary(s)                                                      # (s, rope)
         aux = ops.zeros((), mstype.float32)
         for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin, slots, hidden)
+            x, layer_aux = layer(x, cos, sin, slots, hidden, keys)
             aux = aux + layer_aux
         return self.norm_out(x), aux
 
 
-def prefill_key_length(end: int, chunk: int, seq_length: int) -> int:
-    """How many leading cache slots a prefill chunk ending at position ``end`` attends over: ``chunk`` times the
-    smallest power of two that reaches ``end``, at most seq_length. Powers of two keep the compiled graphs few
-    (one per length) while a chunk reads at most about twice the slots it needs, where all seq_length would make
-    a long prompt's prefill cost grow with prompt length times seq_length."""
-    if not 0 < end <= seq_length or chunk <= 0:
-        raise ValueError(f"a prefill chunk ends within 1..seq_length ({seq_length}) and has a positive size; got "
-                         f"end {end}, chunk {chunk}")
-    keys = chunk
-    while keys < end:
-        keys *= 2
-    return min(keys, seq_length)
+def prefill_chunks(prompt_length: int, chunk: int, seq_length: int) -> List[Tuple[int, int]]:
+    """The (start, end) positions of each call of a chunked prefill: ``chunk`` tokens a call, the last one ending at
+    seq_length at the latest (it may then recompute a few cached positions, which rewrites the same entries). A call
+    attends over the cache's first ``end`` slots, its own included: its work grows with its position, not with
+    seq_length."""
+    if not 0 < prompt_length <= seq_length or not 0 < chunk <= seq_length:
+        raise ValueError(f"a chunked prefill needs a prompt of 1..seq_length ({seq_length}) tokens and a chunk of "
+                         f"1..seq_length tokens (prefill_chunk_size); got prompt {prompt_length}, chunk {chunk}")
+    return [(min(start, seq_length - chunk), min(start, seq_length - chunk) + chunk)
+            for start in range(0, prompt_length, chunk)]
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -224,33 +227,36 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
     def prefill_in_chunks(self, input_ids, valid_length, chunk: int):
         """Prefill the latent caches chunk by chunk, each chunk attending to the cache written so far.
 
-        input_ids (b, seq_length) right-padded, valid_length (b,) prompt lengths. Every call takes chunk tokens
-        (the last chunk ends at seq_length at the latest and may recompute a few cached positions, which rewrites
-        the same entries) and attends over the cache's first ``prefill_key_length`` slots, the chunk's own
-        included: one graph per such length (phase "chunk{length}"), at most log2(seq_length / chunk) + 1 of them.
-        The attention's largest buffer is (b, heads, chunk, seq_length) at most, whatever the prompt length, and
-        a chunk's work grows with its position, not with seq_length. Returns (b, seq_length, vocab) float32 logits in
-        which only each row's last prompt position is filled: all generate reads of a prefill.
+        input_ids (b, seq_length) right-padded, valid_length (b,) prompt lengths. Every call takes chunk tokens and
+        attends over the cache's slots up to the chunk's end (``prefill_chunks``). All calls run one compiled graph
+        (phase "chunk"), whose key axis is a dynamic dimension (the length of zactivate_len): on CPU each compiled
+        graph keeps memory of its own, about 250 MiB for the small benchmark model at 512-token chunks, so one graph
+        per key length made a 16K prompt's prefill hold six (docs/benchmarks.md, session 9). The attention's largest
+        buffer is (b, heads of a block, chunk, seq_length) at most, whatever the prompt length. Returns
+        (b, seq_length, vocab) float32 logits in which only each row's last prompt position is filled: all generate
+        reads of a prefill.
         """
         ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
         valid = np.asarray(valid_length, np.int64).reshape(-1)
         b, seq = ids.shape
         logits = None
         self.add_flags_custom(is_first_iteration=False)                   # the cached branch, chunk rows at once
-        for start in range(0, int(valid.max()), chunk):
-            start = min(start, seq - chunk)
-            end = start + chunk
-            keys = prefill_key_length(end, chunk, seq)
-            self.phase = f"chunk{keys}_{self._pre_set_phase}" if self._pre_set_phase else f"chunk{keys}"
-            out = self(input_ids=Tensor(np.ascontiguousarray(ids[:, start:end]), mstype.int32),
-                       batch_valid_length=Tensor(np.full((b,), end, np.int32)),
-                       zactivate_len=Tensor(np.zeros((keys,), np.int32))).asnumpy()       # (b, chunk, vocab)
-            if logits is None:
-                logits = np.zeros((b, seq, out.shape[-1]), np.float32)     # untouched rows take no memory
-            for row in range(b):
-                last = int(valid[row]) - 1
-                if start <= last < end:
-                    logits[row, last] = out[row, last - start]
+        self.phase = f"chunk_{self._pre_set_phase}" if self._pre_set_phase else "chunk"
+        declared = self.get_inputs()
+        self.set_inputs(zactivate_len=Tensor(shape=[None], dtype=mstype.int32))     # one graph for every key length
+        try:
+            for start, end in prefill_chunks(int(valid.max()), chunk, seq):
+                out = self(input_ids=Tensor(np.ascontiguousarray(ids[:, start:end]), mstype.int32),
+                           batch_valid_length=Tensor(np.full((b,), end, np.int32)),
+                           zactivate_len=Tensor(np.zeros((end,), np.int32))).asnumpy()    # (b, chunk, vocab)
+                if logits is None:
+                    logits = np.zeros((b, seq, out.shape[-1]), np.float32)     # untouched rows take no memory
+                for row in range(b):
+                    last = int(valid[row]) - 1
+                    if start <= last < end:
+                        logits[row, last] = out[row, last - start]
+        finally:
+            self._dynamic_shape_inputs = declared                         # decode steps stay static
         self.phase = "increment"
         return Tensor.from_numpy(logits)
 

@@ -238,7 +238,7 @@ class MLAttention(nn.Cell):
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
         q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
         query = ops.concat((q_latent, q_pe), -1) * self.scale            # (b, n, s, r+rope), scaled once here
-        width, keys = r + self.rope_dim, cache.shape[1]
+        width = r + self.rope_dim
         hidden = ops.expand_dims(hidden, 1)                                                # (b, 1, s, K)
         outs = []
         for first, stop in head_blocks(n, s, self.chunk_size):          # static: unrolled in graph mode
@@ -246,28 +246,29 @@ class MLAttention(nn.Cell):
             block = query if heads == n else ops.slice(query, (0, first, 0, 0), (b, heads, s, width))
             if outs:                                                    # one block after the other: buffers reused
                 block = ops.depend(block, outs[-1])
-            mask = ops.reshape(ops.broadcast_to(hidden, (b, heads, s, keys)), (b, heads * s, keys))
+            mask = ops.reshape(ops.broadcast_to(hidden, (b, heads, s, -1)), (b, heads * s, -1))   # (b, h*s, K)
             outs.append(self.attention(ops.reshape(block, (b, heads * s, width)), cache, cache, mask))  # (b, h*s, w)
         o_latent = (outs[0] if len(outs) == 1 else ops.concat(outs, 1))[..., :r]  # (b, n*s, r): the cache as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
         out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
-    def _write_cache(self, rows, entry, b: int, keys: int = None):
+    def _write_cache(self, rows, entry, b: int, keys=None):
         """Write entry (b, s, r + rope) into the cache rows (b*s,) in place; returns the first b sequences' first
-        ``keys`` slots (default all S) as attention reads them, (b, keys, r + rope)."""
+        ``keys`` slots (None: all S) as attention reads them, (b, keys, r + rope). keys may be a dynamic dimension
+        (a prefill chunk's: one compiled graph for every chunk, see ``prefill_in_chunks``), so it is never compared
+        here: None is the only static case."""
         entry = ops.cast(ops.reshape(entry, (-1, entry.shape[-1])), self.kv_cache.dtype)
         cache = ops.depend(self.kv_cache, ops.scatter_update(self.kv_cache, rows, entry))
         _, seq, width = self.cache_shape
-        keys = seq if keys is None else keys
-        if b == 1 and keys < seq:                              # one sequence: its leading rows, one slice
+        if keys is not None and b == 1:                        # one sequence: its leading rows, one slice
             return ops.reshape(ops.slice(cache, (0, 0), (keys, width)), (1, keys, width))
         if b < self.cache_shape[0]:                            # a batch smaller than the cache's: its first rows
             cache = ops.slice(cache, (0, 0), (b * seq, width))
         cache = ops.reshape(cache, (b, seq, width))                                        # (b, S, r + rope)
-        return cache if keys == seq else ops.slice(cache, (0, 0, 0), (b, keys, width))    # (b, keys, r + rope)
+        return cache if keys is None else ops.slice(cache, (0, 0, 0), (b, keys, width))   # (b, keys, r + rope)
 
-    def construct(self, x, cos, sin, slots=None, hidden=None):
+    def construct(self, x, cos, sin, slots=None, hidden=None, keys=None):
         """x (b, s, h) -> (b, s, h).
 
         Full sequence (training, no cache, prefill): cos/sin (s, rope), causal.
@@ -283,7 +284,7 @@ class MLAttention(nn.Cell):
         k_pe = apply_rotary(ops.expand_dims(k_pe, 1), cos, sin)                           # (b, 1, s, rope)
         if self.use_past and not self.is_first_iteration:
             entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                           # (b, s, r + rope)
-            out = self._absorbed(q_nope, q_pe, self._write_cache(slots, entry, b, hidden.shape[-1]), hidden)
+            out = self._absorbed(q_nope, q_pe, self._write_cache(slots, entry, b, keys), hidden)
         else:
             if self.use_past:                                  # the prompt: rows 0 .. b*S-1 of the cache
                 entry = ops.concat((c_kv, ops.squeeze(k_pe, 1)), -1)                       # (b, S, r + rope)
