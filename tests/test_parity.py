@@ -190,13 +190,15 @@ def test_attention_chunk_size_is_checked():
         R.DeepseekV2Config(**dict(LAYOUTS["v2"], attention_chunk_size="512"))
 
 
-@pytest.mark.parametrize("chunk, spans, attention_chunk", [(4, [(0, 4), (4, 8), (8, 12)], 2), (6, [(0, 6), (6, 12)], 1024)])
+@pytest.mark.parametrize("chunk, spans, attention_chunk",
+                         [(4, [(0, 4), (4, 8), (8, 12)], 2), (6, [(0, 6), (6, 12)], 1024)])
 def test_prefill_in_chunks_matches_reference(layout, mode, chunk, spans, attention_chunk, monkeypatch):
     """use_past generate with prefill_chunk_size: a batch of prompts of 7 and 11 tokens (right-padded) is prefilled
     in calls of `chunk` tokens against the latent cache, each over the cache's slots up to its end only (spans, of
     SEQ = 32), all through one compiled graph (graph mode: the key axis is dynamic); greedy tokens equal the
-    reference's, and the per-step logits equal the one-call prefill's (1e-4). attention_chunk_size 2 splits the 4 heads of the attention against the cache
-    into blocks (head_blocks: one head a block in a prefill chunk, two in a decode step); 1024 keeps them whole."""
+    reference's, and the per-step logits equal the one-call prefill's (1e-4). attention_chunk_size 2 splits the 4
+    heads of the attention against the cache into blocks (head_blocks: one head a block in a prefill chunk, two in
+    a decode step); 1024 keeps them whole."""
     from research.deepseek2 import deepseek2 as model_module
     used = []
     inner_chunks = model_module.prefill_chunks

@@ -256,7 +256,7 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
                     if start <= last < end:
                         logits[row, last] = out[row, last - start]
         finally:
-            self._dynamic_shape_inputs = declared                         # decode steps stay static
+            self._dynamic_shape_inputs = declared      # decode steps stay static (set_inputs cannot set None back)
         self.phase = "increment"
         return Tensor.from_numpy(logits)
 
