@@ -58,7 +58,8 @@ class DecoderLayer(nn.Cell):
                                             config.param_init_type, config.init_std, local.tp)
 
     def construct(self, x, cos, sin, slots=None, hidden=None, keys=None):
-        """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference)."""
+        """x (b, s, h) -> (b, s, h), this layer's balance loss (0 for dense layers and in inference); cos, sin,
+        slots, hidden, keys as ``MLAttention.construct`` takes them."""
         h = x + self.attention(self.attention_norm(x), cos, sin, slots, hidden, keys)
         if self.is_moe:
             ffn, aux = self.feed_forward(self.ffn_norm(h))

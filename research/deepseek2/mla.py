@@ -276,6 +276,8 @@ class MLAttention(nn.Cell):
         positions, slots (b*s,) int32 each token's cache row (sequence * seq_length + position), hidden (b, s, K)
         bool which of the first K cache slots lie after each token's position (``DeepseekV2Model.cache_positions``;
         K = seq_length, or fewer for a prefill chunk: the attention reads those K slots only); s = 1 when decoding.
+        keys: None when K = seq_length (a decode step), else K itself (a prefill chunk; a dynamic dimension of the
+        chunk graph, which is why it comes as an argument instead of being compared with seq_length here).
         """
         b, s, _ = x.shape
         q_nope, q_pe = self._query(x)
