@@ -9,8 +9,9 @@ resident memory. Each framework runs in its own process, one after the other:
                     gradients, allocator pools),
   delta (step)      the same for the timed steps only (VmHWM reset after warm-up). MindSpore keeps its memory
                     pool between steps, so for ours both deltas are the pool size.
-Ours: nn.TrainOneStepCell (or --wrapper deepseek) with MindFormers' AdamW, which is bias-corrected like
-torch.optim.AdamW: the loss of the first and of the last step must agree between the two columns.
+Ours: nn.TrainOneStepCell (or --wrapper deepseek) with the package's CpuAdamW (--optimizer AdamW: MindFormers'
+AdamW), both bias-corrected like torch.optim.AdamW: the loss of the first and of the last step must agree between
+the two columns.
 Part 2, the routed experts alone (router + experts, forward + backward, no shared expert) at several top_k and
 expert counts. The dropless block dispatch computes about tokens x top_k rows (column "expert rows computed"),
 whatever the number of experts; the time column shows what that costs on this CPU. With few tokens
@@ -68,6 +69,9 @@ def parse_args(argv=None):
                    help="expert_capacity_factor with --moe-dispatch capacity (0: buffers of every token, no drops)")
     r.add_argument("--attention-chunk", type=int, default=None,
                    help="our attention_chunk_size (query rows per attention block; default: the config's)")
+    r.add_argument("--optimizer", choices=("CpuAdamW", "AdamW"), default="CpuAdamW",
+                   help="our optimizer: the package's CpuAdamW (the CPU YAMLs' type; one AdamWeightDecay kernel per "
+                        "weight) or MindFormers' AdamW (the Ascend YAMLs'); both follow torch.optim.AdamW")
     r.add_argument("--recompute", action="store_true",
                    help="recompute every decoder layer in the backward (what recompute_config: {recompute: True} "
                         "does through MindFormers' LayerSetting): memory for time")
@@ -138,7 +142,7 @@ def worker_ours(a) -> dict:
     if a.memory_optimize:
         ms.set_context(memory_optimize_level=a.memory_optimize)
     from mindformers.core.optim import AdamW
-    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2TrainOneStepCell
+    from research.deepseek2 import CpuAdamW, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2TrainOneStepCell
     C.silence_mindformers()
     rss_import = C.rss_bytes()
     chunk = {} if a.attention_chunk is None else {"attention_chunk_size": a.attention_chunk}
@@ -153,9 +157,10 @@ def worker_ours(a) -> dict:
     rss_build = C.rss_bytes()
     C.reset_peak_rss()
     params = net.trainable_params()
-    # MindFormers' AdamW (the package's YAML optimizer): bias-corrected like torch.optim.AdamW, so both runs follow
-    # the same trajectory (nn.AdamWeightDecay has no bias correction and would not)
-    opt = AdamW(params, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    # bias-corrected like torch.optim.AdamW, so both runs follow the same trajectory (nn.AdamWeightDecay has no bias
+    # correction and would not): the CPU YAMLs' CpuAdamW or MindFormers' AdamW
+    opt = (CpuAdamW if a.optimizer == "CpuAdamW" else AdamW)(params, learning_rate=1e-3, betas=(0.9, 0.999),
+                                                             eps=1e-8, weight_decay=0.01)
     if a.wrapper == "deepseek":
         cell = DeepseekV2TrainOneStepCell(net, opt, use_clip_grad=True, max_grad_norm=1.0)
     else:
@@ -169,7 +174,7 @@ def worker_ours(a) -> dict:
         return float(loss.asnumpy())                                               # blocks until the step ends
 
     return dict(C.run_train_steps(step, a.warmup, a.steps),                        # the first step compiles
-                framework=f"MindSpore {ms.__version__} graph mode"
+                framework=f"MindSpore {ms.__version__} graph mode, {a.optimizer}"
                           + (", every layer recomputed" if a.recompute else "")
                           + (f", memory_optimize_level {a.memory_optimize}" if a.memory_optimize else ""),
                 rss_import=rss_import, rss_build=rss_build,

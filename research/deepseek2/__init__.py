@@ -2,13 +2,13 @@
 
 Importing the package is light (no MindSpore): the plain-Python tools (plan_memory, parallel_check, inventory) run
 on a login node. The public names below load their modules on first use, and ``register()`` imports every module
-that registers itself with MindFormers' registry (config, model, tokenizer, train-step wrapper, callback) so a YAML
-can name them (``type: DeepseekV2ForCausalLM`` ...); ``run_mindformer.py`` calls it.
+that registers itself with MindFormers' registry (config, model, tokenizer, train-step wrapper, callback, CPU
+optimizer) so a YAML can name them (``type: DeepseekV2ForCausalLM`` ...); ``run_mindformer.py`` calls it.
 """
 import importlib
 
 __all__ = ["DeepseekV2Config", "DeepseekV2ForCausalLM", "DeepseekV2Model", "DeepseekV2Tokenizer", "build_chat_prompt",
-           "DeepseekV2TrainOneStepCell", "LossGuard", "register"]
+           "DeepseekV2TrainOneStepCell", "LossGuard", "CpuAdamW", "register"]
 
 _EXPORTS = {
     "DeepseekV2Config": "deepseek2_config",
@@ -18,11 +18,12 @@ _EXPORTS = {
     "build_chat_prompt": "deepseek2_tokenizer",
     "DeepseekV2TrainOneStepCell": "train_wrapper",
     "LossGuard": "train_wrapper",
+    "CpuAdamW": "optim",
 }
 
 
 def register():
-    """Import the modules that register the config, model, tokenizer, wrapper and callback with MindFormers."""
+    """Import the modules that register the config, model, tokenizer, wrapper, callback and optimizer in MindFormers."""
     for module in sorted(set(_EXPORTS.values())):
         importlib.import_module(f"{__name__}.{module}")
 
