@@ -92,9 +92,10 @@ class SoftmaxAttention(nn.Cell):
 
     The backward recomputes the probabilities P from query and key (no (..., q, k) tensor is kept from the forward)
     and takes the softmax's row term from the output, sum_j dP_ij P_ij = sum_j (dO_i . V_j) P_ij = dO_i . O_i
-    (FlashAttention's D): dS = P * (dO V^T - D). MindSpore's own derivative of the masked softmax runs Mul,
-    ReduceSum over k, Sub and Mul on (..., q, k) plus the masked fill's gradient; this one runs a Sub and a Mul
-    (docs/profile.md). Same values up to rounding; tests/test_parity.py holds the gradients to the reference's.
+    (FlashAttention's D): dS = P * (dO V^T - D), the subtraction inside the BatchMatMul (dO and V widened by -D and
+    a column of ones). MindSpore's own derivative of the masked softmax runs Mul, ReduceSum over k, Sub and Mul on
+    (..., q, k) plus the masked fill's gradient; this one runs a Mul (docs/profile.md). Same values up to rounding;
+    tests/test_parity.py holds the gradients to the reference's.
     """
 
     def __init__(self, softmax_dtype):
@@ -119,9 +120,13 @@ class SoftmaxAttention(nn.Cell):
     def bprop(self, query, key, value, mask, out, dout):
         probs = self.probs(query, key, mask)                                               # (..., q, k) recomputed
         d_value = self.bmm_ta(ops.cast(probs, dout.dtype), dout)                           # (..., k, v)
-        d_probs = ops.cast(self.bmm_t(dout, value), self.softmax_dtype)                    # (..., q, k)
         row = self.row_sum(ops.cast(dout, self.softmax_dtype) * ops.cast(out, self.softmax_dtype), -1)  # (..., q, 1)
-        d_scores = ops.cast(probs * (d_probs - row), query.dtype)                          # (..., q, k)
+        # dP - D in one BatchMatMul: [dO | -D] (..., q, v+1) x [V | 1]^T (..., v+1, k); a broadcast Sub of the
+        # (..., q, 1) row from (..., q, k) costs 2x a Mul of that size on this CPU (bench/profile_compare.py)
+        d_out_row = ops.concat((dout, ops.cast(-row, dout.dtype)), -1)
+        value_one = ops.concat((value, ops.ones(value.shape[:-1] + (1,), value.dtype)), -1)
+        d_scores = ops.cast(probs * ops.cast(self.bmm_t(d_out_row, value_one), self.softmax_dtype),
+                            query.dtype)                                                   # (..., q, k)
         return self.bmm(d_scores, key), self.bmm_ta(d_scores, query), d_value, ops.zeros_like(mask)
 
 
