@@ -115,20 +115,26 @@ def part_of(scope: str):
     return "lm_head + loss" if "DeepseekV2ForCausalLM" in scope else "other (no cell scope)"
 
 
+def norm_backward(name: str, kind: str) -> bool:
+    """The one kernel of each RMSNorm's backward: layers.RMSNormFunction.bprop's Sub (MindSpore's own derivative of
+    an RMSNorm written from basic ops has RsqrtGrad instead)."""
+    return kind == "RsqrtGrad" or (kind == "Sub" and "RMSNormFunction" in name)
+
+
 def attribute(step, config):
     """[(part, backward?)] of one step's events. Forward: the op's own scope (ops without a cell path take the one of
     the op before them). Backward: MindSpore 2.9 names a backward op after the first cell that used its primitive
     (every Linear's weight gradient is called lm_head-Linear/Grad_MatMul, every BatchMatMul's is the first
     attention's), so backward ops are placed by position instead: between consecutive RMSNorm backward kernels
-    (RsqrtGrad), which run in reverse layer order: loss + lm_head, norm_out, then per layer FFN or MoE, ffn_norm,
+    (``norm_backward``), which run in reverse layer order: loss + lm_head, norm_out, then per layer FFN or MoE, ffn_norm,
     attention (with its lq_norm and lkv_norm inside), attention_norm; last the embedding."""
     layers, dense = config["num_hidden_layers"], config.get("first_k_dense_replace", 0)
     cycle = 3 if config.get("q_lora_rank") else 2              # RMSNorms per layer met inside and around attention
     cycle += 1                                                  # + ffn_norm
-    norms = sum(e[1] == "RsqrtGrad" for e in step if e[0].startswith("Gradients/"))
-    by_segment = norms == 1 + layers * cycle
     # the backward pass proper starts after the forward lm_head (a few gradient ops that need no loss run before)
     last = max([i for i, e in enumerate(step) if e[0].startswith("Default/") and "lm_head-" in e[0]], default=-1)
+    norms = sum(norm_backward(e[0], e[1]) for e in step[last + 1:])
+    by_segment = norms == 1 + layers * cycle
     out, scope, seen = [], "", 0
     for i, (name, kind, *_) in enumerate(step):
         own = [s for s in name.split("/")[:-1] if CELL.match(s)]
@@ -140,7 +146,7 @@ def attribute(step, config):
             out.append((part_of(name if own or not scope else scope),
                         name.startswith("Gradients/") or "Grad" in name or "Backward" in name))
         else:
-            if kind == "RsqrtGrad" or "RMSNorm" in name:
+            if norm_backward(name, kind) or "RMSNorm" in name:
                 part = "norms (RMSNorm)"
             elif seen == 0:
                 part = "lm_head + loss"
@@ -148,7 +154,7 @@ def attribute(step, config):
                 layer, slot = layers - 1 - (seen - 1) // cycle, (seen - 1) % cycle
                 part = ("embedding" if layer < 0 else "attention (MLA)" if slot else
                         "dense FFN (layer 0)" if layer < dense else "MoE block (backward, all of it)")
-            seen += kind == "RsqrtGrad"
+            seen += norm_backward(name, kind)
             out.append((part, True))
     return out, by_segment
 
