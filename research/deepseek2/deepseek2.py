@@ -21,7 +21,7 @@ from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 from .deepseek2_config import DeepseekV2Config
 from .inventory import LocalShape
-from .layers import RMSNorm, Linear, Embedding, FeedForward, TokenCrossEntropy
+from .layers import RMSNorm, Linear, Embedding, FeedForward
 from .mf_hooks import HFCheckpointHooks
 from .mla import MLAttention
 from .moe import DeepSeekMoE
@@ -176,11 +176,9 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
                               param_init_type=config.param_init_type, init_std=config.init_std)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.tok_embeddings.embedding_weight
-        self.cross_entropy = TokenCrossEntropy()
         stages = getattr(config.parallel_config, "pipeline_stage", 1)
         if stages > 1:
             self.lm_head.pipeline_stage = stages - 1
-            self.cross_entropy.pipeline_stage = stages - 1
         # training returns (loss, balance loss) instead of the loss alone when a train-step wrapper that logs the
         # balance loss asks for it (``add_flags_recursive(return_moe_loss=True)``; see train_wrapper.py)
         self.return_moe_loss = False
@@ -308,5 +306,6 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
             keep = ops.logical_and(keep, ops.not_equal(ops.reshape(tokens, (-1,)), self.pad_token_id))
         keep = ops.cast(keep, mstype.float32)
         safe = ops.cast(ops.select(keep > 0, targets, ops.zeros_like(targets)), mstype.int32)
-        nll = self.cross_entropy(logits, safe)                                             # (b*S,)
-        return ops.reduce_sum(nll * keep) / ops.maximum(ops.reduce_sum(keep), 1.0)
+        log_probs = ops.log_softmax(logits, -1)
+        picked = ops.squeeze(ops.gather_elements(log_probs, 1, ops.expand_dims(safe, 1)), 1)
+        return -ops.reduce_sum(picked * keep) / ops.maximum(ops.reduce_sum(keep), 1.0)

@@ -3,11 +3,11 @@ RMSNorm, Linear, Embedding, the SwiGLU feed-forward, and the partial sum of hand
 
 Shapes in comments: b batch, s sequence, h hidden, i FFN width.
 """
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import nn, ops, Parameter
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-__all__ = ["RMSNorm", "RMSNormFunction", "TokenCrossEntropy", "Linear", "Embedding", "FeedForward", "PartialSum"]
+__all__ = ["RMSNorm", "RMSNormFunction", "Linear", "Embedding", "FeedForward", "PartialSum"]
 
 
 class PartialSum(nn.Cell):
@@ -78,33 +78,6 @@ class RMSNormFunction(nn.Cell):
         ones = ops.fill(mstype.float32, (x32.shape[0], 1), 1.0)
         d_weight = ops.reshape(self.sum_t(ones, dout32 * normed), weight.shape)           # (h,)
         return ops.cast(ops.reshape(dx, x.shape), x.dtype), ops.cast(d_weight, weight.dtype)
-
-
-class TokenCrossEntropy(nn.Cell):
-    """-log softmax(logits)[target] per token: logits (t, vocab) float32, targets (t,) int32 -> (t,) float32.
-
-    The backward is written out, d logits = (softmax(logits) - onehot(target)) d nll: MindSpore's derivative of
-    log_softmax + gather runs LogSoftmaxGrad, 4x its forward and 4x torch's on this CPU (34 ms per step of the
-    benchmark model, bench/profile_compare.py), and a scatter for the gather's gradient. Same values up to
-    rounding; tests/test_parity.py holds every gradient to the reference's.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.log_softmax = ops.LogSoftmax(-1)      # primitives: a bprop cannot call functional forms in graph mode
-        self.softmax = ops.Softmax(-1)
-        self.one_hot = ops.OneHot(-1)
-
-    def construct(self, logits, targets):
-        picked = ops.gather_elements(self.log_softmax(logits), 1, ops.expand_dims(targets, 1))   # (t, 1)
-        return -ops.squeeze(picked, 1)
-
-    def bprop(self, logits, targets, out, dout):
-        one = Tensor(1.0, logits.dtype)
-        zero = Tensor(0.0, logits.dtype)
-        target = self.one_hot(targets, logits.shape[-1], one, zero)                        # (t, vocab)
-        d_logits = (self.softmax(logits) - target) * ops.expand_dims(dout, 1)
-        return d_logits, ops.zeros_like(targets)
 
 
 class Linear(nn.Cell):
