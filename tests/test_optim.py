@@ -79,6 +79,28 @@ def test_follows_torch_adamw(mode, grouped):
         np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=2e-6 * max(1.0, moved), err_msg=name)
 
 
+def test_a_learning_rate_per_group_follows_torch(mode):
+    """Groups with their own "lr" (MindFormers' grouped_lr_schedule): each group steps with its own rate."""
+    weights, grads = _start(2)
+    params = [Parameter(Tensor(v), name=k) for k, v in weights.items()]
+    opt = CpuAdamW([{"params": params[:1], "lr": 1e-1, "weight_decay": 0.1},
+                    {"params": params[1:], "lr": 1e-3, "weight_decay": 0.0}], learning_rate=1e-2)
+    step = Step(opt)
+    for g in grads:
+        step(*(Tensor(g[k]) for k in weights))
+    torch_params = [torch.nn.Parameter(torch.tensor(v)) for v in weights.values()]
+    torch_opt = torch.optim.AdamW([{"params": torch_params[:1], "lr": 1e-1, "weight_decay": 0.1},
+                                   {"params": torch_params[1:], "lr": 1e-3, "weight_decay": 0.0}])
+    for g in grads:
+        for k, p in zip(weights, torch_params):
+            p.grad = torch.tensor(g[k])
+        torch_opt.step()
+    for name, ours, theirs in zip(weights, params, torch_params):
+        np.testing.assert_allclose(ours.asnumpy(), theirs.detach().numpy(), rtol=0, atol=2e-6, err_msg=name)
+    moved = [np.abs(p.asnumpy() - w).max() for p, w in zip(params, weights.values())]
+    assert moved[0] > 10 * moved[1]                                # lr 1e-1 against 1e-3
+
+
 def test_a_decayed_weight_differs_from_an_undecayed_one():
     """The group's weight_decay reaches the kernel: decay 0.1 and 0 give different weights from the same start."""
     weights, grads = _start(1)
