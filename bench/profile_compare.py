@@ -48,8 +48,8 @@ CLASSES = [
      r"Assign|Gather|GatherD\w*|UnsortedSegmentSum|Scatter\w*|Tile|BroadcastTo|Reshape|OneHot|ExpandDims|Zeros\w*|"
      r"copy_|cat|index_select|index_add_|index_put_|scatter\w*|gather|clone|contiguous|embedding\w*|fill_|zero_|"
      r"zeros_like|ones_like|empty\w*|new_\w+|transpose|permute|view|reshape|expand|slice\w*|select\w*|narrow|"
-     r"split\w*|unsqueeze|squeeze|t|as_strided|_unsafe_view|stack|repeat|one_hot|scatter_add_|index|nonzero|"
-     r"where|arange|cumsum|bincount|histc|sort"),
+     r"split\w*|unsqueeze|squeeze|t|as_strided|_unsafe_view|stack|repeat|one_hot|index|nonzero|arange|"
+     r"bincount|histc"),
 ]
 PATTERNS = [(name, re.compile(rf"^(aten::)?({pattern})$")) for name, pattern in CLASSES]
 OPTIMIZER = "optimizer (AdamW update)"
@@ -105,14 +105,7 @@ def summarise(calls, wall_ms, warm_ms, steps) -> dict:
 # ---------------------------------------------------------------------------------------------- workers
 def worker_ours(a) -> dict:
     """profile_steps' training worker (bench_train's worker_ours under MindSpore's profiler), every launch classed."""
-    t = train_args(a)
-    p = argparse.Namespace(warmup=t.warmup, steps=t.steps, experts=a.experts)
-    saved = T.parse_args
-    T.parse_args = lambda argv=None: t                       # profile_steps.worker_train parses its own argv
-    try:
-        r = P.worker_train(p, a.out_dir)
-    finally:
-        T.parse_args = saved
+    r = P.worker_train(a, a.out_dir, train_args(a))
     events = P.read_events(os.path.join(a.out_dir, "train"))
     calls = []
     for w0, w1 in r["windows"]:

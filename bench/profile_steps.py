@@ -126,8 +126,8 @@ def attribute(step, config):
     the op before them). Backward: MindSpore 2.9 names a backward op after the first cell that used its primitive
     (every Linear's weight gradient is called lm_head-Linear/Grad_MatMul, every BatchMatMul's is the first
     attention's), so backward ops are placed by position instead: between consecutive RMSNorm backward kernels
-    (``norm_backward``), which run in reverse layer order: loss + lm_head, norm_out, then per layer FFN or MoE, ffn_norm,
-    attention (with its lq_norm and lkv_norm inside), attention_norm; last the embedding."""
+    (``norm_backward``), which run in reverse layer order: loss + lm_head, norm_out, then per layer FFN or MoE,
+    ffn_norm, attention (with its lq_norm and lkv_norm inside), attention_norm; last the embedding."""
     layers, dense = config["num_hidden_layers"], config.get("first_k_dense_replace", 0)
     cycle = 3 if config.get("q_lora_rank") else 2              # RMSNorms per layer met inside and around attention
     cycle += 1                                                  # + ffn_norm
@@ -196,10 +196,12 @@ def aggregate(events, windows, config, top: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- workers
-def worker_train(a, out: str) -> dict:
-    """bench_train's worker_ours (its config, TrainOneStepCell, AdamW, step) with our loop in place of its timing."""
-    argv = ["--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--experts", a.experts] if a.experts else [])
-    t = T.parse_args(argv)
+def worker_train(a, out: str, t=None) -> dict:
+    """bench_train's worker_ours (its config, TrainOneStepCell, optimizer, step) with our loop in place of its timing.
+    t: bench_train's parsed arguments (default: its defaults with this script's --warmup, --steps, --experts)."""
+    if t is None:
+        argv = ["--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--experts", a.experts] if a.experts else [])
+        t = T.parse_args(argv)
     t.weights = os.path.join(out, "reference.npz")
     C.save_reference_weights(C.build_reference(T.model_fields(t), t.seed), t.weights)
     box = {}

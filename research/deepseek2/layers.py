@@ -33,7 +33,6 @@ class RMSNorm(nn.Cell):
 
     def __init__(self, dim: int, eps: float = 1e-6, param_init_type=mstype.float32):
         super().__init__()
-        self.eps = eps
         self.weight = Parameter(initializer("ones", (dim,), param_init_type), name="weight")
         self.norm = RMSNormFunction(dim, eps)
 
@@ -57,10 +56,13 @@ class RMSNormFunction(nn.Cell):
         self.mean_h = ops.MatMul()                  # (t, h) x (h, 1): a row's mean
         self.sum_t = ops.MatMul(transpose_a=True)   # (t, 1)^T x (t, h): a column's sum
 
+    def _row_mean(self, t):
+        """t (t, h) float32 -> its mean over h (t, 1), as a MatMul by a column of 1/h."""
+        return self.mean_h(t, ops.fill(mstype.float32, (self.dim, 1), 1.0 / self.dim))
+
     def _normed(self, x32):
         """x32 (t, h) float32 -> n (t, h), r (t, 1)."""
-        column = ops.fill(mstype.float32, (self.dim, 1), 1.0 / self.dim)
-        r = ops.rsqrt(self.mean_h(ops.square(x32), column) + self.eps)
+        r = ops.rsqrt(self._row_mean(ops.square(x32)) + self.eps)
         return x32 * r, r
 
     def construct(self, x, weight):
@@ -73,8 +75,7 @@ class RMSNormFunction(nn.Cell):
         normed, r = self._normed(x32)
         dout32 = ops.reshape(ops.cast(dout, mstype.float32), (-1, self.dim))
         g = dout32 * ops.cast(weight, mstype.float32)
-        column = ops.fill(mstype.float32, (self.dim, 1), 1.0 / self.dim)
-        dx = r * (g - normed * self.mean_h(g * normed, column))                              # (t, h)
+        dx = r * (g - normed * self._row_mean(g * normed))                                   # (t, h)
         ones = ops.fill(mstype.float32, (x32.shape[0], 1), 1.0)
         d_weight = ops.reshape(self.sum_t(ones, dout32 * normed), weight.shape)           # (h,)
         return ops.cast(ops.reshape(dx, x.shape), x.dtype), ops.cast(d_weight, weight.dtype)

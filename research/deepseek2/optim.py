@@ -56,7 +56,7 @@ class CpuAdamW(Optimizer):
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ValueError(f"optimizer.betas: expected two numbers, got {betas!r}")
         beta1, beta2 = (_check(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
-        self.eps_value = _check("eps", eps, 0.0, math.inf)
+        eps = _check("eps", eps, 0.0, math.inf)
         if isinstance(weight_decay, (int, float)):
             _check("weight_decay", weight_decay, 0.0, math.inf)
         super().__init__(learning_rate, params, weight_decay)
@@ -66,7 +66,7 @@ class CpuAdamW(Optimizer):
         self.decays = tuple(Tensor([float(w)], mstype.float32) for w in decays)  # one per parameter
         self.beta1 = Tensor([beta1], mstype.float32)
         self.beta2 = Tensor([beta2], mstype.float32)
-        self.eps = Tensor([self.eps_value], mstype.float32)
+        self.eps = Tensor([eps], mstype.float32)
         self.exp_avg = self._parameters.clone(prefix="adam_m", init="zeros")       # MindFormers' AdamW's names
         self.exp_avg_sq = self._parameters.clone(prefix="adam_v", init="zeros")
         self.kernel = ops.AdamWeightDecay()
