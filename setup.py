@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",          # tested with 3.11 (mindspore 2.9 + mindformers 1.9 wheels)
     packages=find_packages(include=["research", "research.*"]),
-    package_data={"research.deepseek2": ["*.yaml"]},
+    package_data={"research.deepseek2": ["*.yaml", "deepseek2_lite/*.yaml"]},
     py_modules=["run_mindformer"],
     install_requires=_requirements("requirements.txt"),
     extras_require={"test": _requirements("requirements-test.txt")},
@@ -32,8 +32,9 @@ setup(
         "deepseek2-convert=research.deepseek2.convert_weight:main",
         "deepseek2-preprocess=research.deepseek2.code_alpaca_preprocess:main",
         "deepseek2-train-tokenizer=research.deepseek2.train_tokenizer:main",
-        "deepseek2-plan-memory=research.deepseek2.plan_memory:main",
-        "deepseek2-parallel-check=research.deepseek2.parallel_check:main",
+        "deepseek2-evaluate=research.deepseek2.run.evaluate:main",
+        "deepseek2-plan-memory=research.deepseek2.planning.memory:main",
+        "deepseek2-parallel-check=research.deepseek2.planning.parallel_check:main",
     ]},
     license="Apache-2.0",
 )

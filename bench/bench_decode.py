@@ -447,7 +447,7 @@ def worker_pair(a) -> dict:
     forward variants of both (BREAKDOWN_OURS, BREAKDOWN_REF) timed interleaved, call by call, so that both see the
     same load; the ratio of their "step" medians is the forward-only decode ratio."""
     import torch
-    ms = graph_mode_cpu(a)
+    graph_mode_cpu(a)
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     C.silence_mindformers()
     torch.set_num_threads(a.threads or os.cpu_count())

@@ -1,6 +1,6 @@
 """Long prompts: the longest context that prefills and decodes within a memory budget, ours against the reference.
 
-For each context length (default 4096, 8192, 16384, 32768; batch 1) each implementation runs in a fresh process
+For each context length (default 4096, 8192, 16384; batch 1) each implementation runs in a fresh process
 ``bench_decode.py``'s generate worker (prompt of that length, ``--new-tokens`` greedy tokens, no warm-up) with its
 data segment limited to ``--limit-gib`` (RLIMIT_DATA: heap and private mappings; an allocation past it fails inside
 the worker, so the machine's other processes are safe). A worker that fails is recorded with its exit code and

@@ -3,7 +3,7 @@
 Each variant runs in its own worker process (MindSpore GRAPH_MODE, nn.TrainOneStepCell, MindFormers' AdamW over
 ``trainable_params()``), so the peak memory of one belongs to it alone:
   full          every weight trained;
-  lora          research/deepseek2/lora.py adapters (default targets: MLA projections, dense FFN, shared experts),
+  lora          research/deepseek2/lora/ adapters (default targets: MLA projections, dense FFN, shared experts),
                 base frozen;
   lora+routed   the same plus one low-rank pair per routed expert (target_routed_experts).
 Reported: trainable parameters and their share, optimizer state tensors, the loss of the first and of the last step
@@ -74,7 +74,7 @@ def worker(a) -> dict:
     ms.set_seed(a.seed)
     from mindformers.core.optim import AdamW
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    from research.deepseek2 import lora
+    from research.deepseek2.lora import cells as lora
     C.silence_mindformers()
     rss_import = C.rss_bytes()
     net = DeepseekV2ForCausalLM(DeepseekV2Config(**model_fields(a), seq_length=a.seq, batch_size=a.batch,

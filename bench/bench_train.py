@@ -1,9 +1,9 @@
 """Training benchmark: this DeepSeek-V2 (MindSpore graph mode) against transformers' DeepseekV2ForCausalLM (PyTorch).
 
 Part 1, one train step of the whole model (forward, backward, AdamW update, fp32, CPU), same config, same weights
-(the reference's, mapped through research/deepseek2/weight_map.py): tokens/second (median of --steps timed steps
-after --warmup steps; the first step, which holds MindSpore's graph compilation, is reported on its own) and peak
-resident memory. Each framework runs in its own process, one after the other:
+(the reference's, mapped through research/deepseek2/checkpoints/weight_map.py): tokens/second (median of --steps
+timed steps after --warmup steps; the first step, which holds MindSpore's graph compilation, is reported on its own)
+and peak resident memory. Each framework runs in its own process, one after the other:
   peak (abs)        VmHWM of the process after the model was built (imports included),
   delta (run)       that peak minus the RSS right after the build (optimizer state, compilation, activations,
                     gradients, allocator pools),
@@ -134,7 +134,8 @@ def worker_ref(a) -> dict:
 
 
 def worker_ours(a) -> dict:
-    """This model in MindSpore GRAPH_MODE: nn.TrainOneStepCell (or the package's wrapper) with MindFormers' AdamW."""
+    """This model in MindSpore GRAPH_MODE: nn.TrainOneStepCell (or the package's wrapper) with the package's CpuAdamW
+    (``--optimizer AdamW``: MindFormers' AdamW)."""
     import numpy as np
     import mindspore as ms
     from mindspore import nn, Tensor

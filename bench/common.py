@@ -6,10 +6,9 @@ MindSpore) and prints the side-by-side table.
 
 Weights: the reference worker builds transformers' DeepseekV2ForCausalLM with a fixed seed and saves its state
 (Hugging Face names, float32) to an .npz; our worker loads that file and maps it through
-``research.deepseek2.weight_map`` (the same table the parity tests use), so both frameworks run the same weights.
+``research.deepseek2.checkpoints.weight_map`` (the same table the parity tests use), so both frameworks run the same weights.
 """
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -64,34 +63,24 @@ def reset_peak_rss() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- reference
+def _reference():
+    """tests/reference.py, the one builder of the PyTorch reference (test code, not installed with the package)."""
+    tests = os.path.join(ROOT, "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import reference  # pylint: disable=import-outside-toplevel
+    return reference
+
+
 def hf_config(fields: dict):
     """transformers' DeepseekV2Config for ``fields``, eager attention (the reference path of the parity tests)."""
-    from transformers import DeepseekV2Config as HFConfig
-    cfg = HFConfig(**dict(fields))
-    cfg._attn_implementation = "eager"
-    return cfg
+    return _reference().hf_config(fields)
 
 
 def build_reference(fields: dict, seed: int = 0):
-    """transformers' DeepseekV2ForCausalLM with seeded weights: matrices N(0, 1/fan_in), norms 1, embeddings N(0, 1).
-
-    The router gets the same 1/fan_in scale, so routing is spread over the experts the way a trained, balanced
-    router spreads it (a benchmark must not hand every token to one expert).
-    """
-    import torch
-    from transformers import DeepseekV2ForCausalLM as HFModel
-    torch.manual_seed(seed)
-    model = HFModel(hf_config(fields))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.fill_(1.0)
-            elif "embed_tokens" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[-1]))
-    return model
+    """transformers' DeepseekV2ForCausalLM with the benchmark's seeded weights (``reference.WEIGHTS["benchmark"]``:
+    matrices N(0, 1/fan_in), norms 1, embeddings N(0, 1), a balanced router) and the released YaRN factor."""
+    return _reference().build_reference(fields, seed, weights="benchmark")
 
 
 def save_reference_weights(model, path: str) -> None:
@@ -108,12 +97,12 @@ def load_weights_into_ms(net, path: str, n_routed_experts: int) -> None:
     """Load an .npz written by ``save_reference_weights`` into our model through weight_map (strict)."""
     import numpy as np
     import mindspore as ms
-    from research.deepseek2.weight_map import hf_arrays_to_ms
+    from research.deepseek2.checkpoints.weight_map import hf_state_to_ms
     with np.load(path) as data:
         arrays = {name: data[name] for name in data.files}
-    params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in hf_arrays_to_ms(arrays, n_routed_experts).items()}
+    params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in hf_state_to_ms(arrays, n_routed_experts).items()}
     not_loaded, unused = ms.load_param_into_net(net, params, strict_load=True)
-    from research.deepseek2.inventory import buffers
+    from research.deepseek2.planning.inventory import buffers
     missing = [n for n in not_loaded if n not in buffers(net.config)]
     if missing or unused:
         raise RuntimeError(f"{path}: weights do not fit the model: not loaded {missing[:5]}, unused {unused[:5]}")

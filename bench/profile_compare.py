@@ -119,7 +119,6 @@ def worker_ours(a) -> dict:
 
 def worker_ref(a) -> dict:
     """bench_train's worker_ref (transformers' model, loss.backward(), torch.optim.AdamW) under torch.profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     t = train_args(a)
     t.weights = os.path.join(a.out_dir, "reference.npz")
@@ -180,7 +179,7 @@ def report(a, ours: dict, ref: dict) -> str:
              "## One training step by kind of work, ms per step", "",
              C.table(["class", "ours ms", "ours calls", "reference ms", "reference calls", "ours / reference",
                       "difference ms"], rows), "",
-             f"## The costliest operators of each class (ms per step, calls per step)", ""]
+             "## The costliest operators of each class (ms per step, calls per step)", ""]
     for name in names:
         for label, r in (("ours", ours), ("reference", ref)):
             top = [f"{op} {ms:.1f} ({calls:.0f})" for cls, op, ms, calls in r["ops"] if cls == name][:a.top]

@@ -1,9 +1,9 @@
 """Where the milliseconds of a training step and of a decode step go: MindSpore's profiler on our model (CPU, graph
 mode), aggregated per step by op type and by model part.
 
-training  bench_train.py's default config and its train step (nn.TrainOneStepCell + MindFormers' AdamW: its own
-          ``worker_ours``, with the step loop replaced by ours): warm-up steps (the first compiles; the others are
-          timed without the profiler), then --steps steps under the profiler.
+training  bench_train.py's default config and its train step (nn.TrainOneStepCell + its optimizer, the package's
+          CpuAdamW by default: its own ``worker_ours``, with the step loop replaced by ours): warm-up steps (the
+          first compiles; the others are timed without the profiler), then --steps steps under the profiler.
 decode    bench_decode.py's model at --context (its own ``worker_ours``: a warm-up generate of 2 tokens compiles the
           prefill and decode graphs), then one generate of 2*K+2 tokens: decode steps 2..K+1 are timed without the
           profiler, the profiler starts at token K+1 (its start lands in step K+2, left out) and steps K+3..2K+2
@@ -12,7 +12,7 @@ decode    bench_decode.py's model at --context (its own ``worker_ours``: a warm-
 The profiler (``mindspore.profiler.profile``, CPU activity) writes FRAMEWORK/cpu_op_execute_timestamp_0.txt (every
 kernel launch: start in ns since the epoch, duration in ms, thread) and cpu_op_detail_info_0.csv (op type per op);
 ops are assigned to a step by start time. Parts come from the op's scope name (the cell path, e.g.
-.../attention-MLAttention/..., Gradients/... for backward, optimizer-AdamW/...); ops without a cell path
+.../attention-MLAttention/..., Gradients/... for backward, optimizer-.../...); ops without a cell path
 (Expand/_SoftmaxBackward/... : the expanded backward of a softmax) take the scope of the op run just before them.
 Per step: "ops" is the summed kernel time; "between ops" is the graph's span (first op start to last op end) minus
 the time some kernel ran (runtime: actor scheduling, memory, launch); "outside the graph" is the wall time minus the
@@ -309,9 +309,9 @@ def report(part: str, r: dict) -> str:
         f"## {part}: {r['what']}", "",
         f"{r['framework']}; {r['steps']} profiled steps; config {r['config']}", "",
         f"threads: {r['threads']}; kernel threads seen by the profiler: {len(p['threads'])}", "",
-        f"### (a) by op type, ms per step", "",
+        "### (a) by op type, ms per step", "",
         C.table(["op type", "calls/step", "ms/step", "share of ops", "share of wall"], rows_a), "",
-        f"### (b) by model part, ms per step", "",
+        "### (b) by model part, ms per step", "",
         C.table(["part", "forward ms", "backward ms", "total ms", "share of wall"], rows_b), "",
         ("" if not any(b for _, b in p["parts"].values()) else "backward ops placed between the RMSNorm backward "
          "kernels (their scope names are not theirs); " if p["segmented"] else "backward ops by scope name (RMSNorm "

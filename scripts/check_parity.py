@@ -15,7 +15,8 @@ def main():
     import numpy as np
     import mindspore as ms
     from mindspore import Tensor
-    from research.deepseek2 import reference as R
+    sys.path.insert(0, os.path.join(ROOT, "tests"))        # the PyTorch reference is test code (tests/reference.py)
+    import reference as R
 
     seq, worst = 32, 0.0
     print(f"{'layout':<6} {'mode':<9} {'max |logit diff|':>17} {'logit scale':>12} {'greedy tokens':>14}")

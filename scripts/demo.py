@@ -101,7 +101,7 @@ def split_records(path, heldout, work):
 
 def evaluate(py, checkpoint, data, env):
     """evaluate.py on one checkpoint -> (mean held-out loss per target token, target tokens, rows)."""
-    log = run([py, "research/deepseek2/evaluate.py", "--config", TINY_YAML, "--load_checkpoint", checkpoint,
+    log = run([py, "research/deepseek2/run/evaluate.py", "--config", TINY_YAML, "--load_checkpoint", checkpoint,
                "--eval_data", data, "--batch_size", "8"], env)
     match = EVAL_LINE.search(log)
     if not match:

@@ -9,9 +9,10 @@ import sys
 import mindspore as ms
 from mindspore.communication import init, get_rank, get_group_size
 
-from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, reference as R
-from research.deepseek2.inventory import buffers, local_shape
-from research.deepseek2.parallel import load_for_rank
+import reference as R
+from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from research.deepseek2.planning.inventory import buffers, local_shape
+from research.deepseek2.checkpoints.rank_slices import load_for_rank
 
 
 def main():

@@ -28,7 +28,7 @@ SAFETENSORS_SAVES = ["--callbacks", "[{type: MFLossMonitor}, {type: LossGuard}, 
 def _hf_folder(folder, seed=3, drop=None, **changes):
     """A transformers DeepseekV2ForCausalLM saved as safetensors (``drop``: a tensor taken out afterwards)."""
     from safetensors.torch import load_file, save_file
-    from research.deepseek2.reference import build_reference
+    from reference import build_reference
     model = build_reference(tiny_fields(**changes), seed=seed)
     model.save_pretrained(str(folder), safe_serialization=True)
     if drop:
@@ -109,8 +109,8 @@ def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run,
     """checkpoint_format: safetensors saves MindSpore safetensors (every weight + AdamW state); resuming from a
     folder holding the step-4 file continues with the losses of the uninterrupted run."""
     import mindspore as ms
-    from research.deepseek2.ckpt_check import optimizer_state_names
-    from research.deepseek2.inventory import expected_shapes
+    from research.deepseek2.checkpoints.check import optimizer_state_names
+    from research.deepseek2.planning.inventory import expected_shapes
     tmp, out = safetensors_run
     folder = tmp / "out" / "checkpoint" / "rank_0"
     step4 = [name for name in os.listdir(folder) if name.endswith("-1_4.safetensors")]
@@ -152,7 +152,7 @@ def test_mindformers_loader_reads_an_hf_folder_through_the_hooks(tmp_path):
     import mindspore as ms
     from mindformers.utils.safetensors.utils import is_hf_safetensors_dir
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    from research.deepseek2.checkpoint_io import load_checkpoint
+    from research.deepseek2.checkpoints import load_checkpoint
     _hf_folder(tmp_path / "hf")
     config = DeepseekV2Config(**tiny_fields())
     ours = DeepseekV2ForCausalLM(config)
@@ -188,8 +188,8 @@ def test_tensor_parallel_slices_equal_from_every_kind(tmp_path):
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     from research.deepseek2.convert_weight import convert_hf_to_ms
     from research.deepseek2.errors import CheckpointError
-    from research.deepseek2.inventory import local_shape
-    from research.deepseek2.parallel import load_for_rank
+    from research.deepseek2.planning.inventory import local_shape
+    from research.deepseek2.checkpoints.rank_slices import load_for_rank
     _hf_folder(tmp_path / "hf")
     convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "tiny.ckpt"))
     convert_hf_to_ms(str(tmp_path / "hf"), str(tmp_path / "ms") + "/")
@@ -221,7 +221,7 @@ def test_reverse_takes_a_training_output(safetensors_run, tmp_path):
     import sys
     import mindspore as ms
     from safetensors.numpy import load_file
-    from research.deepseek2.weight_map import ms_to_hf, is_stacked
+    from research.deepseek2.checkpoints.weight_map import ms_to_hf, is_stacked
     tmp, _ = safetensors_run
     folder = tmp / "out" / "checkpoint" / "rank_0"
     last = sorted(folder.glob("*.safetensors"), key=os.path.getmtime)[-1]
@@ -241,7 +241,7 @@ def test_reverse_takes_a_training_output(safetensors_run, tmp_path):
     hf = {}
     for file in (tmp_path / "hf").glob("*.safetensors"):
         hf.update(load_file(str(file)))
-    from research.deepseek2.inventory import expected_shapes
+    from research.deepseek2.planning.inventory import expected_shapes
     for name in expected_shapes(tiny_fields()):
         if is_stacked(name):
             for e in range(saved[name].shape[0]):

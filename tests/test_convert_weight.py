@@ -23,13 +23,15 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import DeepseekV2Config as HFConfig, DeepseekV2ForCausalLM as HFModel  # noqa: E402
 
-from research.deepseek2 import checkpoint_io as cio  # noqa: E402
-from research.deepseek2 import ckpt_mindspore  # noqa: E402
-from research.deepseek2.ckpt_folders import MS_NAME_MAP  # noqa: E402
+from research.deepseek2.checkpoints import ckpt_file, safetensors_file  # noqa: E402
+from research.deepseek2.checkpoints.arrays import BF16  # noqa: E402
+from research.deepseek2.checkpoints.checkpoint import MS_INDEX_NAME, MS_NAME_MAP, MindSporeCheckpoint  # noqa: E402
+from research.deepseek2.checkpoints.load import load_checkpoint, read_checkpoint  # noqa: E402
+from research.deepseek2.errors import CheckpointError  # noqa: E402
 from research.deepseek2.convert_weight import (convert_hf_to_ms, convert_ms_to_hf, load_model_config,  # noqa: E402
                                                main, name_map_markdown, parse_size)
 from research.deepseek2.deepseek2_config import DeepseekV2Config  # noqa: E402
-from research.deepseek2.weight_map import expected_ms_shapes, hf_to_ms, is_stacked  # noqa: E402
+from research.deepseek2.checkpoints.weight_map import expected_ms_shapes, hf_to_ms, is_stacked  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "research", "deepseek2", "convert_weight.py")
@@ -86,7 +88,7 @@ EXPERTS_W1 = hf_to_ms("model.layers.1.mlp.experts.0.gate_proj.weight")[0]  # lay
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(cio.BF16)
+        return tensor.contiguous().view(torch.int16).numpy().view(BF16)
     return tensor.contiguous().numpy()
 
 
@@ -147,17 +149,17 @@ def test_hf_to_ms_every_tensor(hf, tmp_path, layout):
 
 def test_ckpt_writer_byte_identical_to_save_checkpoint(tmp_path, hf):
     rng = np.random.default_rng(0)
-    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32).astype(cio.BF16),
+    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32).astype(BF16),
                "a.weight": rng.standard_normal((4,)).astype(np.float16),
                "c.weight": rng.standard_normal((2, 3, 4)).astype(np.float32),
                "d.count": np.arange(6, dtype=np.int32).reshape(2, 3), "e.scalar": np.array(1.5, np.float32)}
     ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in tensors.items()], str(tmp_path / "ref.ckpt"))
-    with cio.CkptWriter(str(tmp_path / "ours.ckpt")) as writer:
+    with ckpt_file.CkptWriter(str(tmp_path / "ours.ckpt")) as writer:
         for name, array in tensors.items():
             writer.write(name, array)
     assert (tmp_path / "ours.ckpt").read_bytes() == (tmp_path / "ref.ckpt").read_bytes()
     # and our reader gives the tensors back
-    back = dict(cio.iter_ckpt(str(tmp_path / "ours.ckpt")))
+    back = dict(ckpt_file.iter_ckpt(str(tmp_path / "ours.ckpt")))
     for name, array in tensors.items():
         assert back[name].dtype == array.dtype and np.array_equal(_bits(back[name]), _bits(array))
     # a converted model re-saved by MindSpore in the same order is the same file
@@ -169,16 +171,16 @@ def test_ckpt_writer_byte_identical_to_save_checkpoint(tmp_path, hf):
 
 
 def test_ckpt_large_tensor_is_split_like_save_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt_mindspore, "CKPT_CHUNK_BYTES", 24)  # split a 64-byte tensor into 24+24+16
+    monkeypatch.setattr(ckpt_file, "CKPT_CHUNK_BYTES", 24)  # split a 64-byte tensor into 24+24+16
     array = np.arange(16, dtype=np.float32).reshape(4, 4)
-    with cio.CkptWriter(str(tmp_path / "x.ckpt")) as writer:
+    with ckpt_file.CkptWriter(str(tmp_path / "x.ckpt")) as writer:
         writer.write("w", array)
         writer.write("v", np.ones(2, np.float16))
     params = _ms_load(str(tmp_path / "x.ckpt"))
     np.testing.assert_array_equal(params["w"], array)
-    back = dict(cio.iter_ckpt(str(tmp_path / "x.ckpt")))
+    back = dict(ckpt_file.iter_ckpt(str(tmp_path / "x.ckpt")))
     np.testing.assert_array_equal(back["w"], array)
-    assert cio.scan_ckpt(str(tmp_path / "x.ckpt")) == {"w": ((4, 4), np.float32), "v": ((2,), np.float16)}
+    assert ckpt_file.scan_ckpt(str(tmp_path / "x.ckpt")) == {"w": ((4, 4), np.float32), "v": ((2,), np.float16)}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -188,7 +190,7 @@ def test_dtype_conversion(hf, tmp_path, dtype):
     convert_hf_to_ms(folder, str(out), dtype=dtype, progress=False)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     cast_state = {k: v.to(torch_dtype) for k, v in state.items()}  # torch's rounding is the reference
-    params = {k: v for k, v in cio.iter_ckpt(str(out))}
+    params = {k: v for k, v in ckpt_file.iter_ckpt(str(out))}
     _check_against_hf(params, cast_state, _config(folder))
 
 
@@ -264,7 +266,7 @@ def _index_map(folder, fmt) -> dict:
     """{parameter: shard} of a converted folder: param_name_map.json (flat) or deepseek2.ckpt.index.json."""
     if fmt == "safetensors":
         return json.loads((folder / MS_NAME_MAP).read_text())
-    return json.loads((folder / cio.MS_INDEX_NAME).read_text())["weight_map"]
+    return json.loads((folder / MS_INDEX_NAME).read_text())["weight_map"]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
@@ -282,7 +284,7 @@ def test_sharded_output_index_and_loader(hf, tmp_path, fmt):
     weight_map = _index_map(out, fmt)
     files = sorted(set(weight_map.values()))
     assert 1 < len(files) <= n_in and files == sorted(os.path.basename(f) for f in summary["files"])
-    assert sorted(os.listdir(out)) == sorted(files + [MS_NAME_MAP if fmt == "safetensors" else cio.MS_INDEX_NAME])
+    assert sorted(os.listdir(out)) == sorted(files + [MS_NAME_MAP if fmt == "safetensors" else MS_INDEX_NAME])
     stem = "model" if fmt == "safetensors" else "deepseek2"
     assert files == [f"{stem}-{k + 1:05d}-of-{len(files):05d}.{fmt}" for k in range(len(files))]
     assert set(weight_map) == set(expected_ms_shapes(config))
@@ -293,7 +295,7 @@ def test_sharded_output_index_and_loader(hf, tmp_path, fmt):
         params.update(shard)
     _check_against_hf(params, state, config)
     if fmt == "ckpt":
-        index = json.loads((out / cio.MS_INDEX_NAME).read_text())
+        index = json.loads((out / MS_INDEX_NAME).read_text())
         assert index["metadata"]["total_size"] == sum(v.nbytes for v in params.values())
     assert summary["bytes"] == sum(v.nbytes for v in params.values())
     # a layer's stacked experts sit in the output shard of the input shard where its last expert was
@@ -308,20 +310,20 @@ def test_sharded_output_index_and_loader(hf, tmp_path, fmt):
             last = max(hf_shards.index(hf_index[k]) for k in hf_index if hf_to_ms(k)[0] == name)
             assert ms_of_input.get(last, {file}) == {file}, name
     # the loader: folder == single file; into a net; errors list the names
-    whole = cio.load_ms_checkpoint(None, str(out))
+    whole = read_checkpoint(str(out))
     assert set(whole) == set(params)
-    for name, param in whole.items():
-        np.testing.assert_array_equal(param.asnumpy(), params[name])
+    for name, array in whole.items():
+        np.testing.assert_array_equal(array, params[name])
     net = DummyNet(expected_ms_shapes(config))
-    loaded = cio.load_ms_checkpoint(net, str(out))
+    loaded = load_checkpoint(net, str(out))
     assert set(loaded) == set(params)
     for param in net.get_parameters():
         np.testing.assert_array_equal(param.asnumpy(), params[param.name])
     shapes = dict(expected_ms_shapes(config))
     shapes["model.extra.weight"] = (2,)
     del shapes[LM_HEAD]
-    with pytest.raises(cio.CheckpointError, match="does not match the net") as err:
-        cio.load_ms_checkpoint(DummyNet(shapes), str(out))
+    with pytest.raises(CheckpointError, match="does not match the net") as err:
+        load_checkpoint(DummyNet(shapes), str(out))
     assert "model.extra.weight" in str(err.value) and LM_HEAD in str(err.value)
 
 
@@ -359,10 +361,10 @@ def test_ms_safetensors_read_by_mindspore_equal_the_ckpt(hf, tmp_path, layout):
             assert got[name].dtype == array.dtype and got[name].shape == array.shape, (out, name)
             np.testing.assert_array_equal(_bits(got[name]), _bits(array), err_msg=f"{out} {name}")
         # our reader agrees, and the files carry MindSpore's metadata
-        info = cio.MSCheckpoint(str(tmp_path / out)).tensor_info()
+        info = MindSporeCheckpoint(str(tmp_path / out)).tensors
         assert {n: (tuple(v[0]), v[1]) for n, v in info.items()} == \
             {n: (a.shape, a.dtype) for n, a in reference.items()}
-        for file in cio.MSCheckpoint(str(tmp_path / out)).files:
+        for file in MindSporeCheckpoint(str(tmp_path / out)).files:
             with safe_open(file, framework="numpy") as f:
                 assert f.metadata() == {"format": "ms", "remove_redundancy": "False"}
     if layout == "bf16":
@@ -377,7 +379,7 @@ def test_reverse_from_every_mindspore_form_is_bit_exact(hf, tmp_path, layout):
     folder, state = hf[layout]
     sources = {"ckpt file": "m.ckpt", "safetensors file": "m.safetensors", "safetensors folder": "st_dir/",
                "ckpt folder": "ckpt_dir/", "safetensors map": f"st_dir/{MS_NAME_MAP}",
-               "ckpt index": f"ckpt_dir/{cio.MS_INDEX_NAME}"}
+               "ckpt index": f"ckpt_dir/{MS_INDEX_NAME}"}
     for kind in ("ckpt file", "safetensors file", "safetensors folder", "ckpt folder"):
         convert_hf_to_ms(folder, str(tmp_path / sources[kind]), progress=False,
                          **({"fmt": "ckpt"} if kind == "ckpt folder" else {}))
@@ -400,29 +402,29 @@ def test_mscheckpoint_folder_rules(hf, tmp_path):
     st = tmp_path / "st"
     convert_hf_to_ms(folder, str(st), progress=False)
     expected = {n: tuple(s) for n, s in expected_ms_shapes(config).items()}
-    with_map = cio.MSCheckpoint(str(st)).tensor_info()
+    with_map = MindSporeCheckpoint(str(st)).tensors
     os.remove(st / MS_NAME_MAP)
-    source = cio.MSCheckpoint(str(st))  # every *.safetensors
+    source = MindSporeCheckpoint(str(st))  # every *.safetensors
     assert source.index is None and len(source.files) > 1
-    assert {n: tuple(v[0]) for n, v in source.tensor_info().items()} == expected
-    assert {n: v[2] for n, v in source.tensor_info().items()} == {n: v[2] for n, v in with_map.items()}
-    params = {name: array for _, tensors in source.iter_files() for name, array in tensors}
+    assert {n: tuple(v[0]) for n, v in source.tensors.items()} == expected
+    assert {n: v[2] for n, v in source.tensors.items()} == {n: v[2] for n, v in with_map.items()}
+    params = read_checkpoint(source)
     _check_against_hf(params, state, config)
     convert_hf_to_ms(folder, str(tmp_path / "m.ckpt"), progress=False)
     shutil.copy(tmp_path / "m.ckpt", st / "m.ckpt")
-    with pytest.raises(cio.CheckpointError, match=r"both \.safetensors and \.ckpt files and no index"):
-        cio.MSCheckpoint(str(st))
+    with pytest.raises(CheckpointError, match=r"both \.safetensors and \.ckpt files and no index"):
+        MindSporeCheckpoint(str(st))
     ck = tmp_path / "ck"
     convert_hf_to_ms(folder, str(ck), fmt="ckpt", progress=False)
-    shutil.copy(ck / cio.MS_INDEX_NAME, tmp_path / "index.json")
+    shutil.copy(ck / MS_INDEX_NAME, tmp_path / "index.json")
     (ck / MS_NAME_MAP).write_text("{}")
-    with pytest.raises(cio.CheckpointError, match=f"both {MS_NAME_MAP}.*and {re.escape(cio.MS_INDEX_NAME)}"):
-        cio.MSCheckpoint(str(ck))
-    assert set(cio.MSCheckpoint(str(ck / cio.MS_INDEX_NAME)).tensor_info()) == set(expected)  # named: fine
-    with pytest.raises(cio.CheckpointError, match="a Hugging Face folder"):
-        cio.MSCheckpoint(folder)
-    with pytest.raises(cio.CheckpointError, match=r"a safetensors file, not a \.ckpt"):
-        list(cio.iter_ckpt(str(tmp_path / "m.safetensors.missing.safetensors")))
+    with pytest.raises(CheckpointError, match=f"both {MS_NAME_MAP}.*and {re.escape(MS_INDEX_NAME)}"):
+        MindSporeCheckpoint(str(ck))
+    assert set(MindSporeCheckpoint(str(ck / MS_INDEX_NAME)).tensors) == set(expected)  # named: fine
+    with pytest.raises(CheckpointError, match="a Hugging Face folder"):
+        MindSporeCheckpoint(folder)
+    with pytest.raises(CheckpointError, match=r"a safetensors file, not a \.ckpt"):
+        list(ckpt_file.iter_ckpt(str(tmp_path / "m.safetensors.missing.safetensors")))
     # an entry of the map naming a shard the map does not put it in
     convert_hf_to_ms(folder, str(tmp_path / "st2"), progress=False)
     name_map = json.loads((tmp_path / "st2" / MS_NAME_MAP).read_text())
@@ -430,17 +432,17 @@ def test_mscheckpoint_folder_rules(hf, tmp_path):
     moved = next(n for n, f in name_map.items() if f == files[0])
     name_map[moved] = files[1]
     (tmp_path / "st2" / MS_NAME_MAP).write_text(json.dumps(name_map))
-    with pytest.raises(cio.CheckpointError, match=re.escape(moved) + ".*not listed for this file"):
-        cio.MSCheckpoint(str(tmp_path / "st2")).tensor_info()
+    with pytest.raises(CheckpointError, match=re.escape(moved) + ".*not listed for this file"):
+        MindSporeCheckpoint(str(tmp_path / "st2")).tensors
 
 
 def test_output_paths_and_format_flag(hf, tmp_path):
     """The suffix decides a file's format; --format only for folders; stale checkpoint files and Hugging Face folders
     are refused as output folders, before anything is written."""
     folder, _ = hf["qlora_greedy"]
-    with pytest.raises(cio.CheckpointError, match=r"is a \.safetensors file but --format is ckpt"):
+    with pytest.raises(CheckpointError, match=r"is a \.safetensors file but --format is ckpt"):
         convert_hf_to_ms(folder, str(tmp_path / "x.safetensors"), fmt="ckpt", progress=False)
-    with pytest.raises(cio.CheckpointError, match=r"is a \.ckpt file but --format is safetensors"):
+    with pytest.raises(CheckpointError, match=r"is a \.ckpt file but --format is safetensors"):
         convert_hf_to_ms(folder, str(tmp_path / "x.ckpt"), fmt="safetensors", progress=False)
     assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "x.ckpt"), "--format",
                  "safetensors", "--no_progress"]) == 1
@@ -449,16 +451,16 @@ def test_output_paths_and_format_flag(hf, tmp_path):
     assert os.listdir(tmp_path) == []
     assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "d"), "--format", "ckpt",
                  "--no_progress"]) == 0
-    assert sorted(os.listdir(tmp_path / "d")) == sorted([cio.MS_INDEX_NAME, "deepseek2-00001-of-00001.ckpt"])
+    assert sorted(os.listdir(tmp_path / "d")) == sorted([MS_INDEX_NAME, "deepseek2-00001-of-00001.ckpt"])
     # the same conversion again replaces its own files; another format's files are in the way
     assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", str(tmp_path / "d"), "--format", "ckpt",
                  "--no_progress"]) == 0
-    with pytest.raises(cio.CheckpointError, match=r"holds checkpoint files this conversion would not replace "
+    with pytest.raises(CheckpointError, match=r"holds checkpoint files this conversion would not replace "
                                                    r"\(deepseek2-00001-of-00001\.ckpt, deepseek2\.ckpt\.index\.json\)"):
         convert_hf_to_ms(folder, str(tmp_path / "d"), progress=False)
     hf_copy = _copy(folder, tmp_path / "hf_copy")
     before = sorted(os.listdir(hf_copy))
-    with pytest.raises(cio.CheckpointError, match="a Hugging Face folder"):
+    with pytest.raises(CheckpointError, match="a Hugging Face folder"):
         convert_hf_to_ms(folder, hf_copy, progress=False)
     assert sorted(os.listdir(hf_copy)) == before and _leftovers(tmp_path) == []
 
@@ -467,24 +469,24 @@ def test_load_hf_checkpoint_into_net(hf, tmp_path):
     folder, state = hf["bf16"]  # bf16 shards into an fp32 net
     config = _config(folder)
     net = DummyNet(expected_ms_shapes(config))
-    loaded = cio.load_hf_checkpoint(net, folder)
+    loaded = load_checkpoint(net, folder)
     assert set(loaded) == set(expected_ms_shapes(config))
     params = {p.name: p.asnumpy() for p in net.get_parameters()}
     assert all(v.dtype == np.float32 for v in params.values())
     _check_against_hf(params, {k: v.float() for k, v in state.items()}, config)
-    with pytest.raises(cio.CheckpointError, match=re.escape(LM_HEAD)):
+    with pytest.raises(CheckpointError, match=re.escape(LM_HEAD)):
         shapes = dict(expected_ms_shapes(config))
         shapes[LM_HEAD] = (7, 32)
-        cio.load_hf_checkpoint(DummyNet(shapes), folder)
+        load_checkpoint(DummyNet(shapes), folder)
 
 
 def test_safetensors_reader_slices_and_bf16(hf):
     folder, state = hf["bf16"]
     file = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[0]
-    reader = cio.SafetensorsReader(os.path.join(folder, file))
+    reader = safetensors_file.SafetensorsReader(os.path.join(folder, file))
     name = [k for k in reader.keys() if len(reader.shape(k)) == 2][0]
     full = reader.get(name)
-    assert full.dtype == cio.BF16 and np.array_equal(_bits(full), _bits(_np(state[name])))
+    assert full.dtype == BF16 and np.array_equal(_bits(full), _bits(_np(state[name])))
     for index in (np.s_[1:5], np.s_[3], np.s_[-1], np.s_[::3], np.s_[5:1:-2], np.s_[2:6, 1:4], (np.s_[:], 2),
                   np.s_[7:3], np.s_[100:200], (np.s_[::-1], np.s_[1::2]), (1, np.s_[-3:]), np.s_[..., 1]):
         part = reader.get(name, index)
@@ -501,12 +503,12 @@ def test_safetensors_bf16_through_the_library_both_ways(tmp_path):
     SafetensorsWriter are read by the library (numpy and torch), bit for bit."""
     from safetensors.numpy import save_file as save_numpy  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(3)
-    tensors = {"w": rng.standard_normal((6, 5)).astype(np.float32).astype(cio.BF16),
-               "h": rng.standard_normal((4,)).astype(np.float16), "s": np.array(2.5, np.float32).astype(cio.BF16),
-               "n": np.arange(6, dtype=np.int32).reshape(3, 2), "e": np.zeros((0, 3), cio.BF16)}
+    tensors = {"w": rng.standard_normal((6, 5)).astype(np.float32).astype(BF16),
+               "h": rng.standard_normal((4,)).astype(np.float16), "s": np.array(2.5, np.float32).astype(BF16),
+               "n": np.arange(6, dtype=np.int32).reshape(3, 2), "e": np.zeros((0, 3), BF16)}
     theirs = str(tmp_path / "theirs.safetensors")
     save_numpy(tensors, theirs, metadata={"format": "pt"})
-    with cio.SafetensorsReader(theirs) as reader:
+    with safetensors_file.SafetensorsReader(theirs) as reader:
         assert reader.metadata == {"format": "pt"} and set(reader.keys()) == set(tensors)
         for name, array in tensors.items():
             got = reader.get(name)
@@ -514,7 +516,7 @@ def test_safetensors_bf16_through_the_library_both_ways(tmp_path):
             np.testing.assert_array_equal(_bits(got), _bits(array), err_msg=name)
         np.testing.assert_array_equal(_bits(reader.get("w", np.s_[::-2, 1:4])), _bits(tensors["w"][::-2, 1:4]))
     ours = str(tmp_path / "ours.safetensors")
-    writer = cio.SafetensorsWriter(ours, [(n, a.dtype, a.shape) for n, a in tensors.items()], {"format": "pt"})
+    writer = safetensors_file.SafetensorsWriter(ours, [(n, a.dtype, a.shape) for n, a in tensors.items()], {"format": "pt"})
     for name in reversed(list(tensors)):  # any order
         writer.write(name, tensors[name])
     writer.close()
@@ -537,21 +539,21 @@ def test_iter_ckpt_mindspore_parser_and_streaming_reader_agree(tmp_path, monkeyp
     load = ms.load_checkpoint
     monkeypatch.setattr(ms, "load_checkpoint", lambda *a, **k: calls.append(a) or load(*a, **k))
     if parser == "streaming":
-        monkeypatch.setattr(ckpt_mindspore, "MS_PARSER_MAX_BYTES", 0)
+        monkeypatch.setattr(ckpt_file, "MS_PARSER_MAX_BYTES", 0)
     rng = np.random.default_rng(4)
-    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32).astype(cio.BF16),
+    tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32).astype(BF16),
                "a.weight": rng.standard_normal((4,)).astype(np.float16),
                "c.weight": rng.standard_normal((2, 3, 4)).astype(np.float32),
                "d.count": np.arange(6, dtype=np.int32).reshape(2, 3), "e.scalar": np.array(1.5, np.float32),
                "f.mask": np.array([True, False])}
     ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in tensors.items()], str(tmp_path / "crc.ckpt"),
                        crc_check=True)
-    monkeypatch.setattr(ckpt_mindspore, "CKPT_CHUNK_BYTES", 8)  # every tensor above 8 bytes split into pieces
-    with cio.CkptWriter(str(tmp_path / "split.ckpt")) as writer:
+    monkeypatch.setattr(ckpt_file, "CKPT_CHUNK_BYTES", 8)  # every tensor above 8 bytes split into pieces
+    with ckpt_file.CkptWriter(str(tmp_path / "split.ckpt")) as writer:
         for name, array in tensors.items():
             writer.write(name, array)
     for file in ("crc.ckpt", "split.ckpt"):
-        back = list(cio.iter_ckpt(str(tmp_path / file)))
+        back = list(ckpt_file.iter_ckpt(str(tmp_path / file)))
         assert [n for n, _ in back] == list(tensors), file
         for name, array in back:
             assert array.dtype == tensors[name].dtype and array.shape == tensors[name].shape, (file, name)
@@ -604,7 +606,7 @@ def test_bad_hf_checkpoints_fail_cleanly(hf, tmp_path, case, pattern, output):
     elif case == "no_config":
         os.remove(os.path.join(folder, "config.json"))
     out = str(tmp_path / output.rstrip("/")) + ("/" if output.endswith("/") else "")
-    with pytest.raises(cio.CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         convert_hf_to_ms(folder, out, progress=False)
     _assert_no_output(tmp_path, out)
     assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", out, "--no_progress"]) == 1
@@ -615,7 +617,7 @@ def test_truncated_shard_in_sharded_checkpoint(hf, tmp_path):
     folder = _copy(hf["sharded"][0], tmp_path / "src")
     shard = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[-1]
     os.truncate(os.path.join(folder, shard), 20)
-    with pytest.raises(cio.CheckpointError, match=shard):
+    with pytest.raises(CheckpointError, match=shard):
         convert_hf_to_ms(folder, str(tmp_path / "o.ckpt"), progress=False)
     _assert_no_output(tmp_path, str(tmp_path / "o.ckpt"))
 
@@ -626,7 +628,7 @@ def test_existing_output_folder_keeps_other_files_and_replaces_nothing_on_error(
     (out / "README").write_text("keep")
     bad = _copy(hf["qlora_greedy"][0], tmp_path / "bad")
     _resave(bad, lambda s: s.pop("lm_head.weight"))
-    with pytest.raises(cio.CheckpointError, match="lm_head.weight"):
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
         convert_hf_to_ms(bad, str(out), progress=False)
     assert sorted(os.listdir(out)) == ["README"]
     convert_hf_to_ms(hf["qlora_greedy"][0], str(out), progress=False)
@@ -643,7 +645,7 @@ def test_bad_ms_checkpoints_fail_cleanly(hf, tmp_path, case, pattern):
     folder = hf["qlora_greedy"][0]
     src = tmp_path / "ms.ckpt"
     convert_hf_to_ms(folder, str(src), progress=False)
-    params = dict(cio.iter_ckpt(str(src)))
+    params = dict(ckpt_file.iter_ckpt(str(src)))
     if case == "missing":
         params.pop(LM_HEAD)
     elif case == "extra":
@@ -652,13 +654,13 @@ def test_bad_ms_checkpoints_fail_cleanly(hf, tmp_path, case, pattern):
         assert is_stacked(EXPERTS_W1)
         params[EXPERTS_W1] = params[EXPERTS_W1][:3]
     if case != "truncated":
-        with cio.CkptWriter(str(src)) as writer:
+        with ckpt_file.CkptWriter(str(src)) as writer:
             for name, array in params.items():
                 writer.write(name, array)
     else:
         os.truncate(src, os.path.getsize(src) - 10)
     out = tmp_path / "hf_out"
-    with pytest.raises(cio.CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         convert_ms_to_hf(str(src), str(out), folder, progress=False)
     _assert_no_output(tmp_path, str(out))
 
@@ -691,11 +693,11 @@ def test_hf_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, lay
     index_file = os.path.join(folder, index_name)
     name = _point_outside(index_file, tmp_path, escape)
     out = str(tmp_path / "out.ckpt")
-    with pytest.raises(cio.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         convert_hf_to_ms(folder, out, progress=False)
     _assert_refused(err, index_file, name)
-    with pytest.raises(cio.CheckpointError) as err:
-        cio.load_hf_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), folder)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), folder)
     _assert_refused(err, index_file, name)
     assert main(["--torch_ckpt_path", folder, "--mindspore_ckpt_path", out, "--no_progress"]) == 1
     _assert_no_output(tmp_path, out)
@@ -707,13 +709,13 @@ def test_ms_index_naming_a_shard_outside_its_folder_is_refused(hf, tmp_path, esc
     folder = hf["sharded"][0]
     msdir = tmp_path / "msdir"
     convert_hf_to_ms(folder, str(msdir) + "/", progress=False, fmt=fmt)
-    index_file = msdir / (MS_NAME_MAP if fmt == "safetensors" else cio.MS_INDEX_NAME)
+    index_file = msdir / (MS_NAME_MAP if fmt == "safetensors" else MS_INDEX_NAME)
     name = _point_outside(str(index_file), tmp_path, escape)
     out = str(tmp_path / "hf_out")
     for call in (lambda: convert_ms_to_hf(str(msdir), out, folder, progress=False),
-                 lambda: cio.load_ms_checkpoint(None, str(msdir)),
-                 lambda: cio.load_ms_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), str(index_file))):
-        with pytest.raises(cio.CheckpointError) as err:
+                 lambda: read_checkpoint(str(msdir)),
+                 lambda: load_checkpoint(DummyNet(expected_ms_shapes(_config(folder))), str(index_file))):
+        with pytest.raises(CheckpointError) as err:
             call()
         _assert_refused(err, index_file, name)
     assert main(["--reverse", "--mindspore_ckpt_path", str(msdir), "--torch_ckpt_path", out, "--config", folder,
@@ -731,7 +733,7 @@ class _NoTorch(PathFinder):  # torch is not installed, as far as any import can 
         return None if name.split(".")[0] == "torch" else PathFinder.find_spec(name, path, target)
 
 sys.meta_path = [_NoTorch if f is PathFinder else f for f in sys.meta_path]
-from research.deepseek2.checkpoint_io import CheckpointError
+from research.deepseek2.errors import CheckpointError
 from research.deepseek2.convert_weight import convert_hf_to_ms, convert_ms_to_hf
 src, out, back, bin_dir = sys.argv[1:]
 convert_hf_to_ms(src, out, progress=False)
@@ -814,15 +816,15 @@ def test_converted_checkpoint_fits_the_model(hf, tmp_path, layout, output):
     params = list(net.get_parameters())
     weights = {p.name: tuple(p.shape) for p in params if p.requires_grad}
     buffers = {p.name for p in params if not p.requires_grad}  # e.g. last_aux_loss: state, not a weight
-    ckpt = cio.MSCheckpoint(str(out)).tensor_info()
+    ckpt = MindSporeCheckpoint(str(out)).tensors
     assert weights == {n: tuple(v[0]) for n, v in ckpt.items()}
     assert not buffers & set(expected_ms_shapes(_config(folder)))
     not_loaded, unused = ms.load_param_into_net(net, _mindspore_reads(out), strict_load=True)
     assert set(not_loaded) == buffers and unused == []
-    assert set(cio.load_ms_checkpoint(net, str(out))) == set(weights)
+    assert set(load_checkpoint(net, str(out))) == set(weights)
     net = model_cls(config)
-    assert set(cio.load_hf_checkpoint(net, folder)) == set(weights)
-    stored = {name: array for _, tensors in cio.MSCheckpoint(str(out)).iter_files() for name, array in tensors}
+    assert set(load_checkpoint(net, folder)) == set(weights)
+    stored = read_checkpoint(str(out))
     for param in net.get_parameters():
         if param.requires_grad:
             np.testing.assert_array_equal(param.asnumpy(), stored[param.name], err_msg=param.name)

@@ -231,7 +231,7 @@ def finetune_runs(tmp_path_factory):
     """A transformers model saved as an HF folder, converted to a .ckpt file and a MindSpore safetensors folder;
     then three 2-node finetune jobs (one per checkpoint kind) side by side."""
     import subprocess
-    from research.deepseek2.reference import build_reference
+    from reference import build_reference
     tmp = tmp_path_factory.mktemp("dp_finetune")
     data = str(tmp / "rows.mindrecord")
     _write_rows(data)
@@ -302,7 +302,7 @@ def test_install_cpu_barrier_is_a_noop_unless_distributed_cpu(monkeypatch):
     import importlib
     import mindspore as ms
     from mindspore.communication import GlobalComm
-    from research.deepseek2 import cpu_collectives as cc
+    from research.deepseek2.run import cpu_barrier as cc
     before = {(mod, name): getattr(importlib.import_module(mod), name) for mod, name, _ in cc.PATCHED_NAMES}
 
     monkeypatch.setattr(GlobalComm, "INITED", False)
@@ -320,17 +320,23 @@ def test_install_cpu_barrier_is_a_noop_unless_distributed_cpu(monkeypatch):
 
 
 def test_install_cpu_barrier_rebinds_exactly_mindformers_barrier_names(monkeypatch):
-    """On a distributed CPU run: exactly PATCHED_NAMES, each of which was MindSpore's barrier (or MindFormers'
-    barrier_world over it), now the AllReduce barrier; MindSpore's own comm_func.barrier is left alone."""
+    """On a distributed CPU run: exactly PATCHED_NAMES, each of which was one of MindSpore's barriers (comm_func's,
+    bound by MindFormers 1.9, or mint.distributed's, bound by 2.1) or MindFormers' barrier_world over it, now the
+    AllReduce barrier; MindSpore's own barriers are left alone."""
     import importlib
-    from mindspore.communication import GlobalComm, comm_func
+    from mindspore.communication import GlobalComm
     from mindformers.utils import parallel_utils
-    from research.deepseek2 import cpu_collectives as cc
-    originals = {"barrier": comm_func.barrier, "barrier_world": parallel_utils.barrier_world}
+    from research.deepseek2.run import cpu_barrier as cc
+    barriers = cc.mindspore_barriers()
+    assert barriers and all(callable(b) for b in barriers)
+    originals = {}
     for mod, name, _ in cc.PATCHED_NAMES:
         module = importlib.import_module(mod)
-        assert getattr(module, name) is originals[name], f"{mod}.{name}"
-        monkeypatch.setattr(module, name, getattr(module, name))      # restored after the test
+        bound = getattr(module, name)
+        expected = barriers if name == "barrier" else (parallel_utils.barrier_world,)
+        assert any(bound is b for b in expected), f"{mod}.{name}"
+        originals[(mod, name)] = bound
+        monkeypatch.setattr(module, name, bound)                     # restored after the test
     monkeypatch.setattr(GlobalComm, "INITED", True)
     patched = cc.install_cpu_barrier()
     assert patched == [f"{mod}.{name}" for mod, name, _ in cc.PATCHED_NAMES]
@@ -338,5 +344,6 @@ def test_install_cpu_barrier_rebinds_exactly_mindformers_barrier_names(monkeypat
     for mod, name, _ in cc.PATCHED_NAMES:
         assert getattr(importlib.import_module(mod), name) is \
             {"barrier": cc.cpu_barrier, "barrier_world": cc.cpu_barrier_world}[name]
-    assert comm_func.barrier is originals["barrier"] and parallel_utils.barrier_world is originals["barrier_world"]
+    assert cc.mindspore_barriers() == barriers and parallel_utils.barrier_world is \
+        originals[("mindformers.tools.resume_ckpt", "barrier_world")]
     assert cc.install_cpu_barrier() == patched                      # again: harmless

@@ -1,4 +1,4 @@
-"""research/deepseek2/evaluate.py: the held-out loss is the mean cross-entropy over every target token (batches
+"""research/deepseek2/run/evaluate.py: the held-out loss is the mean cross-entropy over every target token (batches
 weighted by their token counts, balance losses off), equal to one computed here from the inference logits in
 numpy; the CLI prints one line, and refuses bad files with exit 2 and one line naming them."""
 import json
@@ -13,7 +13,7 @@ import yaml
 from test_predict import DATA, _fields, _save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "research", "deepseek2", "evaluate.py")
+SCRIPT = os.path.join(ROOT, "research", "deepseek2", "run", "evaluate.py")
 ROWS, BATCH = 7, 3                     # 7 rows in batches of 3: the last batch is filled up with target-less rows
 
 
@@ -57,7 +57,7 @@ def per_row(assets):
 
 def test_heldout_loss_is_the_token_mean_cross_entropy(assets, per_row):
     import mindspore as ms
-    from research.deepseek2.evaluate import heldout_loss
+    from research.deepseek2.run.evaluate import heldout_loss
     sums, counts = per_row
     assert len(set(counts.tolist())) > 1, "precondition: rows hold different numbers of targets"
     # precondition: the YAML adds a balance loss in training, which heldout_loss must switch off to match

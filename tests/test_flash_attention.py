@@ -18,7 +18,7 @@ from mindspore import ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 
 from research.deepseek2 import mla
-from research.deepseek2 import reference as R
+import reference as R
 from research.deepseek2.deepseek2 import DeepseekV2ForCausalLM
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 

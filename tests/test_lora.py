@@ -12,11 +12,11 @@ import pytest
 import mindspore as ms
 from mindspore import nn, Tensor
 
-from research.deepseek2 import lora as L
-from research.deepseek2 import reference as R
+import reference as R
+from research.deepseek2.lora import cells, config as lora_config
 from research.deepseek2.deepseek2 import DeepseekV2ForCausalLM
 from research.deepseek2.deepseek2_config import DeepseekV2Config
-from research.deepseek2.plan_memory import count_adapters, count_parameters
+from research.deepseek2.planning.counts import count_adapters, count_parameters
 
 SEQ = 8
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -44,7 +44,7 @@ def build(fields, **knobs):
 
 def copy_weights(src, dst):
     params = {p.name: ms.Parameter(Tensor(p.asnumpy()), name=p.name) for p in src.get_parameters()
-              if L.ADAPTER_SUFFIXES[0] not in p.name and L.ADAPTER_SUFFIXES[1] not in p.name}
+              if lora_config.ADAPTER_SUFFIXES[0] not in p.name and lora_config.ADAPTER_SUFFIXES[1] not in p.name}
     not_loaded, unused = ms.load_param_into_net(dst, params)
     assert not unused and all("mindpet_delta_lora" in n for n in not_loaded), (not_loaded, unused)
 
@@ -54,7 +54,7 @@ def lora_pair(fields, pet):
     base = build(fields)
     net = build(fields)
     copy_weights(base, net)
-    names = L.apply_lora(net, pet)
+    names = cells.apply_lora(net, pet)
     return base, net, names
 
 
@@ -98,7 +98,7 @@ def test_training_moves_only_the_adapters(mode):
     assert all(by_name[n] == 0 for n in names if n.endswith("_a")), by_name
 
     before = base_arrays(net)
-    adapters = L.adapter_state(net)
+    adapters = cells.adapter_state(net)
     optimizer = nn.AdamWeightDecay(trainable, learning_rate=1e-2, weight_decay=0.0)
     assert len(optimizer.moments1) == len(names)                 # optimizer state for adapters alone
     step = nn.TrainOneStepCell(net, optimizer)
@@ -108,7 +108,7 @@ def test_training_moves_only_the_adapters(mode):
     assert before.keys() == after.keys()
     for name in before:                                          # every base weight bit-identical
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    moved = L.adapter_state(net)
+    moved = cells.adapter_state(net)
     assert all(not np.array_equal(moved[n], adapters[n]) for n in names), "every adapter moved"
     grads = grad_fn(x)[1]
     assert all(np.abs(g.asnumpy()).max() > 0 for g in grads)    # with B != 0, A gets gradients too
@@ -119,7 +119,7 @@ def test_training_moves_only_the_adapters(mode):
 def test_merged_plain_model_gives_the_lora_logits(mode, fields, routed):
     base, net, _ = lora_pair(fields, dict(PET, target_routed_experts=routed))
     randomise_adapters(net)
-    merged = L.merged_weights(net)
+    merged = cells.merged_weights(net)
     plain = build(fields)
     assert sorted(merged) == sorted(p.name for p in plain.get_parameters())
     not_loaded, unused = ms.load_param_into_net(plain, {k: ms.Parameter(Tensor(v), name=k) for k, v in merged.items()})
@@ -140,20 +140,20 @@ def test_merge_state_is_the_formula():
     sa, sb = rng.randn(3, 2, 5).astype(np.float32), rng.randn(3, 6, 2).astype(np.float32)
     p, q = "model.layers.0.attention.wo", "model.layers.1.feed_forward.routed_experts.w1"
     weights = {p + ".weight": w, q: stacked, "other": np.ones(3, np.float32)}
-    (pa, pb), (qa, qb) = L.adapter_names_of(p), L.adapter_names_of(q)
+    (pa, pb), (qa, qb) = lora_config.adapter_names_of(p), lora_config.adapter_names_of(q)
     assert (pa, qa) == (p + ".mindpet_delta_lora_a", q + "_mindpet_delta_lora_a")
     adapters = {pa: a, pb: b, qa: sa, qb: sb}
-    merged = L.merge_state(weights, adapters, dict(PET, lora_rank=2, lora_alpha=3))
+    merged = lora_config.merge_state(weights, adapters, dict(PET, lora_rank=2, lora_alpha=3))
     np.testing.assert_allclose(merged[p + ".weight"], w + 1.5 * b @ a, rtol=1e-6)
     for e in range(3):
         np.testing.assert_allclose(merged[q][e], stacked[e] + 1.5 * sb[e] @ sa[e], rtol=1e-6)
     assert merged["other"] is weights["other"] and merged[p + ".weight"].dtype == np.float32
-    with pytest.raises(L.PetConfigError, match=f"{pb} is missing"):
-        L.merge_state(weights, {pa: a}, PET)
-    with pytest.raises(L.PetConfigError, match="do not fit"):
-        L.merge_state(weights, {pa: a.T, pb: b}, PET)
-    with pytest.raises(L.PetConfigError, match="expected a name ending in"):
-        L.merge_state(weights, {"p.lora_A.weight": a}, PET)
+    with pytest.raises(lora_config.PetConfigError, match=f"{pb} is missing"):
+        lora_config.merge_state(weights, {pa: a}, PET)
+    with pytest.raises(lora_config.PetConfigError, match="do not fit"):
+        lora_config.merge_state(weights, {pa: a.T, pb: b}, PET)
+    with pytest.raises(lora_config.PetConfigError, match="expected a name ending in"):
+        lora_config.merge_state(weights, {"p.lora_A.weight": a}, PET)
 
 
 # ---------------------------------------------------------------------------------------------- (4) routed experts
@@ -175,7 +175,7 @@ def test_routed_expert_adapters_on_and_off():
     assert params[p + "w1"].requires_grad is False and params[p + "w1"].shape == (experts, inter, hidden)
     assert set(names_on) - set(names_off) == {f"model.layers.{layer}.feed_forward.routed_experts.{w}_{s}"
                                               for layer in (1, 2) for w in ("w1", "w2", "w3")
-                                              for s in L.ADAPTER_SUFFIXES}
+                                              for s in lora_config.ADAPTER_SUFFIXES}
     # excluded by the routed_experts cell path: back to none
     _, some, names_some = lora_pair(cfg, dict(PET, target_routed_experts=True, exclude_layers=[r".*layers\.2\.feed"]))
     assert {n.split(".")[2] for n in names_some if "routed" in n} == {"1"}
@@ -185,14 +185,14 @@ def test_routed_expert_adapters_on_and_off():
 def test_target_modules_follow_mindformers_matching():
     """re.match on a projection's own name or its path, ours or Hugging Face's; exclude_layers the same way."""
     names = [p.name for p in build(V2).get_parameters()]
-    hf = L.targeted_projections(names, dict(PET, target_modules="kv_b_proj|o_proj"))
-    ours = L.targeted_projections(names, dict(PET, target_modules=".*lkv2kv|.*wo"))
+    hf = lora_config.targeted_projections(names, dict(PET, target_modules="kv_b_proj|o_proj"))
+    ours = lora_config.targeted_projections(names, dict(PET, target_modules=".*lkv2kv|.*wo"))
     assert hf == ours and sorted({p.rsplit(".", 1)[1] for p in hf.values()}) == ["lkv2kv", "wo"]
-    first = L.targeted_projections(names, dict(PET, target_modules=r"model\.layers\.0\..*"))
+    first = lora_config.targeted_projections(names, dict(PET, target_modules=r"model\.layers\.0\..*"))
     assert len(first) == 8 and all(".layers.0." in p for p in first.values())
-    shared_out = L.targeted_projections(names, dict(PET, exclude_layers=[".*shared_experts.*"]))
+    shared_out = lora_config.targeted_projections(names, dict(PET, exclude_layers=[".*shared_experts.*"]))
     assert not [p for p in shared_out.values() if "shared" in p] and len(shared_out) == 3 * 5 + 3
-    everything = L.targeted_projections(names, dict(PET, target_modules=".*"))
+    everything = lora_config.targeted_projections(names, dict(PET, target_modules=".*"))
     assert len(everything) == 3 * 5 + 3 + 2 * 3 and not [p for p in everything.values() if "lm_head" in p]
 
 
@@ -217,21 +217,21 @@ def test_target_modules_follow_mindformers_matching():
 def test_bad_pet_config_names_the_field(change, field):
     net = build(LITE)
     pet = dict(PET, **change)
-    with pytest.raises(L.PetConfigError) as err:
-        L.apply_lora(net, pet)
+    with pytest.raises(lora_config.PetConfigError) as err:
+        cells.apply_lora(net, pet)
     assert isinstance(err.value, ValueError)
     assert str(err.value).startswith(f"pet_config.{field} = "), str(err.value)
-    assert not L.adapter_names(net)                              # nothing half-applied
+    assert not cells.adapter_names(net)                              # nothing half-applied
     assert len(net.trainable_params()) == len(list(net.get_parameters()))
 
 
 def test_apply_lora_refuses_prediction_and_a_second_application():
     with pytest.raises(ValueError, match="use_past"):
-        L.apply_lora(build(LITE, use_past=True), PET)
+        cells.apply_lora(build(LITE, use_past=True), PET)
     net = build(LITE)
-    L.apply_lora(net, PET)
+    cells.apply_lora(net, PET)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
-        L.apply_lora(net, PET)
+        cells.apply_lora(net, PET)
 
 
 # ---------------------------------------------------------------------------------------------- (6) trainable share
@@ -247,7 +247,7 @@ def test_trainable_share_by_hand():
     base_total = count_parameters(V2)["total"]
     for routed, expected in ((False, 11424), (True, 11424 + 16896)):
         net = build(V2)
-        L.apply_lora(net, dict(PET, target_routed_experts=routed))
+        cells.apply_lora(net, dict(PET, target_routed_experts=routed))
         adapters = sum(int(np.prod(p.shape)) for p in net.trainable_params())
         total = sum(int(np.prod(p.shape)) for p in net.get_parameters())
         assert adapters == expected and total == base_total + expected
@@ -274,13 +274,13 @@ def test_mindformers_pet_model_over_our_lora_keeps_the_adapters():
     from mindformers.pet import get_pet_model
     from mindpet.graph.freeze_utils import freeze_delta
     net = build(V2)
-    names = L.apply_lora(net, dict(PET, target_routed_experts=True))
+    names = cells.apply_lora(net, dict(PET, target_routed_experts=True))
     all_names = [p.name for p in net.get_parameters()]
-    wrapped = get_pet_model(net, dict(PET, target_modules=L.DEFAULT_TARGET_MODULES))
+    wrapped = get_pet_model(net, dict(PET, target_modules=lora_config.DEFAULT_TARGET_MODULES))
     assert [p.name for p in wrapped.get_parameters()] == all_names
     assert sorted(p.name for p in wrapped.trainable_params()) == sorted(names)
     other = build(V2)
-    L.apply_lora(other, PET)
+    cells.apply_lora(other, PET)
     mine = {p.name: p.requires_grad for p in other.get_parameters()}
     freeze_delta(other, "lora")
     assert mine == {p.name: p.requires_grad for p in other.get_parameters()}
@@ -290,17 +290,17 @@ def test_expected_adapter_shapes_are_the_built_ones():
     """The plain-Python list of adapters (for checkpoint checks) equals what apply_lora builds."""
     for pet in (PET, dict(PET, target_routed_experts=True), dict(PET, target_modules="kv_b_proj|wo")):
         net = build(V2)
-        L.apply_lora(net, pet)
+        cells.apply_lora(net, pet)
         built = {p.name: tuple(p.shape) for p in net.get_parameters() if "mindpet_delta_lora" in p.name}
-        assert L.expected_adapter_shapes(DeepseekV2Config(**V2), pet) == built
-        assert L.expected_adapter_shapes(V2, pet) == built                  # a YAML's model_config mapping
+        assert lora_config.expected_adapter_shapes(DeepseekV2Config(**V2), pet) == built
+        assert lora_config.expected_adapter_shapes(V2, pet) == built                  # a YAML's model_config mapping
 
 
 def test_adapter_state_and_names():
     net = build(LITE)
-    names = L.apply_lora(net, dict(PET, target_modules=".*wo"))
-    assert names == [f"model.layers.{i}.attention.wo.{s}" for i in range(3) for s in L.ADAPTER_SUFFIXES]
-    state = L.adapter_state(net)
+    names = cells.apply_lora(net, dict(PET, target_modules=".*wo"))
+    assert names == [f"model.layers.{i}.attention.wo.{s}" for i in range(3) for s in lora_config.ADAPTER_SUFFIXES]
+    state = cells.adapter_state(net)
     assert list(state) == names and all(not state[n].any() for n in names if n.endswith("_b"))
     assert state[names[0]].shape == (4, LITE["num_attention_heads"] * LITE["v_head_dim"])
 
@@ -309,7 +309,7 @@ def test_freeze_include_and_exclude_follow_mindpet():
     """freeze_exclude unfreezes what it matches (here the RMSNorm weights), freeze_include freezes (an adapter)."""
     net = build(LITE)
     pet = dict(PET, target_modules=".*wo", freeze_exclude=["*norm*"], freeze_include=["*layers.0.*lora_a"])
-    names = L.apply_lora(net, pet)
+    names = cells.apply_lora(net, pet)
     trainable = {p.name for p in net.trainable_params()}
     norms = {p.name for p in net.get_parameters() if "norm" in p.name}
     assert norms and norms <= trainable

@@ -47,15 +47,14 @@ def _load(path):
 @pytest.fixture(scope="module")
 def lora_run(dataset, tmp_path_factory):  # noqa: F811
     """A base model (transformers, HF folder) LoRA-finetuned for 2 epochs; checkpoints at steps 4, 8, 12, 16."""
-    from research.deepseek2.ckpt_hf_as_ms import iter_hf_as_ms
-    from research.deepseek2.ckpt_folders import HFCheckpoint
+    from reference import build_reference
+    from research.deepseek2.checkpoints.hf_folder import HFCheckpoint
     from research.deepseek2.deepseek2_config import DeepseekV2Config
-    from research.deepseek2.reference import build_reference
     tmp = tmp_path_factory.mktemp("lora")
     fields = {k: v for k, v in _fields().items() if k != "pet_config"}
     build_reference(fields, seed=3).save_pretrained(str(tmp / "hf"), safe_serialization=True)
     base = {name: np.array(array) for _, name, array in
-            iter_hf_as_ms(HFCheckpoint(str(tmp / "hf")), DeepseekV2Config(**fields), progress=False)}
+            HFCheckpoint(str(tmp / "hf")).iter_parameters(DeepseekV2Config(**fields), progress=False)}
     out = _run(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(tmp / "hf"),
                 "--train_data", dataset, "--output_dir", str(tmp / "out"), "--runner_config.epochs", "2", *SMALL,
                 "--train_dataset.data_loader.shuffle", "False"], tmp)
@@ -73,7 +72,7 @@ def test_lora_finetune_trains_only_adapters(lora_run):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2
     saved = _load(lora_run["last"])
     adapters = sorted(n for n in saved if ADAPTER in n and not n.startswith(("adam_", "moment")))
-    from research.deepseek2.lora import expected_adapter_shapes
+    from research.deepseek2.lora.config import expected_adapter_shapes
     from research.deepseek2.deepseek2_config import DeepseekV2Config
     expected = expected_adapter_shapes(DeepseekV2Config(**_fields()), _pet_config())
     assert {n: tuple(saved[n].shape) for n in adapters} == expected
@@ -103,9 +102,10 @@ def test_predict_merges_the_adapters(lora_run):
     logits equal the LoRA training network's (base + adapters loaded, unmerged) within 1e-5."""
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    from research.deepseek2.checkpoint_io import load_checkpoint
-    from research.deepseek2.lora import apply_lora, merge_state
-    from research.deepseek2.predict import build_network
+    from research.deepseek2.checkpoints import load_checkpoint
+    from research.deepseek2.lora.cells import apply_lora
+    from research.deepseek2.lora.config import merge_state
+    from research.deepseek2.run.predict import build_network
     saved = _load(lora_run["last"])
     weights = {n: v for n, v in saved.items() if ADAPTER not in n and not n.startswith(("adam_", "global", "epoch",
                                                                                          "step", "loss", "scale",
@@ -137,8 +137,8 @@ def test_reverse_merges_or_exports_the_adapters(lora_run, tmp_path):
     """convert_weight.py --reverse with the LoRA YAML: plain HF weights, merged, that transformers loads;
     --adapters_only: the PEFT layout, whose A and B give the same merged weights."""
     from safetensors.numpy import load_file
-    from research.deepseek2.lora import merge_state
-    from research.deepseek2.weight_map import ms_to_hf, is_stacked
+    from research.deepseek2.lora.config import merge_state
+    from research.deepseek2.checkpoints.weight_map import ms_to_hf, is_stacked
     config_yaml = _model_yaml(tmp_path / "lora.yaml")
     convert = os.path.join(ROOT, "research", "deepseek2", "convert_weight.py")
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -17,7 +17,7 @@ from mindspore.common import dtype as mstype
 
 import moe_numpy as ref
 from research.deepseek2.deepseek2_config import DeepseekV2Config
-from research.deepseek2.inventory import LocalShape
+from research.deepseek2.planning.inventory import LocalShape
 from research.deepseek2.moe import DeepSeekMoE, RankWithin, RoutedExperts as _RoutedExperts, Router, balance_losses
 
 RTOL = ATOL = 1e-5

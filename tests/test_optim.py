@@ -6,7 +6,7 @@ import torch
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
-from research.deepseek2.optim import CpuAdamW
+from research.deepseek2.run.optim import CpuAdamW
 
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 SHAPES = {"w": (6, 5), "experts": (3, 4, 2), "norm": (5,)}

@@ -1,6 +1,6 @@
 """The three DeepSeek-V2 236B YAMLs: MindFormers layout, released model values, and parallel consistency.
 
-Broken copies of the YAMLs must fail research/deepseek2/parallel_check.py with a message naming the field.
+Broken copies of the YAMLs must fail research/deepseek2/planning/parallel_check.py with a message naming the field.
 """
 import copy
 import dataclasses
@@ -11,10 +11,10 @@ import sys
 import pytest
 import yaml
 
-from research.deepseek2.inventory import model_shape, parameters, parts
-from research.deepseek2.parallel_check import (ParallelShape, check_parallel_config, layers_per_stage, load_yaml_checks,
+from research.deepseek2.planning.inventory import model_shape, parameters, parts
+from research.deepseek2.planning.parallel_check import (ParallelShape, check_parallel_config, layers_per_stage, load_yaml_checks,
                                                parallel_shape)
-from research.deepseek2.plan_memory import count_parameters, plan
+from research.deepseek2.planning.memory import count_parameters, plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "research", "deepseek2")
@@ -68,7 +68,7 @@ def test_yaml_layout_and_released_values(name):
     assert config["processor"]["tokenizer"]["type"] == "DeepseekV2Tokenizer"
     assert config["processor"]["return_tensors"] == "ms" and "tokenizer_file" in config["processor"]["tokenizer"]
     # training: auto parallel, declared key-op strategies propagated; predict: collectives only, the model splits
-    # itself (research/deepseek2/parallel.py)
+    # itself (research/deepseek2/planning/layout.py)
     assert config["use_parallel"] is True and config["parallel"]["parallel_mode"] == (0 if name == PREDICT_YAML else 2)
     assert config["context"]["mode"] == 0 and config["context"]["device_target"] == "Ascend"
     assert mc["seq_length"] == 4096 and mc["compute_dtype"] == "bfloat16"
@@ -183,7 +183,7 @@ def test_expert_parallel_rule_small_cases():
 
 
 def test_cli_exit_status(tmp_path):
-    script = os.path.join(PKG, "parallel_check.py")
+    script = os.path.join(PKG, "planning", "parallel_check.py")
     ok = subprocess.run([sys.executable, script, "--config", *[os.path.join(PKG, n) for n in ALL_YAMLS]],
                         capture_output=True, text=True, check=False, timeout=60)
     assert ok.returncode == 0 and ok.stdout.count(": OK") == 3, ok.stdout + ok.stderr

@@ -8,11 +8,13 @@ import pytest
 import yaml
 import mindspore as ms
 
-from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, reference as R
-from research.deepseek2.inventory import (buffers, divisibility_problems, expected_shapes, local_shape,
-                                          parameters)
-from research.deepseek2.parallel import (ParallelSizes, apply_semi_auto, expert_buffers, parallel_sizes,
-                                         training_local_shape, weight_strategies)
+import reference as R
+from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from research.deepseek2.planning.inventory import (buffers, divisibility_problems, expected_shapes, local_shape,
+                                                   parameters)
+from research.deepseek2.planning.layout import (apply_semi_auto, expert_buffers, place_layers, training_local_shape,
+                                                weight_strategies)
+from research.deepseek2.planning.parallel_check import ParallelShape, parallel_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ def test_236b_weight_strategies_divide(name):
     dp, mp = pc.get("data_parallel", 1), pc.get("model_parallel", 1)
     ep = pc.get("expert_parallel", 1) if "predict" not in name else mp     # predict splits experts over mp ranks
     vocab_emb_dp = pc.get("vocab_emb_dp", True)
-    sizes = ParallelSizes(dp=dp, mp=mp, ep=ep, vocab=1 if vocab_emb_dp else mp)
+    sizes = ParallelShape(dp=dp, mp=mp, ep=ep, vocab_emb_dp=vocab_emb_dp)
     assert divisibility_problems(config, sizes.axes()) == []
     plan = weight_strategies(config, sizes)
     assert plan["model.layers.0.attention.l2q_proj.weight"] == (mp, 1)       # heads split
@@ -51,7 +53,7 @@ def test_236b_weight_strategies_divide(name):
 @pytest.mark.parametrize("name", ["run_train_deepseek2_236B.yaml", "finetune_deepseek2_236B.yaml"])
 def test_236b_expert_buffers(name):
     config, pc = _yaml(name)
-    buffers = expert_buffers(config, parallel_sizes(pc))
+    buffers = expert_buffers(config, parallel_shape(pc))
     # by hand: T_g = 1 x 4096 tokens per rank, C = ceil(2.0 x 4096 x 6 / 160) = ceil(307.2) = 308 rows per expert
     assert (buffers["groups"], buffers["group_tokens"], buffers["capacity"]) == (8, 4096, 308)
     assert buffers["buffer"] == (160, 8 * 308, 5120)
@@ -79,7 +81,7 @@ def _tiny(**fields):
 
 
 def test_apply_semi_auto_sets_strategies_from_the_plan():
-    sizes = ParallelSizes(dp=2, mp=2, ep=2, vocab=2)
+    sizes = ParallelShape(dp=2, mp=2, ep=2, vocab_emb_dp=False)
     net = DeepseekV2ForCausalLM(_tiny(), training_local_shape(sizes, semi_auto=True))
     applied = apply_semi_auto(net, sizes)
     assert applied["model.layers.0.attention.l2q_proj.matmul"] == ((2, 1), (2, 1))
@@ -101,7 +103,7 @@ def test_apply_semi_auto_sets_strategies_from_the_plan():
 
 
 def test_apply_semi_auto_needs_the_token_groups():
-    sizes = ParallelSizes(dp=2, mp=1, ep=2)
+    sizes = ParallelShape(dp=2, mp=1, ep=2)
     with pytest.raises(ValueError, match="token group"):
         apply_semi_auto(DeepseekV2ForCausalLM(_tiny()), sizes)
 
@@ -149,15 +151,18 @@ def test_built_model_holds_exactly_the_inventory(fields):
 def test_apply_semi_auto_refuses_the_dropless_dispatch():
     net = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless"))
     with pytest.raises(ValueError, match="moe_dispatch = 'dropless'"):
-        apply_semi_auto(net, ParallelSizes(dp=2, mp=1, ep=2))
+        apply_semi_auto(net, ParallelShape(dp=2, mp=1, ep=2))
 
 
-def test_parallel_sizes_from_mindformers_config():
+def test_parallel_shape_from_mindformers_config():
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
     pc = TransformerOpParallelConfig(data_parallel=8, model_parallel=4, expert_parallel=8, pipeline_stage=2,
                                      micro_batch_num=16, vocab_emb_dp=False)
-    assert parallel_sizes(pc) == ParallelSizes(dp=8, mp=4, ep=8, vocab=4)
-    assert parallel_sizes({"data_parallel": 2, "model_parallel": 2}) == ParallelSizes(dp=2, mp=2, ep=1, vocab=1)
+    shape = parallel_shape(pc)
+    assert (shape.dp, shape.mp, shape.pp, shape.ep, shape.micro_batch_num) == (8, 4, 2, 8, 16)
+    assert shape.axes() == {"mp": 4, "ep": 8, "vocab": 4}
+    shape = parallel_shape({"data_parallel": 2, "model_parallel": 2})
+    assert (shape.dp, shape.mp, shape.pp, shape.ep) == (2, 2, 1, 1) and shape.axes() == {"mp": 2, "ep": 1, "vocab": 1}
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
@@ -167,7 +172,7 @@ def test_laid_out_model_computes_the_same_on_one_device(mode):
     computed, never what."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(3)
-    sizes = ParallelSizes(dp=2, mp=2, ep=2, vocab=2)
+    sizes = ParallelShape(dp=2, mp=2, ep=2, vocab_emb_dp=False)
     plain = DeepseekV2ForCausalLM(_tiny(moe_dispatch="dropless", init_std=0.3))
     laid_out = DeepseekV2ForCausalLM(_tiny(init_std=0.3), training_local_shape(sizes, semi_auto=True))
     ms.load_param_into_net(laid_out, {p.name: ms.Parameter(p.data.copy(), name=p.name)
@@ -184,6 +189,8 @@ def test_laid_out_model_computes_the_same_on_one_device(mode):
 
 
 def test_pipeline_stages_and_recompute_follow_parallel_config():
+    """The constructor places nothing, even given a parallel_config; place_layers puts the layers on their stages
+    with recompute, as MindFormers' LayerSetting says."""
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig, TransformerRecomputeConfig
     pc = TransformerOpParallelConfig(data_parallel=1, model_parallel=1, pipeline_stage=2, micro_batch_num=2,
                                      recompute=TransformerRecomputeConfig(recompute=True))
@@ -193,7 +200,8 @@ def test_pipeline_stages_and_recompute_follow_parallel_config():
                               first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, seq_length=8,
                               parallel_config=pc)
     net = DeepseekV2ForCausalLM(config)
-    assert net.model.pipeline_stages == [0, 0, 1, 1]
+    assert not any(getattr(layer, "_has_config_recompute", False) for layer in net.model.layers)
+    assert place_layers(net, pc) == [0, 0, 1, 1]
     assert net.model.tok_embeddings.pipeline_stage == 0
     assert net.model.norm_out.pipeline_stage == 1 and net.lm_head.pipeline_stage == 1
     assert all(layer._has_config_recompute for layer in net.model.layers)
@@ -204,7 +212,7 @@ def test_training_builds_the_semi_auto_network_with_token_groups_and_layout():
     registry with the data-parallel token groups and laid out before the Trainer would compile it."""
     from mindformers.tools.register import MindFormerConfig
     from research.deepseek2 import register
-    from research.deepseek2.training import build_semi_auto_network, is_semi_auto
+    from research.deepseek2.run.training import build_semi_auto_network, is_semi_auto
     register()
     config = MindFormerConfig(os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml"))
     assert not is_semi_auto(config)                                      # the CPU YAML: data parallel only

@@ -8,8 +8,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from research.deepseek2 import reference as R
-from research.deepseek2.inventory import chunk_bounds
+import reference as R
+from research.deepseek2.planning.chunks import chunk_bounds
 
 LAYOUTS = {"v2": R.V2_STYLE, "lite": R.LITE_STYLE}
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -138,7 +138,7 @@ def test_loss_and_gradients_match_reference(layout, mode):
     cross-entropy; balance losses off, the reference has none), through the hand-written attention backward
     (mla.SoftmaxAttention.bprop): within 1e-4 of each gradient's largest element."""
     import torch
-    from research.deepseek2.weight_map import hf_arrays_to_ms
+    from research.deepseek2.checkpoints.weight_map import hf_state_to_ms
     _, fields, ref = layout
     ids = np.random.RandomState(6).randint(2, fields["vocab_size"], (2, SEQ + 1))
     net = R.build_ms(fields, ref, seq_length=SEQ, aux_loss_alpha=0.0)
@@ -150,7 +150,7 @@ def test_loss_and_gradients_match_reference(layout, mode):
         ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      torch.tensor(ids[:, 1:], dtype=torch.long).reshape(-1))
         ref_loss.backward()
-        ref_grads = hf_arrays_to_ms({name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+        ref_grads = hf_state_to_ms({name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
                                      for name, p in ref.named_parameters()}, fields["n_routed_experts"])
     finally:
         ref.zero_grad(set_to_none=True)
@@ -229,7 +229,7 @@ def test_prefill_in_chunks_matches_reference(layout, mode, chunk, spans, attenti
 
 
 def test_prefill_chunks():
-    from research.deepseek2.deepseek2 import prefill_chunks
+    from research.deepseek2.planning.chunks import prefill_chunks
     assert prefill_chunks(1300, 512, 4096) == [(0, 512), (512, 1024), (1024, 1536)]
     assert prefill_chunks(10, 4, 10) == [(0, 4), (4, 8), (6, 10)]       # the last call ends at seq_length
     assert prefill_chunks(4, 4, 4) == [(0, 4)]
@@ -239,7 +239,7 @@ def test_prefill_chunks():
 
 
 def test_head_blocks():
-    from research.deepseek2.inventory import head_blocks
+    from research.deepseek2.planning.chunks import head_blocks
     assert head_blocks(16, 1, 1024) == [(0, 16)]                                  # a decode step: one block
     assert head_blocks(16, 512, 1024) == [(i, i + 2) for i in range(0, 16, 2)]   # 2 heads x 512 tokens a block
     assert head_blocks(16, 2048, 1024) == [(i, i + 1) for i in range(16)]        # at least one head

@@ -1,4 +1,5 @@
-"""Tests of research/deepseek2/plan_memory.py against hand-computed numbers and the released model sizes."""
+"""Tests of the memory planner (research/deepseek2/planning/) against hand-computed numbers and the released model
+sizes."""
 import copy
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from research.deepseek2.plan_memory import GIB, count_parameters, plan, smallest_cluster
+from research.deepseek2.planning.memory import GIB, count_parameters, plan, smallest_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "research", "deepseek2")
@@ -86,7 +87,7 @@ def test_released_deepseek_v2_lite_counts():
 def test_counts_match_the_weight_table(model):
     """The analytic total equals the sum over every tensor the weight map expects for the same config."""
     from research.deepseek2.deepseek2_config import DeepseekV2Config
-    from research.deepseek2.weight_map import expected_hf_shapes
+    from research.deepseek2.checkpoints.weight_map import expected_hf_shapes
     keep = {k: v for k, v in model.items() if k not in ("compute_dtype", "param_init_type", "softmax_compute_type")}
     config = DeepseekV2Config(**keep, num_key_value_heads=model["num_attention_heads"])
     total = 0
@@ -226,7 +227,7 @@ def test_236b_yaml_plans(tmp_path):
 
 
 def test_cli_prints_the_table():
-    script = os.path.join(PKG, "plan_memory.py")
+    script = os.path.join(PKG, "planning", "memory.py")
     out = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "finetune_deepseek2_236B.yaml")],
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -244,8 +245,8 @@ def test_cli_prints_the_table():
 
 
 def test_plain_python_modules_import_no_mindspore():
-    """plan_memory and parallel_check run on a login node: a fresh interpreter importing them loads no MindSpore."""
-    code = ("import sys; import research.deepseek2.plan_memory, research.deepseek2.parallel_check; "
+    """The memory plan and parallel_check run on a login node: a fresh interpreter importing them loads no MindSpore."""
+    code = ("import sys; import research.deepseek2.planning.memory, research.deepseek2.planning.parallel_check; "
             "print('mindspore' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
                          timeout=60)
@@ -253,8 +254,8 @@ def test_plain_python_modules_import_no_mindspore():
 
 
 def test_cli_runs_from_the_package_directory():
-    """``cd research/deepseek2 && python plan_memory.py --config X.yaml`` (absolute imports, no sys.path hack)."""
-    out = subprocess.run([sys.executable, "plan_memory.py", "--config", "run_predict_deepseek2_236B.yaml"], cwd=PKG,
+    """``cd research/deepseek2 && python planning/memory.py --config X.yaml`` (absolute imports, no sys.path hack)."""
+    out = subprocess.run([sys.executable, "planning/memory.py", "--config", "run_predict_deepseek2_236B.yaml"], cwd=PKG,
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0 and "latent KV cache" in out.stdout, out.stdout + out.stderr
 
@@ -274,7 +275,7 @@ TINY_ADAPTERS, TINY_ADAPTERS_ROUTED, TINY_CARD_ADAPTERS = 480, 480 + 288, 380
 
 
 def test_lora_counts_by_hand():
-    from research.deepseek2.plan_memory import count_adapters
+    from research.deepseek2.planning.counts import count_adapters
     assert count_adapters(TINY, LORA) == TINY_ADAPTERS
     assert count_adapters(TINY, dict(LORA, target_routed_experts=True)) == TINY_ADAPTERS_ROUTED
     assert count_adapters(TINY, dict(LORA, target_modules="kv_b_proj")) == 2 * 12 * 2      # HF names work too
@@ -333,20 +334,20 @@ def test_lora_options_by_hand():
 @pytest.mark.parametrize("change, field", [({"lora_rank": 0}, "lora_rank"), ({"pet_type": "ptuning2"}, "pet_type"),
                                            ({"target_modules": "nothing_here"}, "target_modules")])
 def test_lora_bad_pet_config_names_the_field(change, field):
-    from research.deepseek2.lora import PetConfigError
+    from research.deepseek2.errors import PetConfigError
     config = _config(dict(TINY, pet_config=dict(LORA, **change)), {"data_parallel": 1})
     with pytest.raises(PetConfigError, match=f"^pet_config.{field} = "):
         plan(config)
 
 
 # ---------------------------------------------------------------------------------------------- the recipes
-RECIPES = {"finetune_deepseek2_lite.yaml": 8, "finetune_deepseek2_lite_lora.yaml": 8,
-           "predict_deepseek2_lite.yaml": 1, "finetune_deepseek2_236B_lora.yaml": 16}
+RECIPES = {"deepseek2_lite/finetune_deepseek2_lite.yaml": 8, "deepseek2_lite/finetune_deepseek2_lite_lora.yaml": 8,
+           "deepseek2_lite/predict_deepseek2_lite.yaml": 1, "finetune_deepseek2_236B_lora.yaml": 16}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipes_pass_parallel_check_and_fit(name):
-    from research.deepseek2.parallel_check import load_yaml_checks
+    from research.deepseek2.planning.parallel_check import load_yaml_checks
     path = os.path.join(PKG, name)
     assert load_yaml_checks(path) == [] and load_yaml_checks(path, device_num=RECIPES[name]) == []
     with open(path, encoding="utf-8") as handle:
@@ -370,7 +371,7 @@ def test_recipes_build_the_model_config(name):
     """MindFormers parses the file and DeepseekV2Config accepts its model_config, pet_config included."""
     from mindformers.tools.register import MindFormerConfig
     from research.deepseek2.deepseek2_config import DeepseekV2Config
-    from research.deepseek2.lora import validate_pet_config
+    from research.deepseek2.lora.cells import validate_pet_config
     parsed = MindFormerConfig(os.path.join(PKG, name))
     fields = {k: v for k, v in parsed.model.model_config.items() if k != "type"}
     config = DeepseekV2Config(**fields)
@@ -385,10 +386,10 @@ def test_lora_needs_fewer_cards_than_the_full_finetune():
     the same YAML without pet_config needs 80, the full-finetune recipe 40 with its AdamW
     states offloaded to host memory and the fused attention (64 without it). V2-Lite LoRA fits one card; its full
     finetune needs the 8 of a node."""
-    from research.deepseek2.plan_memory import full_finetune
+    from research.deepseek2.planning.memory import full_finetune
     recipes = {}
     for name in ("finetune_deepseek2_236B_lora.yaml", "finetune_deepseek2_236B.yaml",
-                 "finetune_deepseek2_lite_lora.yaml", "finetune_deepseek2_lite.yaml"):
+                 "deepseek2_lite/finetune_deepseek2_lite_lora.yaml", "deepseek2_lite/finetune_deepseek2_lite.yaml"):
         with open(os.path.join(PKG, name), encoding="utf-8") as handle:
             recipes[name] = yaml.safe_load(handle)
     lora = recipes["finetune_deepseek2_236B_lora.yaml"]
@@ -396,13 +397,13 @@ def test_lora_needs_fewer_cards_than_the_full_finetune():
     full = full_finetune(lora)
     assert not full["fits"] and full["device_num"] == 16 and full["smallest_cluster"]["device_num"] == 80
     assert smallest_cluster(recipes["finetune_deepseek2_236B.yaml"])["device_num"] == 40
-    assert smallest_cluster(recipes["finetune_deepseek2_lite_lora.yaml"])["device_num"] == 1
-    assert smallest_cluster(recipes["finetune_deepseek2_lite.yaml"])["device_num"] == 8
-    assert full_finetune(recipes["finetune_deepseek2_lite.yaml"]) is None
+    assert smallest_cluster(recipes["deepseek2_lite/finetune_deepseek2_lite_lora.yaml"])["device_num"] == 1
+    assert smallest_cluster(recipes["deepseek2_lite/finetune_deepseek2_lite.yaml"])["device_num"] == 8
+    assert full_finetune(recipes["deepseek2_lite/finetune_deepseek2_lite.yaml"]) is None
 
 
 def test_cli_prints_lora_against_full_finetune():
-    script = os.path.join(PKG, "plan_memory.py")
+    script = os.path.join(PKG, "planning", "memory.py")
     out = subprocess.run([sys.executable, script, "--config", os.path.join(PKG, "finetune_deepseek2_236B_lora.yaml")],
                          capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -491,17 +492,18 @@ def test_flash_attention_must_be_a_bool(value):
 def test_attention_chunks_and_prefill_chunks_by_hand():
     """The (s, s) term: attention_chunk_size C keeps the causal blocks sum_i C_i stop_i; prefill_chunk_size p with
     use_past plans a prefill call of p tokens against the whole cache: (b, a, p, s) scores, logits of p tokens."""
-    from research.deepseek2 import plan_memory as pm
+    from research.deepseek2.planning import memory as pm
+    from research.deepseek2.planning.activations import attention_core_bytes
     config = {"model": {"model_config": dict(TINY, seq_length=10, attention_chunk_size=4)}}
     st = pm._settings(config)
     heads = TINY["num_attention_heads"]
     blocks = 4 * 4 + 4 * 8 + 2 * 10                                   # rows [0,4) see 4 keys, [4,8) 8, [8,10) 10
-    assert pm._attention_core_bytes(st, 1, 1, False) == heads * blocks * (4 + 4)
+    assert attention_core_bytes(st, 1, 1, False) == heads * blocks * (4 + 4)
     st0 = pm._settings({"model": {"model_config": dict(TINY, seq_length=10, attention_chunk_size=0)}})
-    assert pm._attention_core_bytes(st0, 1, 1, False) == heads * 100 * (4 + 4)
+    assert attention_core_bytes(st0, 1, 1, False) == heads * 100 * (4 + 4)
     # a prefill chunk of p = 10 tokens against 40 cache slots: blocks of max(1, C // p) of the 2 heads
-    assert pm._attention_core_bytes(st0, 1, 1, False, keys=40) == heads * 10 * 40 * (4 + 4)
-    assert pm._attention_core_bytes(st, 1, 1, False, keys=40) == 1 * 10 * 40 * (4 + 4)
+    assert attention_core_bytes(st0, 1, 1, False, keys=40) == heads * 10 * 40 * (4 + 4)
+    assert attention_core_bytes(st, 1, 1, False, keys=40) == 1 * 10 * 40 * (4 + 4)
     predict = {"model": {"model_config": dict(TINY, seq_length=4096, use_past=True)}, "run_mode": "predict"}
     whole = plan(predict)["bytes"]["workspace"]
     predict["model"]["model_config"]["prefill_chunk_size"] = 256

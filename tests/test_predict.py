@@ -74,7 +74,7 @@ def _args(assets, tmp_path, *extra):
 
 def _cli(args, capsys):
     """runner.cli_main in this process -> (exit code, stdout, stderr)."""
-    from research.deepseek2.runner import cli_main
+    from research.deepseek2.run.runner import cli_main
     capsys.readouterr()
     code = cli_main(args)
     out, err = capsys.readouterr()
@@ -100,8 +100,8 @@ class Reference:
         import mindspore as ms
         from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2Tokenizer
         from research.deepseek2 import build_chat_prompt
-        from research.deepseek2.predict import setup_context
-        from research.deepseek2.runner import build_parser, load_run_config, parse_overrides
+        from research.deepseek2.run.predict import setup_context
+        from research.deepseek2.run.runner import build_parser, load_run_config, parse_overrides
         # MindFormers' context as predict sets it (on CPU sampling post-processing runs in numpy)
         args, rest = build_parser().parse_known_args(_args(assets, assets["folder"]))
         setup_context(load_run_config(args, parse_overrides(rest)))
@@ -132,8 +132,8 @@ def ref(assets):
 
 # ------------------------------------------------------------------------------------------- pieces, no model
 def test_read_prompts_formats(tmp_path):
-    from research.deepseek2.predict import read_prompts
-    from research.deepseek2.runner import UsageError
+    from research.deepseek2.run.predict import read_prompts
+    from research.deepseek2.run.runner import UsageError
     assert read_prompts(["one prompt"]) == ["one prompt"]
     assert read_prompts(["a", "b c"]) == ["a", "b c"]
     text_file = tmp_path / "prompts.txt"
@@ -150,7 +150,7 @@ def test_read_prompts_formats(tmp_path):
 
 
 def test_prompt_ids_chat_and_plain(ref):
-    from research.deepseek2.predict import encode_prompt
+    from research.deepseek2.run.predict import encode_prompt
     tok = ref.tokenizer
     chat_ids = encode_prompt(tok, "hi there", chat=True)
     assert chat_ids == tok.encode(ref.build_chat_prompt("hi there"), add_special_tokens=False)
@@ -371,7 +371,7 @@ def test_hugging_face_folder_tokens_equal_transformers_greedy(assets, ref, tmp_p
     """A folder written by transformers itself: run_mindformer.py predict's text is the decoding of transformers'
     own greedy tokens for the same weights and prompt (the YaRN-free tiny config needs no patch)."""
     import torch
-    from research.deepseek2.reference import build_reference
+    from reference import build_reference
     fields = {k: v for k, v in _fields().items() if k not in ("init_std",)}
     model = build_reference(fields, seed=9)
     model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)

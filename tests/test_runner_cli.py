@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from research.deepseek2 import errors, runner
+from research.deepseek2 import errors
+from research.deepseek2.run import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")

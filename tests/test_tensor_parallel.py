@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from research.deepseek2 import reference as R
+import reference as R
 from _launch import ROOT, free_port, launch_env, run_launcher, worker_log_tails
 
 

@@ -106,7 +106,7 @@ def test_train_loss_falls_and_checkpoints(full_run):
 def test_checkpoints_hold_weights_and_training_state_only(full_run):
     """Every weight of the inventory is saved; the balance-loss log value and the latent cache are not."""
     import mindspore as ms
-    from research.deepseek2.inventory import expected_shapes
+    from research.deepseek2.planning.inventory import expected_shapes
     tmp, out = full_run
     folder = tmp / "out" / "checkpoint" / "rank_0"
     saved = ms.load_checkpoint(str(folder / sorted(n for n in os.listdir(folder) if n.endswith(".ckpt"))[-1]))

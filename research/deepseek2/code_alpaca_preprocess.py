@@ -29,6 +29,7 @@ from mindspore.mindrecord import FileWriter
 from mindformers.tools.logger import logger
 
 from research.deepseek2.deepseek2_tokenizer import BOS_TOKEN, EOS_TOKEN, DeepseekV2Tokenizer, build_chat_prompt
+from research.deepseek2.errors import BadRecord
 from research.deepseek2.fileio import StagedDir
 
 __all__ = ["IGNORE_INDEX", "MINDRECORD_SCHEMA", "load_records", "record_to_turn", "encode_record", "iter_rows",
@@ -38,10 +39,6 @@ IGNORE_INDEX = -100
 MINDRECORD_SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]},
                      "labels": {"type": "int32", "shape": [-1]}}
 _MAX_BAD_LOGGED = 20  # individual warnings for bad records; the rest are only counted
-
-
-class BadRecord(ValueError):
-    """A record that is not a usable {instruction, input, output} sample."""
 
 
 def load_records(data_path: str) -> list:

@@ -18,14 +18,15 @@ Hugging Face -> MindSpore (names from weight_map.NAME_MAP, routed experts stacke
 MindSpore -> Hugging Face (safetensors shards + model.safetensors.index.json + config.json):
     python research/deepseek2/convert_weight.py --reverse --mindspore_ckpt_path IN \
         --torch_ckpt_path OUT_HF_DIR --config config.json|model.yaml [--dtype bf16] [--max_shard_size 5GB]
-      IN: a .safetensors or .ckpt file, a folder of either (ckpt_folders.MSCheckpoint), or its index json.
+      IN: a .safetensors or .ckpt file, a folder of either, or its index json (checkpoints.open_checkpoint).
 
 Everything is checked before the output is put in place (missing, unknown and mis-shaped tensors, truncated files);
 on any error the command names the tensor/file, leaves no output behind (files and folders are staged, fileio) and
 exits with status 1. dtype: --dtype casts (round to nearest-even); without it every tensor keeps its bits.
 Memory: one tensor at a time, plus one layer's stacked routed experts while they are assembled. Safetensors are
-written at offsets planned from the headers (ckpt_safetensors.SafetensorsWriter), so tensors may arrive in any order;
-a .ckpt input of up to 1 GiB is parsed whole by MindSpore, larger ones are streamed (ckpt_mindspore).
+written at offsets planned from the headers (checkpoints/safetensors_file.SafetensorsWriter), so tensors may arrive in
+any order; a .ckpt input of up to 1 GiB is parsed whole by MindSpore, larger ones are streamed
+(checkpoints/ckpt_file).
 """
 import argparse
 import json
@@ -36,20 +37,20 @@ import sys
 import numpy as np
 from mindformers.tools.logger import logger
 
-from research.deepseek2.ckpt_check import compare, raise_problems
-from research.deepseek2.ckpt_common import cast_array, describe, dtype_name, np_dtype
-from research.deepseek2.ckpt_folders import (HF_INDEX_NAME, MS_INDEX_NAME, MS_NAME_MAP, HFCheckpoint, MSCheckpoint,
-                                             is_hf_folder)
-from research.deepseek2.ckpt_hf_as_ms import check_hf_tensors, iter_hf_as_ms
-from research.deepseek2.ckpt_mindspore import CkptWriter
-from research.deepseek2.ckpt_safetensors import SafetensorsWriter
+from research.deepseek2.checkpoints.arrays import cast_array, describe, dtype_name, np_dtype
+from research.deepseek2.checkpoints.check import compare, raise_problems
+from research.deepseek2.checkpoints.checkpoint import (HF_INDEX_NAME, MS_INDEX_NAME, MS_NAME_MAP, MindSporeCheckpoint,
+                                                       is_hf_folder)
+from research.deepseek2.checkpoints.ckpt_file import CkptWriter
+from research.deepseek2.checkpoints.hf_folder import HFCheckpoint
+from research.deepseek2.checkpoints.safetensors_file import SafetensorsWriter
+from research.deepseek2.checkpoints.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms,
+                                                       is_stacked, ms_to_hf)
 from research.deepseek2.deepseek2_config import DeepseekV2Config
 from research.deepseek2.dtypes import DTYPE_NAMES
 from research.deepseek2.errors import CheckpointError
 from research.deepseek2.fileio import StagedDir, StagedFile
-from research.deepseek2.inventory import buffers as declared_buffers
-from research.deepseek2.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms, is_stacked,
-                                           ms_to_hf)
+from research.deepseek2.planning.inventory import buffers as declared_buffers
 
 __all__ = ["load_model_config", "parse_size", "convert_hf_to_ms", "convert_ms_to_hf", "name_map_markdown", "main"]
 
@@ -117,23 +118,25 @@ def _output_layout(path: str, fmt=None):
     return True, fmt or "safetensors"
 
 
-def _plan_ms_shards(hf: HFCheckpoint, info: dict, config, dtype) -> list:
-    """[[(MindSpore name, dtype, shape), ...] per output shard]: one per input shard that ends a parameter, in model
-    order inside it, as ``iter_hf_as_ms`` yields them (a stack goes with the input shard of its last expert row).
-    Empty groups are left out. The dtype is ``dtype`` or the source's (a stack's: expert 0's, as it is assembled)."""
+def _plan_ms_shards(hf: HFCheckpoint, config, dtype) -> list:
+    """[[(MindSpore name, dtype, shape), ...] per output shard]: one per input file that ends a parameter, in model
+    order inside it, as ``HFCheckpoint.iter_parameters`` yields them (a stack goes with the input file of its last
+    expert row). Empty groups are left out. The dtype is ``dtype`` or the source's (a stack's: expert 0's, as it is
+    assembled)."""
     out_dtype = np_dtype(dtype) if dtype else None
-    groups = [[] for _ in hf.shards]
-    for name, shape in expected_ms_shapes(config).items():
-        rows = [ms_to_hf(name, e) for e in range(shape[0])] if is_stacked(name) else [ms_to_hf(name)]
-        owner = max(info[row][2] for row in rows)
-        groups[owner].append((name, out_dtype if out_dtype is not None else info[rows[0]][1], tuple(shape)))
+    rows, owner = hf.plan(config)
+    shapes = expected_ms_shapes(config)
+    groups = [[] for _ in hf.files]
+    for name, hf_names in rows.items():
+        stored = hf.tensors[hf_names[0]].dtype
+        groups[owner[name]].append((name, out_dtype if out_dtype is not None else stored, tuple(shapes[name])))
     return [group for group in groups if group]
 
 
 def _check_output_folder(path: str, keep: set):
     """Refuse an output folder that is a Hugging Face folder, or that holds checkpoint files (shards, indexes) this
     conversion would not overwrite: MindFormers loads every ``*.safetensors`` (``*.ckpt``) of a folder, and
-    ``MSCheckpoint`` would find shards of two conversions."""
+    ``MindSporeCheckpoint`` would find shards of two conversions."""
     if not os.path.isdir(path):
         return
     if is_hf_folder(path):
@@ -185,10 +188,9 @@ def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progre
         config = load_model_config(os.path.join(hf_dir, "config.json"))
     folder, fmt = _output_layout(out_path, fmt)
     hf = HFCheckpoint(hf_dir)
-    info = check_hf_tensors(hf, config)
     expected = expected_ms_shapes(config)
-    groups = _plan_ms_shards(hf, info, config, dtype)
-    logger.info(f"converting {hf_dir} ({len(hf.shards)} {hf.kind} file(s)) -> {out_path} ({fmt}"
+    groups = _plan_ms_shards(hf, config, dtype)
+    logger.info(f"converting {hf_dir} ({len(hf.files)} {hf.format} file(s)) -> {out_path} ({fmt}"
                 f"{' shards' if folder else ''}), dtype {dtype or 'as in the source'}")
     if folder:
         if fmt == "safetensors":
@@ -208,7 +210,7 @@ def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progre
     left = [len(group) for group in groups]
     written, total, writers = {}, 0, {}
     try:
-        for _, name, array in iter_hf_as_ms(hf, config, dtype, progress):
+        for _, name, array in hf.iter_parameters(config, dtype, progress):
             k = shard_of[name]
             if name in written:
                 raise CheckpointError(f"{hf_dir}: parameter {name!r} produced twice")
@@ -267,27 +269,26 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
                      progress: bool = True, adapters_only: bool = False) -> dict:
     """Convert a MindSpore checkpoint to Hugging Face safetensors shards.
 
-    ``ms_path``: a ``.safetensors`` or ``.ckpt`` file, a folder of either (``MSCheckpoint``), or its index json.
+    ``ms_path``: a ``.safetensors`` or ``.ckpt`` file, a folder of either (``MindSporeCheckpoint``), or its index json.
 
     Writes ``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json`` and ``config.json`` (from
     ``config.to_hf_dict()``) into ``hf_dir``, loadable by transformers' ``DeepseekV2ForCausalLM.from_pretrained``.
     ``config``: a DeepseekV2Config or a path for ``load_model_config``. ``dtype`` None keeps the stored dtypes.
     A config with a ``pet_config`` (a LoRA YAML) reads a LoRA checkpoint: every targeted weight is written merged,
-    W + lora_alpha / lora_rank * B A (``lora_io``); ``adapters_only`` writes the adapters alone in the PEFT layout.
+    W + lora_alpha / lora_rank * B A (``lora/checkpoints.py``); ``adapters_only`` writes the adapters alone in the PEFT layout.
     Returns {"files": [...], "params": HF tensor count, "bytes": total}.
     """
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     if not isinstance(config, DeepseekV2Config):
         config = load_model_config(config)
     limit = parse_size(max_shard_size)
-    source = MSCheckpoint(ms_path)
-    info = source.tensor_info()
+    source = MindSporeCheckpoint(ms_path)
+    info = source.tensors
     expected = expected_ms_shapes(config)
     pet_config = getattr(config, "pet_config", None)
     adapters, targets = {}, {}
     if pet_config:                                      # checks base weights and adapters from the headers
-        from research.deepseek2.lora_io import adapter_targets, read_adapters, write_peft
-        adapters, targets = read_adapters(ms_path, config, pet_config), adapter_targets(config, pet_config)
+        from research.deepseek2.lora.checkpoints import adapter_targets, merge_one, read_adapters, write_peft
+        adapters, targets = read_adapters(source, config, pet_config), adapter_targets(config, pet_config)
         if adapters_only:
             shapes = write_peft(hf_dir, adapters, config, pet_config)
             return {"files": ["adapter_model.safetensors", "adapter_config.json"], "params": len(shapes)}
@@ -297,9 +298,8 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
         # the one completeness rule of the loaders: a training output's optimizer/step state and a declared
         # non-weight (the latent cache) are skipped, logged; anything else missing, unexpected or mis-shaped is
         # refused (a LoRA checkpoint's adapters too: give the LoRA YAML to merge them)
-        raise_problems(compare(expected, {n: (v[0], v[1]) for n, v in info.items()}, ms_path,
-                               declared_buffers(config)), ms_path)
-    out_dtypes = {n: (np_dtype(dtype) if dtype else info[n][1]) for n in expected}
+        raise_problems(compare(expected, source.parameters(), ms_path, declared_buffers(config)), ms_path)
+    out_dtypes = {n: (np_dtype(dtype) if dtype else info[n].dtype) for n in expected}
     plan = _plan_shards(config, out_dtypes, limit)
     names = [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
     if os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
@@ -314,23 +314,19 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
             writers.append(SafetensorsWriter(stage.file(file_name), entries, {"format": "pt"}))
             for hf_name, _, _ in entries:
                 where[hf_name] = writers[-1]
-        with tqdm(total=len(expected), desc="tensors", unit="tensor", disable=not progress) as bar:
-            for _, tensors in source.iter_files():
-                for name, array in tensors:
-                    if name not in expected:              # training state, adapters or the latent cache (checked)
-                        continue
-                    if name in targets:                   # W + lora_alpha / lora_rank * B A
-                        from research.deepseek2.lora_io import merge_one
-                        array = merge_one(name, array, adapters, targets, pet_config)
-                    if is_stacked(name):  # cast row by row: no second copy of the whole stack
-                        for e in range(array.shape[0]):
-                            hf_name = ms_to_hf(name, e)
-                            where[hf_name].write(hf_name, cast_array(array[e], out_dtypes[name]))
-                    else:
-                        hf_name = ms_to_hf(name)
-                        where[hf_name].write(hf_name, cast_array(array, out_dtypes[name]))
-                    del array
-                    bar.update(1)
+        for _, name, array in source.iter_parameters(progress=progress):
+            if name not in expected:                      # training state, adapters or the latent cache (checked)
+                continue
+            if name in targets:                           # W + lora_alpha / lora_rank * B A
+                array = merge_one(name, array, adapters, targets, pet_config)
+            if is_stacked(name):                          # cast row by row: no second copy of the whole stack
+                for e in range(array.shape[0]):
+                    hf_name = ms_to_hf(name, e)
+                    where[hf_name].write(hf_name, cast_array(array[e], out_dtypes[name]))
+            else:
+                hf_name = ms_to_hf(name)
+                where[hf_name].write(hf_name, cast_array(array, out_dtypes[name]))
+            del array
         for writer in writers:
             writer.close()
         total = sum(w.nbytes for w in writers)

@@ -6,11 +6,11 @@ the model shifts them itself; the result is the scalar loss (cross-entropy over 
 losses). In inference the result is the float32 logits (batch, seq, vocab) of every position.
 
 The constructor builds the model and nothing else: no checkpoint is read and no parallel context is consulted.
-Callers load weights (``checkpoint_io.load_ms_checkpoint``) and lay the model out (``parallel.apply_semi_auto``); a process
-that holds part of the model (hand-written inference tensor parallel, token groups of the capacity dispatch) says so
-with a ``LocalShape`` from the plan (``inventory.local_shape``).
+Callers load weights (``checkpoints.load_checkpoint``) and lay the model out (``planning.layout``: pipeline stages
+and recompute with ``place_layers``, semi-auto strategies with ``apply_semi_auto``); a process that holds part of the
+model (hand-written inference tensor parallel, token groups of the capacity dispatch) says so with a ``LocalShape``
+(``planning.inventory.local_shape``).
 """
-from typing import List, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -19,13 +19,14 @@ from mindspore.common import dtype as mstype
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-from .deepseek2_config import DeepseekV2Config
-from .inventory import LocalShape
-from .layers import RMSNorm, Linear, Embedding, FeedForward
-from .mf_hooks import HFCheckpointHooks
-from .mla import MLAttention
-from .moe import DeepSeekMoE
-from .rope import RotaryEmbedding
+from research.deepseek2.checkpoints.mf_hooks import HFCheckpointHooks
+from research.deepseek2.deepseek2_config import DeepseekV2Config
+from research.deepseek2.layers import RMSNorm, Linear, Embedding, FeedForward
+from research.deepseek2.mla import MLAttention
+from research.deepseek2.moe import DeepSeekMoE
+from research.deepseek2.planning.chunks import prefill_chunks
+from research.deepseek2.planning.inventory import LocalShape
+from research.deepseek2.rope import RotaryEmbedding
 
 __all__ = ["DecoderLayer", "DeepseekV2Model", "DeepseekV2ForCausalLM"]
 
@@ -49,7 +50,7 @@ class DecoderLayer(nn.Cell):
         super().__init__()
         self.is_moe = config.is_moe_layer(layer_idx)
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
-        self.attention = MLAttention(config, layer_idx, local.tp)
+        self.attention = MLAttention(config, local.tp)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
         if self.is_moe:
             self.feed_forward = DeepSeekMoE(config, local)
@@ -86,24 +87,6 @@ class DeepseekV2Model(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config, i, local) for i in range(config.num_hidden_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
         self.rotary = RotaryEmbedding(config, max(config.seq_length, 1))
-        self.pipeline_stages = self._place_layers(config)
-
-    def _place_layers(self, config):
-        """Pipeline stage, recompute and gradient fusion of each layer from the YAML's parallel_config and
-        recompute_config, through MindFormers' LayerSetting (the rule its own models use). Returns the stage of
-        every layer. A plain config (no parallel_config object) leaves the layers as they are: stage 0."""
-        pc = config.parallel_config
-        if not (hasattr(pc, "pipeline_stage") and hasattr(pc, "recompute")):
-            return [0] * len(self.layers)
-        from mindformers.parallel_core.training_graph.transformer.utils import LayerSetting
-        setting = LayerSetting(config.num_hidden_layers, getattr(config, "offset", 0) or 0, pc)
-        for layer_id, layer in enumerate(self.layers):
-            setting(layer, layer_id)
-        stages = [int(getattr(layer, "pipeline_stage", 0)) for layer in self.layers]
-        if pc.pipeline_stage > 1:
-            self.tok_embeddings.pipeline_stage = 0
-            self.norm_out.pipeline_stage = pc.pipeline_stage - 1
-        return stages
 
     def cache_positions(self, b: int, s: int, batch_valid_length, keys: int):
         """A decode step (s = 1) or a prefill chunk: the s tokens of each row end at batch_valid_length (b,).
@@ -141,25 +124,12 @@ class DeepseekV2Model(nn.Cell):
         return self.norm_out(x), aux
 
 
-def prefill_chunks(prompt_length: int, chunk: int, seq_length: int) -> List[Tuple[int, int]]:
-    """The (start, end) positions of each call of a chunked prefill: ``chunk`` tokens a call, the last one ending at
-    seq_length at the latest (it may then recompute a few cached positions, which rewrites the same entries). A call
-    attends over the cache's first ``end`` slots, its own included: its work grows with its position, not with
-    seq_length."""
-    if not 0 < prompt_length <= seq_length or not 0 < chunk <= seq_length:
-        raise ValueError(f"a chunked prefill needs a prompt of 1..seq_length ({seq_length}) tokens and a chunk of "
-                         f"1..seq_length tokens (prefill_chunk_size); got prompt {prompt_length}, chunk {chunk}")
-    return [(min(start, seq_length - chunk), min(start, seq_length - chunk) + chunk)
-            for start in range(0, prompt_length, chunk)]
-
-
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
     """DeepSeek-V2 / DeepSeek-V2-Lite with an untied (or tied) lm_head.
 
     MindFormers' checkpoint-name hooks (convert_name, convert_weight_dict, convert_map_dict, obtain_name_map) come
-    from ``mf_hooks.HFCheckpointHooks``, read from ``weight_map.NAME_MAP``."""
-    LAYOUT = {"lm_head.weight": ("vocab", None)}            # vocabulary rows split only with vocab_emb_dp: False
+    from ``checkpoints.mf_hooks.HFCheckpointHooks``, read from ``checkpoints.weight_map.NAME_MAP``."""
 
     def __init__(self, config: DeepseekV2Config = None, local: LocalShape = None):
         """config: the model; local: what this process holds of it (default: all of it, see inventory.LocalShape)."""
@@ -176,9 +146,6 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
                               param_init_type=config.param_init_type, init_std=config.init_std)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.tok_embeddings.embedding_weight
-        stages = getattr(config.parallel_config, "pipeline_stage", 1)
-        if stages > 1:
-            self.lm_head.pipeline_stage = stages - 1
         # training returns (loss, balance loss) instead of the loss alone when a train-step wrapper that logs the
         # balance loss asks for it (``add_flags_recursive(return_moe_loss=True)``; see train_wrapper.py)
         self.return_moe_loss = False
@@ -232,7 +199,7 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         attends over the cache's slots up to the chunk's end (``prefill_chunks``). All calls run one compiled graph
         (phase "chunk"), whose key axis is a dynamic dimension (the length of zactivate_len): on CPU each compiled
         graph keeps memory of its own, about 250 MiB for the small benchmark model at 512-token chunks, so one graph
-        per key length made a 16K prompt's prefill hold six (docs/benchmarks.md, session 9). The attention's largest
+        per key length made a 16K prompt's prefill hold six (docs/benchmarks.md). The attention's largest
         buffer is (b, heads of a block, chunk, seq_length) at most, whatever the prompt length. Returns
         (b, seq_length, vocab) float32 logits in which only each row's last prompt position is filled: all generate
         reads of a prefill.

@@ -11,9 +11,9 @@ from typing import Optional
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-from . import dtypes
-from .inventory import is_moe_layer
-from .rope import yarn_get_mscale
+from research.deepseek2 import dtypes
+from research.deepseek2.planning.inventory import is_moe_layer
+from research.deepseek2.rope import yarn_get_mscale
 
 __all__ = ["DeepseekV2Config", "yarn_get_mscale"]
 

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, processors
 from mindformers.models.tokenization_utils_fast import PreTrainedTokenizerFast
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-from .fileio import atomic_write_text
+from research.deepseek2.fileio import atomic_write_text
 
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "TOKENIZER_FILE", "DeepseekV2Tokenizer", "build_chat_prompt"]
 

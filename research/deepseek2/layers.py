@@ -1,5 +1,5 @@
 """The small layers of DeepSeek-V2, from basic MindSpore ops (they run on CPU, GPU and Ascend alike):
-RMSNorm, Linear, Embedding, the SwiGLU feed-forward, and the partial sum of hand-written tensor parallel.
+RMSNorm, Linear, Embedding, the SwiGLU feed-forward, and the AllReduce of hand-written tensor parallel.
 
 Shapes in comments: b batch, s sequence, h hidden, i FFN width.
 """
@@ -7,11 +7,11 @@ from mindspore import nn, ops, Parameter
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-__all__ = ["RMSNorm", "RMSNormFunction", "Linear", "Embedding", "FeedForward", "PartialSum"]
+__all__ = ["RMSNorm", "RMSNormFunction", "Linear", "Embedding", "FeedForward", "TensorParallelAllReduce"]
 
 
-class PartialSum(nn.Cell):
-    """Sums the partial results of ``tp`` tensor-parallel ranks (AllReduce); identity when tp = 1.
+class TensorParallelAllReduce(nn.Cell):
+    """Sums the partial results of ``tp`` tensor-parallel ranks (an AllReduce); identity when tp = 1.
 
     Inference only: the backward of a plain AllReduce is another AllReduce, which would scale gradients by the
     number of ranks, so a model built with tp > 1 refuses to train (DeepseekV2ForCausalLM.set_train).
@@ -132,7 +132,7 @@ class FeedForward(nn.Cell):
         self.w1 = Linear(hidden_size, width, **kwargs)   # gate_proj
         self.w3 = Linear(hidden_size, width, **kwargs)   # up_proj
         self.w2 = Linear(width, hidden_size, **kwargs)   # down_proj
-        self.partial_sum = PartialSum(tp if reduce else 1)
+        self.tp_all_reduce = TensorParallelAllReduce(tp if reduce else 1)
 
     def construct(self, x):
-        return self.partial_sum(self.w2(ops.silu(self.w1(x)) * self.w3(x)))               # (..., h)
+        return self.tp_all_reduce(self.w2(ops.silu(self.w1(x)) * self.w3(x)))               # (..., h)

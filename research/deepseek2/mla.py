@@ -24,9 +24,9 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from .inventory import chunk_bounds, head_blocks
-from .layers import RMSNorm, Linear, PartialSum
-from .rope import apply_rotary
+from research.deepseek2.layers import RMSNorm, Linear, TensorParallelAllReduce
+from research.deepseek2.planning.chunks import chunk_bounds, head_blocks
+from research.deepseek2.rope import apply_rotary
 
 __all__ = ["MLAttention", "causal_mask", "fused_attention", "check_fused_attention", "FLASH_ATTENTION_SCORE"]
 
@@ -133,11 +133,10 @@ class SoftmaxAttention(nn.Cell):
 class MLAttention(nn.Cell):
     """Multi-head Latent Attention with the compressed (latent) KV cache."""
 
-    def __init__(self, config, layer_idx: int, tp: int = 1):
+    def __init__(self, config, tp: int = 1):
         """tp: hand-written inference tensor parallel; this instance holds num_attention_heads / tp heads and sums
         its partial output projection with the other ranks'. The latent projections and the cache stay whole."""
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads // tp                  # the heads held
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
@@ -167,7 +166,7 @@ class MLAttention(nn.Cell):
         self.lkv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps, config.param_init_type)
         self.lkv2kv = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), **kw)     # W^UK, W^UV
         self.wo = Linear(n * self.v_dim, h, has_bias=config.attention_bias, **kw)          # W^O
-        self.partial_sum = PartialSum(tp)                       # heads of the other ranks
+        self.tp_all_reduce = TensorParallelAllReduce(tp)        # heads of the other ranks
         if self.use_past:
             # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head; one row per (sequence,
             # position), row = sequence * seq_length + position: a decode step writes its rows in place
@@ -298,4 +297,4 @@ class MLAttention(nn.Cell):
                 c_kv = ops.depend(c_kv, self._write_cache(ops.arange(b * s, dtype=mstype.int32), entry, b))
             out = self._expanded(q_nope, q_pe, c_kv, k_pe)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, s, self.n_heads * self.v_dim))
-        return self.partial_sum(self.wo(out))
+        return self.tp_all_reduce(self.wo(out))

@@ -14,8 +14,9 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-from .inventory import LocalShape, expert_capacity
-from .layers import FeedForward, PartialSum
+from research.deepseek2.layers import FeedForward, TensorParallelAllReduce
+from research.deepseek2.planning.capacity import expert_capacity
+from research.deepseek2.planning.inventory import LocalShape
 
 __all__ = ["Router", "balance_losses", "RankWithin", "RoutedExperts", "DeepSeekMoE"]
 
@@ -345,11 +346,10 @@ class DeepSeekMoE(nn.Cell):
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
                                           compute_dtype, param_init_type, config.init_std, local.tp,
                                           reduce=False) if config.n_shared_experts else None
-        self.partial_sum = PartialSum(local.tp)               # routed (experts held) + shared (columns held)
+        self.tp_all_reduce = TensorParallelAllReduce(local.tp)   # routed (experts held) + shared (columns held)
         self.groups = local.token_groups                      # token groups of the drop budget (data parallel)
         self.rank_in_device = RankWithin(self.num_devices)
         self.never_drop_ratio = config.never_drop_seq_ratio
-        self.uniform = ops.UniformReal()
 
     def drop_mask(self, topk_idx, affinity, exempt=None):
         """1 for kept assignments: per device group, keep the capacity_factor * T*k/D highest-affinity ones.
@@ -370,7 +370,8 @@ class DeepSeekMoE(nn.Cell):
 
     def exempt_sequences(self, batch: int, tokens_per_sequence: int):
         """(batch * tokens_per_sequence, k) 0/1: the assignments of about never_drop_ratio of the sequences."""
-        chosen = ops.cast(self.uniform((batch, 1, 1)) < self.never_drop_ratio, mstype.float32)        # (b, 1, 1)
+        # ops.rand, not the UniformReal primitive (deprecated from MindSpore 2.10) nor mint.rand (no CPU kernel)
+        chosen = ops.cast(ops.rand((batch, 1, 1)) < self.never_drop_ratio, mstype.float32)            # (b, 1, 1)
         return ops.reshape(ops.broadcast_to(chosen, (batch, tokens_per_sequence, self.top_k)),
                            (batch * tokens_per_sequence, self.top_k))
 
@@ -398,4 +399,4 @@ class DeepSeekMoE(nn.Cell):
         out = ops.reshape(out, (b, s, h))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return self.partial_sum(out), aux
+        return self.tp_all_reduce(out), aux
