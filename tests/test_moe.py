@@ -504,6 +504,32 @@ def test_moe_aux_loss_and_modes(case):
     np.testing.assert_array_equal(out_eval.asnumpy(), out_train.asnumpy())   # capacity_factor = 0: no dropping
 
 
+def test_seq_aux_false_balances_over_the_whole_batch():
+    """seq_aux False (the released code's batch-level loss): L_ExpBal = sum_i f_i P_i with f_i = E x the share of the
+    batch's b*s*k assignments that chose expert i and P_i the mean affinity over its b*s tokens, written out here
+    as the released code does; seq_aux True gives the per-sequence mean instead, a different number."""
+    fields = dict(MOE_CASES["greedy-norm"], device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0)
+    x = np.random.default_rng(11).standard_normal((3, 5, 16)).astype(np.float32)
+    aux = {}
+    for seq_aux in (False, True):
+        moe = DeepSeekMoE(make_config(**fields, seq_aux=seq_aux))
+        if seq_aux:
+            ms.load_param_into_net(moe, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in params})
+        params = list(moe.get_parameters())
+        moe.set_train(True)
+        aux[seq_aux] = float(moe(Tensor(x))[1].asnumpy())
+        if not seq_aux:
+            scores, idx, _ = (t.asnumpy() for t in moe.router(Tensor(x.reshape(-1, 16))))
+    experts = fields["n_routed_experts"]
+    share = np.eye(experts)[idx.reshape(-1)].mean(0)                     # (E,) over all b*s*k assignments
+    expected = fields["aux_loss_alpha"] * float((scores.mean(0) * share * experts).sum())
+    np.testing.assert_allclose(aux[False], expected, rtol=1e-5)
+    per_sequence = ref.paper_balance_losses(scores, idx, 3, experts, fields["num_experts_per_tok"],
+                                            fields["moe_num_devices"], 2)[0] * fields["aux_loss_alpha"]
+    np.testing.assert_allclose(aux[True], per_sequence, rtol=1e-5)
+    assert abs(aux[True] - aux[False]) > 1e-6
+
+
 def test_moe_aux_zero_when_alphas_zero():
     cfg = make_config(**dict(MOE_CASES["greedy-norm"], aux_loss_alpha=0.0, device_aux_loss_alpha=0.0,
                              comm_aux_loss_alpha=0.0))

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 from mindformers.models.configuration_utils import PretrainedConfig
+from mindformers.tools.logger import logger
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 from research.deepseek2 import dtypes
@@ -17,11 +18,23 @@ from research.deepseek2.rope import yarn_get_mscale
 
 __all__ = ["DeepseekV2Config", "yarn_get_mscale"]
 
-# keys of the released config.json that carry no model fact
-_BOOKKEEPING_KEYS = ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "model_type",
-                     "use_cache", "head_dim", "_name_or_path", "pretraining_tp", "ep_size", "initializer_range",
-                     "_attn_implementation", "attn_implementation", "output_attentions", "output_hidden_states",
-                     "return_dict", "mlp_bias", "num_nextn_predict_layers", "quantization_config")
+# keys of a released (or transformers-written) config.json that carry no fact this model reads: (key, why). They are
+# dropped and named once in a warning, as MindFormers' own configs do (models/model_config_utils.py)
+_IGNORED_KEYS = (
+    ("architectures", "names the PyTorch class"), ("auto_map", "names the PyTorch code"),
+    ("transformers_version", "bookkeeping"), ("_name_or_path", "bookkeeping"), ("model_type", "bookkeeping"),
+    ("torch_dtype", "the weights take param_init_type; a checkpoint's dtype is cast on load"),
+    ("dtype", "the weights take param_init_type; a checkpoint's dtype is cast on load"),
+    ("use_cache", "the latent KV cache is use_past"), ("head_dim", "derived: qk_nope_head_dim + qk_rope_head_dim"),
+    ("pretraining_tp", "a Llama tensor-parallel emulation the DeepSeek-V2 code does not use"),
+    ("ep_size", "expert parallel is parallel_config.expert_parallel"),
+    ("_attn_implementation", "the attention is this model's own"), ("attn_implementation", "the attention is this "
+                                                                                           "model's own"),
+    ("return_dict", "the model returns logits (or the loss) as a tensor"))
+# keys that would change the model if they had another value: accepted at the released one, refused otherwise
+_FIXED_KEYS = {"mlp_bias": False, "num_nextn_predict_layers": 0, "output_attentions": False,
+               "output_hidden_states": False, "quantization_config": None}
+_PRINTED_IGNORED = set()
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("yarn", "linear", "default")
 _MOE_DISPATCH = ("dropless", "capacity")
@@ -64,7 +77,7 @@ class DeepseekV2Config(PretrainedConfig):
                  norm_topk_prob: bool = False,
                  scoring_func: str = "softmax",
                  aux_loss_alpha: float = 0.001,           # alpha_1, expert-level balance (0.003 in the paper)
-                 seq_aux: bool = True,
+                 seq_aux: bool = True,                    # balance losses per sequence (False: over the batch)
                  hidden_act: str = "silu",
                  max_position_embeddings: int = 2048,
                  rms_norm_eps: float = 1e-6,
@@ -72,7 +85,8 @@ class DeepseekV2Config(PretrainedConfig):
                  rope_theta: float = 10000.0,
                  rope_scaling: Optional[dict] = None,
                  attention_bias: bool = False,
-                 attention_dropout: float = 0.0,
+                 attention_dropout: float = 0.0,          # the released models' value; another one is refused
+                 initializer_range: Optional[float] = None,   # the released name of init_std
                  bos_token_id: int = 100000,
                  eos_token_id: int = 100001,
                  pad_token_id: Optional[int] = None,
@@ -87,7 +101,7 @@ class DeepseekV2Config(PretrainedConfig):
                  compute_dtype: str = "float32",
                  param_init_type: str = "float32",
                  softmax_compute_type: str = "float32",
-                 layernorm_compute_type: str = "float32",
+                 layernorm_compute_type: str = "float32",  # RMSNorm statistics: float32, as the released model
                  ignore_token_id: int = -100,
                  use_flash_attention: bool = False,       # training/prefill attention by the fused Ascend kernel
                  attention_chunk_size: int = 1024,        # query rows attended at once (basic-op path); 0 = all
@@ -101,10 +115,17 @@ class DeepseekV2Config(PretrainedConfig):
                  moe_block_size: Optional[int] = None,    # rows per expert block in the dropless dispatch
                  moe_dispatch: str = "dropless",          # "capacity": static per-expert buffers (expert parallel)
                  expert_capacity_factor: float = 0.0,     # capacity dispatch: rows per expert = f * tokens*k / E
-                 init_std: float = 0.02,
+                 init_std: Optional[float] = None,        # weights' N(0, init_std); default initializer_range or 0.02
                  **kwargs):
-        for key in _BOOKKEEPING_KEYS:
-            kwargs.pop(key, None)
+        ignored = [(key, why) for key, why in _IGNORED_KEYS if kwargs.pop(key, None) is not None]
+        if ignored and tuple(ignored) not in _PRINTED_IGNORED:
+            _PRINTED_IGNORED.add(tuple(ignored))
+            logger.warning("DeepseekV2Config ignores " + "; ".join(f"{key} ({why})" for key, why in ignored))
+        for key, released in _FIXED_KEYS.items():
+            value = kwargs.pop(key, released)
+            if value != released and not (released is False and value is None):
+                raise ValueError(f"DeepseekV2Config.{key} = {value!r}: this model supports only {released!r} (the "
+                                 f"released DeepSeek-V2 models' value)")
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          pad_token_id=eos_token_id if pad_token_id is None else pad_token_id, **kwargs)
         self.vocab_size = vocab_size
@@ -166,7 +187,8 @@ class DeepseekV2Config(PretrainedConfig):
         self.moe_block_size = moe_block_size
         self.moe_dispatch = moe_dispatch
         self.expert_capacity_factor = float(expert_capacity_factor)
-        self.init_std = float(init_std)
+        self.init_std = float(init_std if init_std is not None else
+                              initializer_range if initializer_range is not None else 0.02)
         self._validate()
 
     # ------------------------------------------------------------------ derived facts
@@ -225,6 +247,12 @@ class DeepseekV2Config(PretrainedConfig):
                                         f"head dim {self.q_head_dim}, which must not be smaller")
         if self.hidden_act != "silu":
             fail("hidden_act", "expected 'silu' (SwiGLU)")
+        if self.attention_dropout != 0.0:
+            fail("attention_dropout", "expected 0.0: the attention has no dropout (the released models train "
+                                      "without it, and the fused and basic-op paths must agree)")
+        if dtypes.name_of(self.layernorm_compute_type) != "float32":
+            fail("layernorm_compute_type", "expected float32: RMSNorm computes its statistics in float32, as the "
+                                           "released model does")
         if self.scoring_func != "softmax":
             fail("scoring_func", "expected 'softmax' (DeepSeek-V2's gate)")
         if self.topk_method not in _TOPK_METHODS:

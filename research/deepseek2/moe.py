@@ -67,7 +67,8 @@ class Router(nn.Cell):
 
 def balance_losses(scores, topk_idx, batch: int, num_experts: int, top_k: int, num_devices: int,
                    topk_devices: int):
-    """The paper's auxiliary losses (section 2.2.3), each per sequence and averaged over the batch.
+    """The paper's auxiliary losses (section 2.2.3), each per sequence and averaged over the batch (``batch`` 1:
+    the whole batch as one sequence, the released code's ``seq_aux: False``).
 
     scores (b*s, E) fp32 affinities, topk_idx (b*s, k). Returns (L_ExpBal, L_DevBal, L_CommBal) before their alphas:
       expert:  sum_i f_i P_i,    f_i = E/(k s) * #tokens choosing i,          P_i = mean_t s_{i,t}
@@ -339,6 +340,7 @@ class DeepSeekMoE(nn.Cell):
         self.topk_devices = config.topk_group if config.topk_method == "group_limited_greedy" else \
             min(self.top_k, self.num_devices)
         self.alphas = (config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha)
+        self.seq_aux = config.seq_aux                         # balance per sequence (the paper), else over the batch
         self.capacity_factor = config.capacity_factor
         self.router = Router(config, param_init_type)
         self.routed_experts = RoutedExperts(config, self.num_experts // local.tp, local.first_expert,
@@ -392,8 +394,8 @@ class DeepSeekMoE(nn.Cell):
                 if exempt is not None:
                     priority = affinity + 2.0 * exempt                                     # first in expert buffers
             if self.alphas[0] > 0 or self.alphas[1] > 0 or self.alphas[2] > 0:
-                expert, device, comm = balance_losses(scores, topk_idx, b, self.num_experts, self.top_k,
-                                                      self.num_devices, self.topk_devices)
+                expert, device, comm = balance_losses(scores, topk_idx, b if self.seq_aux else 1, self.num_experts,
+                                                      self.top_k, self.num_devices, self.topk_devices)
                 aux = self.alphas[0] * expert + self.alphas[1] * device + self.alphas[2] * comm
         out = self.routed_experts(flat, topk_idx, topk_weight, keep, priority)
         out = ops.reshape(out, (b, s, h))
