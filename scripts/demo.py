@@ -137,10 +137,13 @@ def plot_losses(path, losses, window, heldout_before, heldout_after):
     ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"training loss ({window}-step moving average)")
     ax.scatter([0, len(losses)], [heldout_before, heldout_after], color="tab:red", marker="D", s=50, zorder=3,
                label="held-out loss (before / after finetuning)")
-    for x, y, where, offset, align in ((0, heldout_before, "before", (10, -4), "left"),
-                                       (len(losses), heldout_after, "after", (-4, 10), "right")):
+    # labels clear of their markers (a marker of s=50 is about 4 points across each way): beside and below the
+    # first, beside and above the last
+    for x, y, where, offset, align in ((0, heldout_before, "before", (14, -12), "left"),
+                                       (len(losses), heldout_after, "after", (-14, 12), "right")):
         ax.annotate(f"held-out {where}: {y:.2f}", (x, y), textcoords="offset points", xytext=offset,
-                    color="tab:red", ha=align, va="top" if where == "before" else "bottom")
+                    color="tab:red", ha=align, va="top" if where == "before" else "bottom",
+                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85))   # readable over a curve
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy per target token (nats)")
     ax.set_title("tiny DeepSeek-V2 finetuned on code_alpaca (CPU)")
