@@ -188,7 +188,7 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         if not prefill and self._host_logits:
             # a decode step's (b, 1, vocab) logits go to generate's postprocess as numpy (its reshape and ``_argmax``
             # then run in numpy): a MindSpore op launched on the graph's output first waits for the graph executor,
-            # 3.8-7.6 ms a token measured on CPU, where this copy of b * vocab floats and numpy take 0.3 ms
+            # which on CPU costs more a token than copying b * vocab floats out (docs/profile.md, decode step)
             return logits.asnumpy()
         return logits
 
@@ -198,8 +198,8 @@ class DeepseekV2ForCausalLM(HFCheckpointHooks, DeepseekV2PreTrainedModel):
         input_ids (b, seq_length) right-padded, valid_length (b,) prompt lengths. Every call takes chunk tokens and
         attends over the cache's slots up to the chunk's end (``prefill_chunks``). All calls run one compiled graph
         (phase "chunk"), whose key axis is a dynamic dimension (the length of zactivate_len): on CPU each compiled
-        graph keeps memory of its own, about 250 MiB for the small benchmark model at 512-token chunks, so one graph
-        per key length made a 16K prompt's prefill hold six (docs/benchmarks.md). The attention's largest
+        graph keeps memory of its own, so one graph per key length would hold that memory once per length
+        (docs/benchmarks.md, long context). The attention's largest
         buffer is (b, heads of a block, chunk, seq_length) at most, whatever the prompt length. Returns
         (b, seq_length, vocab) float32 logits in which only each row's last prompt position is filled: all generate
         reads of a prefill.

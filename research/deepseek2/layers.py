@@ -42,9 +42,9 @@ class RMSNorm(nn.Cell):
 
 class RMSNormFunction(nn.Cell):
     """RMSNorm of x (..., h) with weight (h,), its backward written out and its sums over h and over the tokens as
-    matrix products: on this CPU a MatMul against a column of 1/h (or a row of ones) is 3-5x faster than ReduceMean
-    over h (or ReduceSum over the tokens), the two reductions MindSpore's derivative runs for every norm (17 per
-    step of the benchmark model; bench/profile_compare.py). Same values up to rounding (tests/test_parity.py).
+    matrix products: MindSpore's CPU MatMul against a column of 1/h (or a row of ones) is several times faster than
+    its ReduceMean over h (or ReduceSum over the tokens), the two reductions MindSpore's own derivative runs for every
+    norm (figures: docs/profile.md). Same values up to rounding (tests/test_parity.py).
 
     Backward, with r = 1 / sqrt(mean(x^2) + eps), n = x r and g = dy weight (float32):
     dx = r (g - n mean_h(g n)),  dweight = sum over tokens of dy n.

@@ -121,8 +121,8 @@ class SoftmaxAttention(nn.Cell):
         probs = self.probs(query, key, mask)                                               # (..., q, k) recomputed
         d_value = self.bmm_ta(ops.cast(probs, dout.dtype), dout)                           # (..., k, v)
         row = self.row_sum(ops.cast(dout, self.softmax_dtype) * ops.cast(out, self.softmax_dtype), -1)  # (..., q, 1)
-        # dP - D in one BatchMatMul: [dO | -D] (..., q, v+1) x [V | 1]^T (..., v+1, k); a broadcast Sub of the
-        # (..., q, 1) row from (..., q, k) costs 2x a Mul of that size on this CPU (bench/profile_compare.py)
+        # dP - D in one BatchMatMul: [dO | -D] (..., q, v+1) x [V | 1]^T (..., v+1, k), not a broadcast Sub of the
+        # (..., q, 1) row from (..., q, k), which on CPU costs more than the Mul of that size (docs/profile.md)
         d_out_row = ops.concat((dout, ops.cast(-row, dout.dtype)), -1)
         value_one = ops.concat((value, ops.ones(value.shape[:-1] + (1,), value.dtype)), -1)
         d_scores = ops.cast(probs * ops.cast(self.bmm_t(d_out_row, value_one), self.softmax_dtype),
@@ -171,7 +171,7 @@ class MLAttention(nn.Cell):
             # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head; one row per (sequence,
             # position), row = sequence * seq_length + position: a decode step writes its rows in place
             # (ScatterUpdate on the first axis), where a scatter into (batch, seq_length, width) copies the whole
-            # cache every step (measured: 0.1 ms per layer at 4K rows, 8 ms at 64K)
+            # cache every step, a cost that grows with seq_length (docs/benchmarks.md)
             self.cache_shape = (config.batch_size, config.seq_length, config.cache_width)
             self.kv_cache = Parameter(initializer("zeros", (config.batch_size * config.seq_length,
                                                             config.cache_width), config.compute_dtype),

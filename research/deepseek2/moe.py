@@ -214,7 +214,7 @@ class RoutedExperts(nn.Cell):
 
     def combine(self, per_assignment, weights, dtype):
         """out_t = sum_j weights[t, j] per_assignment[t, j, :] in float32, as one (T, 1, k) x (T, k, h) batched
-        matmul: the same sum as a ReduceSum over the k axis, which is a slow CPU kernel (7x here, docs/profile.md)."""
+        matmul: the same sum as a ReduceSum over the k axis, which is a slow CPU kernel (docs/profile.md)."""
         out = self.bmm_combine(ops.expand_dims(weights, 1), ops.cast(per_assignment, mstype.float32))  # (T, 1, h)
         return ops.cast(ops.squeeze(out, 1), dtype)
 

@@ -4,7 +4,7 @@ Format: serialized ``mindspore.train.checkpoint_pb2.Checkpoint`` messages one af
 ``Value{tag, tensor{dims, tensor_type, tensor_content}}``; tensors above 512 MiB are split over several messages with
 the same tag; ``save_checkpoint(..., crc_check=True)`` appends a 17-byte ``crc_num...`` trailer.
 
-What MindSpore's own functions cost (measured with MindSpore 2.9 on CPU): ``mindspore.save_checkpoint``
+What MindSpore's own functions cost (MindSpore 2.9; figures in docs/benchmarks.md): ``mindspore.save_checkpoint``
 gathers its whole list of tensors in memory, and ``mindspore.load_checkpoint`` parses a whole file at once (about
 2.4x its size resident). So:
 - ``CkptWriter`` writes the messages itself, one tensor at a time, byte-identical to ``save_checkpoint``;
