@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from test_training import (SMALL, TINY_MODEL, TINY_YAML, _losses, _run, dataset,  # noqa: F401  (dataset: fixture)
-                           reference_batch_loss, tiny_fields)
+from conftest import SMALL, TINY_MODEL, TINY_YAML, losses_of, reference_batch_loss, run_cli, tiny_fields
+
+pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
 
 NO_AUX = ["--model.model_config.aux_loss_alpha", "0", "--model.model_config.device_aux_loss_alpha", "0",
           "--model.model_config.comm_aux_loss_alpha", "0"]
@@ -40,7 +41,7 @@ def _hf_folder(folder, seed=3, drop=None, **changes):
 
 
 def _finetune(tmp_path, checkpoint, data, *extra, expect=0):
-    return _run(["--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", str(checkpoint),
+    return run_cli(["--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", str(checkpoint),
                  "--train_data", data, "--output_dir", str(tmp_path / "out"), "--runner_config.epochs", "1",
                  *SMALL, *NO_AUX, *IN_ORDER, *extra], tmp_path, expect=expect)
 
@@ -55,12 +56,12 @@ def _refused(out, tmp_path, *needles):
     assert not (tmp_path / "out").exists(), sorted(os.listdir(tmp_path / "out"))
 
 
-def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path):  # noqa: F811
+def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path):
     model = _hf_folder(tmp_path / "hf")
     expected = reference_batch_loss(model, dataset, rows=4)
     out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "safetensors")
     assert "holds every weight of the model" in out and "every weight of the network" in out
-    losses = _losses(out)
+    losses = losses_of(out)
     first = losses[min(losses)]
     print(f"\nfinetune from an HF folder: first loss {first:.6f}, transformers on the same batch {expected:.6f}")
     assert abs(expected - np.log(64)) > 0.05, expected           # the folder's weights, not a fresh init
@@ -68,20 +69,20 @@ def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path)
     assert os.listdir(tmp_path / "out" / "checkpoint" / "rank_0")
 
 
-def test_finetune_refuses_an_hf_folder_missing_a_tensor(dataset, tmp_path):  # noqa: F811
+def test_finetune_refuses_an_hf_folder_missing_a_tensor(dataset, tmp_path):
     missing = "model.layers.1.mlp.experts.3.up_proj.weight"
     _hf_folder(tmp_path / "hf", drop=missing)
     out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
     _refused(out, tmp_path, "1 tensor(s) missing", missing)
 
 
-def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path):  # noqa: F811
+def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path):
     _hf_folder(tmp_path / "hf", hidden_size=48)
     out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
     _refused(out, tmp_path, "has shape", "expected")
 
 
-def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):  # noqa: F811
+def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     net = DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields()))
@@ -91,21 +92,21 @@ def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):  # noqa: F
     _refused(out, tmp_path, "1 missing: model.norm_out.weight")
 
 
-def test_finetune_refuses_a_format_other_than_load_ckpt_format(dataset, tmp_path):  # noqa: F811
+def test_finetune_refuses_a_format_other_than_load_ckpt_format(dataset, tmp_path):
     _hf_folder(tmp_path / "hf")
     out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "ckpt", expect=2)
     _refused(out, tmp_path, "load_ckpt_format is 'ckpt'", "safetensors")
 
 
 @pytest.fixture(scope="module")
-def safetensors_run(dataset, tmp_path_factory):  # noqa: F811
+def safetensors_run(dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sf_train")
-    out = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+    out = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
                 str(tmp / "out"), "--runner_config.epochs", "2", *SMALL, *SAFETENSORS_SAVES], tmp)
     return tmp, out
 
 
-def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run, dataset, tmp_path):  # noqa: F811
+def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run, dataset, tmp_path):
     """checkpoint_format: safetensors saves MindSpore safetensors (every weight + AdamW state); resuming from a
     folder holding the step-4 file continues with the losses of the uninterrupted run."""
     import mindspore as ms
@@ -122,23 +123,23 @@ def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run,
     stopped = tmp_path / "stopped" / "rank_0"
     stopped.mkdir(parents=True)
     shutil.copy(folder / step4[0], stopped / step4[0])
-    resumed = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+    resumed = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
                     str(tmp_path / "out"), "--runner_config.epochs", "2", "--load_checkpoint",
                     str(tmp_path / "stopped"), "--resume_training", "True", "--load_ckpt_format", "safetensors",
                     *SMALL, *SAFETENSORS_SAVES], tmp_path)
-    reference, after = _losses(out), _losses(resumed)
+    reference, after = losses_of(out), losses_of(resumed)
     assert after and min(after) >= (1, 5), resumed[-3000:]
     for key, value in after.items():
         assert abs(value - reference[key]) < 1e-4, (key, value, reference[key])
 
 
-def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path):  # noqa: F811
+def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path):
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     (tmp_path / "weights" / "rank_0").mkdir(parents=True)
     ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields())),
                        str(tmp_path / "weights" / "rank_0" / "w.ckpt"))
-    out = _run(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+    out = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
                 str(tmp_path / "out"), "--load_checkpoint", str(tmp_path / "weights"), "--resume_training", "True",
                 *SMALL], tmp_path, expect=2)
     _refused(out, tmp_path, "missing: adam_m.")

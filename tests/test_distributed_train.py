@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from _launch import ROOT, Job, free_ports, launch_env, read_text, start_launcher, wait_all, worker_log
-from test_training import TINY_MODEL, TINY_YAML, reference_batch_loss, tiny_fields
+from conftest import TINY_MODEL, TINY_YAML, reference_batch_loss, tiny_fields, write_pattern_rows
 
 RUNNER = os.path.join(ROOT, "run_mindformer.py")
 JOB_TIMEOUT = 420            # seconds for all four jobs together
@@ -56,18 +56,7 @@ def _batch(size):
 
 def _write_rows(path):
     """ROWS rows of a learnable pattern, 33 tokens, labels masking the first 4: the same 28 counted targets."""
-    from mindspore.mindrecord import FileWriter
-    writer = FileWriter(path, 1)
-    writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}})
-    rng = np.random.RandomState(0)
-    rows = []
-    for _ in range(ROWS):
-        ids = np.tile(rng.randint(2, 60, 4), 9)[:33].astype(np.int32)          # (33,)
-        labels = ids.copy()
-        labels[:4] = -100
-        rows.append({"input_ids": ids, "labels": labels})
-    writer.write_raw_data(rows)
-    writer.commit()
+    write_pattern_rows(path, ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +185,8 @@ def test_minddataset_shards_rows_strided(tmp_path):
             assert np.array_equal(row, whole[shard + RANKS * index])
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_data_parallel_one_node_matches_single_process(runs):
     """(a) 2 workers on one node: exit 0, rank losses average to the single run's, rank parameters identical."""
     _check_ok(runs, ["dp"])
@@ -207,6 +198,8 @@ def test_data_parallel_one_node_matches_single_process(runs):
     assert worst < 1e-4                                 # same updates up to float summation order
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_data_parallel_two_nodes_matches_one_node(runs):
     """(b) 2 nodes x 1 worker on 127.0.0.1: both launchers exit 0, same losses and parameters as (a)."""
     _check_ok(runs, ["node0", "node1"])
@@ -266,6 +259,8 @@ def finetune_runs(tmp_path_factory):
             "checkpoints": checkpoints}
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 @pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
 def test_two_node_finetune_from_checkpoint(finetune_runs, kind):
     """README's finetune form under msrun, 2 nodes x 1 worker: both exit 0, every rank loaded every weight, the

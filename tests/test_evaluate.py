@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_predict import DATA, _fields, _save_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import CODE_ALPACA as DATA, ROOT, predict_fields as _fields, save_predict_model as _save_model
 SCRIPT = os.path.join(ROOT, "research", "deepseek2", "run", "evaluate.py")
 ROWS, BATCH = 7, 3                     # 7 rows in batches of 3: the last batch is filled up with target-less rows
 

@@ -76,7 +76,7 @@ def stand_in(monkeypatch):
     yield basic_flash_attention_score
 
 
-@pytest.fixture(params=sorted(MODES))
+@pytest.fixture(params=[pytest.param("graph", marks=pytest.mark.slow), "pynative"])   # graph: compiles, slow
 def mode(request):
     ms.set_context(mode=MODES[request.param])
     yield request.param

@@ -25,7 +25,7 @@ LITE = R.LITE_STYLE        # full-rank query (q_proj), as DeepSeek-V2-Lite
 PET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
-@pytest.fixture(params=sorted(MODES))
+@pytest.fixture(params=[pytest.param("graph", marks=pytest.mark.slow), "pynative"])   # graph: compiles, slow
 def mode(request):
     ms.set_context(mode=MODES[request.param])
     ms.set_seed(0)

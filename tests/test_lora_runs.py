@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from test_training import SMALL, TINY_MODEL, _losses, _run, dataset, tiny_fields  # noqa: F401  (dataset: fixture)
+from conftest import LORA_YAML, ROOT, SMALL, TINY_MODEL, losses_of, run_cli, tiny_fields
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LORA_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny_lora.yaml")
+pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
 ADAPTER = "mindpet_delta_lora"
 
 
@@ -45,7 +44,7 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def lora_run(dataset, tmp_path_factory):  # noqa: F811
+def lora_run(dataset, tmp_path_factory):
     """A base model (transformers, HF folder) LoRA-finetuned for 2 epochs; checkpoints at steps 4, 8, 12, 16."""
     from reference import build_reference
     from research.deepseek2.checkpoints.hf_folder import HFCheckpoint
@@ -55,7 +54,7 @@ def lora_run(dataset, tmp_path_factory):  # noqa: F811
     build_reference(fields, seed=3).save_pretrained(str(tmp / "hf"), safe_serialization=True)
     base = {name: np.array(array) for _, name, array in
             HFCheckpoint(str(tmp / "hf")).iter_parameters(DeepseekV2Config(**fields), progress=False)}
-    out = _run(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(tmp / "hf"),
+    out = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(tmp / "hf"),
                 "--train_data", dataset, "--output_dir", str(tmp / "out"), "--runner_config.epochs", "2", *SMALL,
                 "--train_dataset.data_loader.shuffle", "False"], tmp)
     folder = tmp / "out" / "checkpoint" / "rank_0"
@@ -66,7 +65,7 @@ def lora_run(dataset, tmp_path_factory):  # noqa: F811
 def test_lora_finetune_trains_only_adapters(lora_run):
     out, base = lora_run["out"], lora_run["base"]
     assert "LoRA: " in out and "every base weight frozen" in out, out[-3000:]
-    losses = [v for _, v in sorted(_losses(out).items())]
+    losses = [v for _, v in sorted(losses_of(out).items())]
     assert len(losses) == 16, out[-3000:]
     print(f"\nLoRA finetune: loss {np.mean(losses[:4]):.3f} (first 4 steps) -> {np.mean(losses[-4:]):.3f} (last 4)")
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2
@@ -83,15 +82,15 @@ def test_lora_finetune_trains_only_adapters(lora_run):
     assert states and all(ADAPTER in n for n in states), [n for n in states if ADAPTER not in n][:5]
 
 
-def test_lora_resume_continues_the_same_curve(lora_run, dataset, tmp_path):  # noqa: F811
+def test_lora_resume_continues_the_same_curve(lora_run, dataset, tmp_path):
     folder = lora_run["folder"]
     step4 = [p for p in folder.glob("*.ckpt") if p.name.endswith("-1_4.ckpt")][0]
     (tmp_path / "stopped" / "rank_0").mkdir(parents=True)
     shutil.copy(step4, tmp_path / "stopped" / "rank_0" / step4.name)
-    resumed = _run(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(tmp_path / "stopped"),
+    resumed = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(tmp_path / "stopped"),
                     "--resume_training", "True", "--train_data", dataset, "--output_dir", str(tmp_path / "out"),
                     "--runner_config.epochs", "2", *SMALL, "--train_dataset.data_loader.shuffle", "False"], tmp_path)
-    reference, after = _losses(lora_run["out"]), _losses(resumed)
+    reference, after = losses_of(lora_run["out"]), losses_of(resumed)
     assert after and min(after) >= (1, 5), resumed[-3000:]
     for key, value in after.items():
         assert abs(value - reference[key]) < 1e-4, (key, value, reference[key])
@@ -181,18 +180,18 @@ def test_reverse_merges_or_exports_the_adapters(lora_run, tmp_path):
     (["--model.model_config.pet_config.lora_rank", "0"], "pet_config.lora_rank = 0"),
     (["--model.model_config.pet_config.target_modules", "no_such_cell"], "target_modules"),
 ])
-def test_bad_pet_config_is_refused_naming_the_field(lora_run, dataset, tmp_path, override, needle):  # noqa: F811
-    out = _run(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["tmp"] / "hf"),
+def test_bad_pet_config_is_refused_naming_the_field(lora_run, dataset, tmp_path, override, needle):
+    out = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["tmp"] / "hf"),
                 "--train_data", dataset, "--output_dir", str(tmp_path / "out"), *SMALL, *override], tmp_path, expect=2)
     errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
     assert len(errors) == 1 and needle in errors[0], out[-3000:]
     assert "Traceback" not in out and not (tmp_path / "out" / "checkpoint").exists()
 
 
-def test_adapters_of_another_rank_are_refused(lora_run, dataset, tmp_path):  # noqa: F811
+def test_adapters_of_another_rank_are_refused(lora_run, dataset, tmp_path):
     """A LoRA output (rank 8) loaded by a run with lora_rank 4: refused before anything starts, naming the
     adapter and both shapes."""
-    out = _run(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["last"]),
+    out = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["last"]),
                 "--train_data", dataset, "--output_dir", str(tmp_path / "out"), *SMALL,
                 "--model.model_config.pet_config.lora_rank", "4"], tmp_path, expect=2)
     errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
@@ -200,7 +199,7 @@ def test_adapters_of_another_rank_are_refused(lora_run, dataset, tmp_path):  # n
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_data_parallel_ranks_identical(lora_run, dataset, tmp_path):  # noqa: F811
+def test_lora_data_parallel_ranks_identical(lora_run, dataset, tmp_path):
     """2 workers under msrun_launcher.sh: both exit 0, parameters identical across ranks, base weights untouched."""
     from _launch import free_ports, launch_env, start_launcher, wait_all, worker_log
     env = launch_env(tmp_path / "mf_default", 3)

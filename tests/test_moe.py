@@ -510,16 +510,16 @@ def test_seq_aux_false_balances_over_the_whole_batch():
     as the released code does; seq_aux True gives the per-sequence mean instead, a different number."""
     fields = dict(MOE_CASES["greedy-norm"], device_aux_loss_alpha=0.0, comm_aux_loss_alpha=0.0)
     x = np.random.default_rng(11).standard_normal((3, 5, 16)).astype(np.float32)
-    aux = {}
+    aux, weights = {}, None
     for seq_aux in (False, True):
         moe = DeepSeekMoE(make_config(**fields, seq_aux=seq_aux))
-        if seq_aux:
-            ms.load_param_into_net(moe, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in params})
-        params = list(moe.get_parameters())
+        if weights is None:
+            weights = {p.name: p.asnumpy().copy() for p in moe.get_parameters()}
+            scores, idx, _ = (t.asnumpy() for t in moe.router(Tensor(x.reshape(-1, 16))))
+        else:                                                            # the same weights both ways
+            ms.load_param_into_net(moe, {n: ms.Parameter(Tensor(v), name=n) for n, v in weights.items()})
         moe.set_train(True)
         aux[seq_aux] = float(moe(Tensor(x))[1].asnumpy())
-        if not seq_aux:
-            scores, idx, _ = (t.asnumpy() for t in moe.router(Tensor(x.reshape(-1, 16))))
     experts = fields["n_routed_experts"]
     share = np.eye(experts)[idx.reshape(-1)].mean(0)                     # (E,) over all b*s*k assignments
     expected = fields["aux_loss_alpha"] * float((scores.mean(0) * share * experts).sum())

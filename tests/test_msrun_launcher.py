@@ -163,6 +163,8 @@ def test_second_node_on_local_master_gets_msrun_worker_environment(tmp_path):
     assert "scheduler log" not in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 # ---------------------------------------------------------------------------------------------- real jobs
 def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
     """2 workers on one node, and 2 nodes x 1 worker (two launcher calls) on 127.0.0.1, run side by side.
@@ -206,6 +208,8 @@ def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
     assert "probe: rank 1 allreduce" in jobs[2].console()                # JOIN True streams the worker log
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_failing_worker_makes_launcher_fail(tmp_path):
     """A worker exiting 3 after init(): non-zero with JOIN False and True, and on both nodes of a 2-node job."""
     ports = [free_port() for _ in range(3)]
@@ -328,6 +332,8 @@ class _SplitJob(Job):
         return read_text(self.console_path) + read_text(self.stderr_path)
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_direct_worker_failure_reports_its_last_error_lines(tmp_path):
     """Node 1 of 2 on this host (workers started without msrun): rank 3 raises, rank 2 is killed by the launcher.
 
@@ -355,6 +361,8 @@ def test_direct_worker_failure_reports_its_last_error_lines(tmp_path):
     assert "job FAILED (status 1)" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_direct_worker_usage_error_is_reported(tmp_path):
     """A worker exiting with a run_mindformer.py-style usage message: that line is the report's cause."""
     script = _failing_worker(tmp_path)
@@ -367,6 +375,8 @@ def test_direct_worker_usage_error_is_reported(tmp_path):
             [USAGE_ERROR]}, result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_direct_workers_passing_print_no_report(tmp_path):
     """Workers that exit 0 print no report, even though their logs hold lines with the word Error."""
     script = _failing_worker(tmp_path)
@@ -377,6 +387,8 @@ def test_direct_workers_passing_print_no_report(tmp_path):
     _assert_no_report(result.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 def test_msrun_jobs_report_failed_workers_error_lines_and_passing_jobs_none(tmp_path):
     """Real msrun jobs (2 workers on 127.0.0.1, init() first), run side by side:
 

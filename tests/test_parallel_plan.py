@@ -165,7 +165,7 @@ def test_parallel_shape_from_mindformers_config():
     assert (shape.dp, shape.mp, shape.pp, shape.ep) == (2, 2, 1, 1) and shape.axes() == {"mp": 2, "ep": 1, "vocab": 1}
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
 def test_laid_out_model_computes_the_same_on_one_device(mode):
     """The grouped (dp = 2) capacity dispatch, run on one CPU device, gives the loss of the plain model (and, in
     inference, where it falls back to the dropless dispatch, its logits): the layout changes where rows are

@@ -22,7 +22,7 @@ def layout(request):
     return request.param, fields, R.build_reference(fields)
 
 
-@pytest.fixture(params=sorted(MODES))
+@pytest.fixture(params=[pytest.param("graph", marks=pytest.mark.slow), "pynative"])   # graph: compiles, slow
 def mode(request):
     ms.set_context(mode=MODES[request.param])
     yield request.param
@@ -97,6 +97,7 @@ def test_cache_holds_only_latent(layout):
     assert sum(int(np.prod(p.shape)) for p in state) == batch * fields["num_hidden_layers"] * SEQ * width
 
 
+@pytest.mark.slow
 def test_one_model_serves_several_batch_sizes_in_graph_mode():
     """A cached model compiled for one batch size answers a later call with another one correctly."""
     fields = LAYOUTS["lite"]

@@ -9,42 +9,17 @@ The reference is a ``DeepseekV2ForCausalLM`` built here and loaded with ``mindsp
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREDICT_YAML = os.path.join(ROOT, "configs", "deepseek2", "predict_deepseek2_tiny.yaml")
-TRAIN_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
-DATA = os.path.join(ROOT, "data", "code_alpaca", "code_alpaca_2k.json")
-# shrunk like tests/test_training.py SMALL; vocab 512 so a BPE tokenizer trained on Code Alpaca fits
-SMALL = dict(seq_length=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, kv_lora_rank=16,
-             q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, vocab_size=512)
-FLAGS = [x for key, value in SMALL.items() for x in (f"--model.model_config.{key}", str(value))]
+from conftest import (PREDICT_FLAGS as FLAGS, PREDICT_YAML, predict_fields as _fields, run_cli_status as _subprocess,
+                      save_predict_model as _save_model)
+
+pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
+
 PROMPTS = ["Write a function that adds two numbers.", "Sort a list", "Explain what a Python dictionary is and give "
            "an example of using one."]                     # different lengths: batching pads them differently
 NEW = 12
-
-
-def _fields(**changes):
-    """The predict YAML's model fields (as the CLI builds them) with SMALL and `changes` applied."""
-    with open(TRAIN_YAML, encoding="utf-8") as handle:
-        fields = dict(yaml.safe_load(handle)["model"]["model_config"])
-    fields.pop("type")
-    fields.update(SMALL, **changes)
-    return fields
-
-
-def _save_model(path, seed=0, **changes):
-    import mindspore as ms
-    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    ms.set_seed(seed)
-    # init_std 0.5: a random model whose greedy tokens vary (with 0.02 it repeats one token, which hides bugs)
-    net = DeepseekV2ForCausalLM(DeepseekV2Config(**_fields(init_std=0.5, **changes)))
-    ms.save_checkpoint(net, path)
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,13 +33,11 @@ def graph_mode():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tokenizer.json (vocab 512, trained on Code Alpaca) and a checkpoint of the tiny model."""
-    from research.deepseek2.train_tokenizer import train_bpe_tokenizer
+def assets(tmp_path_factory, tok_file):
+    """The session's tokenizer.json (vocab 512, trained on Code Alpaca) and a checkpoint of the tiny model."""
     folder = tmp_path_factory.mktemp("predict_assets")
-    tokenizer = train_bpe_tokenizer(DATA, str(folder / "tokenizer.json"), vocab_size=SMALL["vocab_size"])
     checkpoint = _save_model(str(folder / "tiny.ckpt"))
-    return {"tokenizer": tokenizer, "checkpoint": checkpoint, "folder": folder}
+    return {"tokenizer": tok_file, "checkpoint": checkpoint, "folder": folder}
 
 
 def _args(assets, tmp_path, *extra):
@@ -79,13 +52,6 @@ def _cli(args, capsys):
     code = cli_main(args)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _subprocess(args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, LOCAL_DEFAULT_PATH=str(tmp_path / "logs"), GLOG_v="3")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run_mindformer.py"), *args], cwd=str(tmp_path),
-                          env=env, capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _results(tmp_path):

@@ -31,6 +31,8 @@ def _prompts(fields):
     return [a + [pad] * 3, b], pad
 
 
+@pytest.mark.slow
+@pytest.mark.msrun
 @pytest.mark.parametrize("layout, source, mode", [("v2", "hf", 0), ("lite", "ms", 1)],
                          ids=["v2-from-hf-graph", "lite-from-ckpt-pynative"])
 def test_two_rank_predict_equals_single_process(layout, source, mode, tmp_path):
@@ -67,14 +69,14 @@ def test_two_rank_predict_equals_single_process(layout, source, mode, tmp_path):
         assert shapes[latent] == full[latent]                                       # latent projection whole
 
 
-def test_run_mindformer_predict_on_two_ranks(tmp_path):
+@pytest.mark.slow
+@pytest.mark.msrun
+def test_run_mindformer_predict_on_two_ranks(tmp_path, tok_file):
     """run_mindformer.py --use_parallel True under msrun_launcher.sh: 2 ranks, model_parallel 2, same text."""
     import shlex
-    from research.deepseek2.train_tokenizer import train_bpe_tokenizer
-    from test_predict import DATA, FLAGS, PREDICT_YAML, SMALL, _save_model, _subprocess
-    tokenizer = train_bpe_tokenizer(DATA, str(tmp_path / "tokenizer.json"), vocab_size=SMALL["vocab_size"])
-    checkpoint = _save_model(str(tmp_path / "tiny.ckpt"))
-    args = ["--config", PREDICT_YAML, "--load_checkpoint", checkpoint, "--tokenizer_file", tokenizer,
+    from conftest import PREDICT_FLAGS as FLAGS, PREDICT_YAML, run_cli_status as _subprocess, save_predict_model
+    checkpoint = save_predict_model(str(tmp_path / "tiny.ckpt"))
+    args = ["--config", PREDICT_YAML, "--load_checkpoint", checkpoint, "--tokenizer_file", tok_file,
             "--predict_data", "Write a function that adds two numbers.", "--predict_length", "8", "--mode", "1",
             *FLAGS]
     code, out, err = _subprocess(args + ["--output_dir", str(tmp_path / "single")], tmp_path)

@@ -180,6 +180,7 @@ def test_save_pretrained_round_trip(tok, tmp_path):
     assert loaded.pad_token_id == tok.pad_token_id
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out = tmp_path / "out" / "tokenizer.json"
     ok = _run(["--data_path", DATA, "--output_path", str(out), "--vocab_size", "512"],
