@@ -12,7 +12,7 @@ if [ "${DS2_VENV:-.venv}" != "none" ] && [ ! -x "$DS2_PYTHON" ]; then
   echo "setup: creating the virtual environment $DS2_VENV_DIR (the system Python is left as it is)"
   "${PYTHON:-python3}" -m venv "$DS2_VENV_DIR"
 fi
-echo "setup: installing requirements into $("$DS2_PYTHON" -c 'import sys; print(sys.prefix)') (first time about 2 minutes: mindspore is a 2.5 GB install)"
+echo "setup: installing requirements into $("$DS2_PYTHON" -c 'import sys; print(sys.prefix)') (first time about 3 minutes: mindspore is a 2.5 GB install)"
 # pip warns once per package about index locations of this machine's pip.conf that do not exist; not ours to show
 quiet_pip() { "$DS2_PYTHON" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 quiet_pip install --disable-pip-version-check -q -r requirements-test.txt
