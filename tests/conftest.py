@@ -49,6 +49,23 @@ def run_cli(args, tmp_path, expect=0):
     return out
 
 
+def run_cli_here(args, capsys, expect=0):
+    """``runner.cli_main(args)`` in this process, for runs refused before anything starts (no interpreter start
+    and imports to pay, about 7 s a run); asserts its exit code, returns stdout + stderr. An exception other than the
+    one-line errors cli_main reports fails the test with its traceback."""
+    import logging
+    from mindformers.tools.logger import get_logger
+    from research.deepseek2.run.runner import cli_main
+    for handler in get_logger().handlers:       # MindFormers' console handler keeps the stream it was made with,
+        if type(handler).__module__.startswith("mindformers") and not isinstance(handler, logging.FileHandler):
+            handler.stream = sys.__stderr__     # maybe an earlier test's capture, closed by now: the process's own
+    capsys.readouterr()
+    code = cli_main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    assert code == expect, (out + err)[-3000:]
+    return out + err
+
+
 def losses_of(out):
     """{(epoch, step): loss} from MindFormers' loss monitor lines."""
     return {(int(m.group(1)), int(m.group(2))): float(m.group(4)) for m in LOSS.finditer(out)}
@@ -179,13 +196,13 @@ def tok(tok_file):
 
 
 # ---------------------------------------------------------------------------------------------- scheduling
-def pytest_collection_modifyitems(config, items):
-    """Each test module is one xdist group (its module fixtures run in one worker), all msrun tests one group."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = "msrun" if item.get_closest_marker("msrun") else item.module.__name__
-        layout = getattr(item, "callspec", None) and item.callspec.params.get("layout")
-        if layout and group != "msrun":                  # a module fixture per layout: its own group
-            group = f"{group}[{layout}]"
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item):
+    """Each test module is one xdist group (its module fixtures run in one worker), all msrun tests one group.
+    Marked as each item is collected: xdist reads the groups in its own pytest_collection_modifyitems."""
+    if item.get_closest_marker("xdist_group"):
+        return
+    group = "msrun" if item.get_closest_marker("msrun") else item.module.__name__
+    layout = getattr(item, "callspec", None) and item.callspec.params.get("layout")
+    if layout and group != "msrun":                      # a module fixture per layout: its own group
+        group = f"{group}[{layout}]"
+    item.add_marker(pytest.mark.xdist_group(group))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import SMALL, TINY_MODEL, TINY_YAML, losses_of, reference_batch_loss, run_cli, tiny_fields
+from conftest import (SMALL, TINY_MODEL, TINY_YAML, losses_of, reference_batch_loss, run_cli, run_cli_here,
+                      tiny_fields)
 
 pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
 
@@ -40,10 +41,19 @@ def _hf_folder(folder, seed=3, drop=None, **changes):
     return model
 
 
-def _finetune(tmp_path, checkpoint, data, *extra, expect=0):
-    return run_cli(["--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", str(checkpoint),
-                 "--train_data", data, "--output_dir", str(tmp_path / "out"), "--runner_config.epochs", "1",
-                 *SMALL, *NO_AUX, *IN_ORDER, *extra], tmp_path, expect=expect)
+def _finetune(tmp_path, checkpoint, data, *extra):
+    return run_cli(_finetune_args(tmp_path, checkpoint, data, *extra), tmp_path)
+
+
+def _finetune_refused(tmp_path, checkpoint, data, capsys, *extra):
+    """A finetune refused before it starts, run in this process: exit 2, its output."""
+    return run_cli_here(_finetune_args(tmp_path, checkpoint, data, *extra), capsys, expect=2)
+
+
+def _finetune_args(tmp_path, checkpoint, data, *extra):
+    return ["--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", str(checkpoint), "--train_data",
+            data, "--output_dir", str(tmp_path / "out"), "--runner_config.epochs", "1", *SMALL, *NO_AUX, *IN_ORDER,
+            *extra]
 
 
 def _refused(out, tmp_path, *needles):
@@ -69,32 +79,32 @@ def test_finetune_from_hf_folder_starts_at_the_reference_loss(dataset, tmp_path)
     assert os.listdir(tmp_path / "out" / "checkpoint" / "rank_0")
 
 
-def test_finetune_refuses_an_hf_folder_missing_a_tensor(dataset, tmp_path):
+def test_finetune_refuses_an_hf_folder_missing_a_tensor(dataset, tmp_path, capsys):
     missing = "model.layers.1.mlp.experts.3.up_proj.weight"
     _hf_folder(tmp_path / "hf", drop=missing)
-    out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
+    out = _finetune_refused(tmp_path, tmp_path / "hf", dataset, capsys)
     _refused(out, tmp_path, "1 tensor(s) missing", missing)
 
 
-def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path):
+def test_finetune_refuses_an_hf_folder_of_another_shape(dataset, tmp_path, capsys):
     _hf_folder(tmp_path / "hf", hidden_size=48)
-    out = _finetune(tmp_path, tmp_path / "hf", dataset, expect=2)
+    out = _finetune_refused(tmp_path, tmp_path / "hf", dataset, capsys)
     _refused(out, tmp_path, "has shape", "expected")
 
 
-def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path):
+def test_finetune_refuses_a_ckpt_missing_a_weight(dataset, tmp_path, capsys):
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     net = DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields()))
     params = [{"name": p.name, "data": p} for p in net.get_parameters() if p.name != "model.norm_out.weight"]
     ms.save_checkpoint(params, str(tmp_path / "partial.ckpt"))
-    out = _finetune(tmp_path, tmp_path / "partial.ckpt", dataset, expect=2)
+    out = _finetune_refused(tmp_path, tmp_path / "partial.ckpt", dataset, capsys)
     _refused(out, tmp_path, "1 missing: model.norm_out.weight")
 
 
-def test_finetune_refuses_a_format_other_than_load_ckpt_format(dataset, tmp_path):
+def test_finetune_refuses_a_format_other_than_load_ckpt_format(dataset, tmp_path, capsys):
     _hf_folder(tmp_path / "hf")
-    out = _finetune(tmp_path, tmp_path / "hf", dataset, "--load_ckpt_format", "ckpt", expect=2)
+    out = _finetune_refused(tmp_path, tmp_path / "hf", dataset, capsys, "--load_ckpt_format", "ckpt")
     _refused(out, tmp_path, "load_ckpt_format is 'ckpt'", "safetensors")
 
 
@@ -133,15 +143,15 @@ def test_safetensors_training_checkpoints_resume_the_same_curve(safetensors_run,
         assert abs(value - reference[key]) < 1e-4, (key, value, reference[key])
 
 
-def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path):
+def test_resume_refuses_a_checkpoint_without_optimizer_state(dataset, tmp_path, capsys):
     import mindspore as ms
     from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
     (tmp_path / "weights" / "rank_0").mkdir(parents=True)
     ms.save_checkpoint(DeepseekV2ForCausalLM(DeepseekV2Config(**tiny_fields())),
                        str(tmp_path / "weights" / "rank_0" / "w.ckpt"))
-    out = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
-                str(tmp_path / "out"), "--load_checkpoint", str(tmp_path / "weights"), "--resume_training", "True",
-                *SMALL], tmp_path, expect=2)
+    out = run_cli_here(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
+                        str(tmp_path / "out"), "--load_checkpoint", str(tmp_path / "weights"), "--resume_training",
+                        "True", *SMALL], capsys, expect=2)
     _refused(out, tmp_path, "missing: adam_m.")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import LORA_YAML, ROOT, SMALL, TINY_MODEL, losses_of, run_cli, tiny_fields
+from conftest import LORA_YAML, ROOT, SMALL, TINY_MODEL, losses_of, run_cli, run_cli_here, tiny_fields
 
 pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
 ADAPTER = "mindpet_delta_lora"
@@ -180,20 +180,21 @@ def test_reverse_merges_or_exports_the_adapters(lora_run, tmp_path):
     (["--model.model_config.pet_config.lora_rank", "0"], "pet_config.lora_rank = 0"),
     (["--model.model_config.pet_config.target_modules", "no_such_cell"], "target_modules"),
 ])
-def test_bad_pet_config_is_refused_naming_the_field(lora_run, dataset, tmp_path, override, needle):
-    out = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["tmp"] / "hf"),
-                "--train_data", dataset, "--output_dir", str(tmp_path / "out"), *SMALL, *override], tmp_path, expect=2)
+def test_bad_pet_config_is_refused_naming_the_field(lora_run, dataset, tmp_path, override, needle, capsys):
+    out = run_cli_here(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint",
+                        lora_run["tmp"] / "hf", "--train_data", dataset, "--output_dir", tmp_path / "out", *SMALL,
+                        *override], capsys, expect=2)
     errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
     assert len(errors) == 1 and needle in errors[0], out[-3000:]
     assert "Traceback" not in out and not (tmp_path / "out" / "checkpoint").exists()
 
 
-def test_adapters_of_another_rank_are_refused(lora_run, dataset, tmp_path):
+def test_adapters_of_another_rank_are_refused(lora_run, dataset, tmp_path, capsys):
     """A LoRA output (rank 8) loaded by a run with lora_rank 4: refused before anything starts, naming the
     adapter and both shapes."""
-    out = run_cli(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", str(lora_run["last"]),
-                "--train_data", dataset, "--output_dir", str(tmp_path / "out"), *SMALL,
-                "--model.model_config.pet_config.lora_rank", "4"], tmp_path, expect=2)
+    out = run_cli_here(["--config", LORA_YAML, "--run_mode", "finetune", "--load_checkpoint", lora_run["last"],
+                        "--train_data", dataset, "--output_dir", tmp_path / "out", *SMALL,
+                        "--model.model_config.pet_config.lora_rank", "4"], capsys, expect=2)
     errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
     assert len(errors) == 1 and "mis-shaped" in errors[0] and ADAPTER in errors[0], out[-3000:]
     assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SMALL, TINY_MODEL, TINY_YAML, losses_of, run_cli
+from conftest import SMALL, TINY_MODEL, TINY_YAML, losses_of, run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow               # training or generation runs: not in the everyday loop
 
@@ -84,25 +84,35 @@ def test_nonfinite_loss_stops_naming_the_step(dataset, tmp_path):
     (["--run_mode", "predict", "--predict_data", "hi", "--predict_length", "0", "--tokenizer_file", TINY_YAML],
      "--predict_length must be > 0"),
 ])
-def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
-    out = run_cli(["--config", TINY_YAML, *args], tmp_path, expect=2)
-    assert message in out, out[-1500:]
+def test_bad_command_lines_fail_with_one_line(args, message, capsys):
+    """In this process (runner.cli_main): exit 2 and one error line; test_a_bad_command_line_is_one_line_and_exit_2
+    holds the real command line to the same."""
+    out = run_cli_here(["--config", TINY_YAML, *args], capsys, expect=2)
+    errors = [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")]
+    assert len(errors) == 1 and message in errors[0], out[-1500:]
     assert "Traceback" not in out
 
 
-def test_missing_config_file(tmp_path):
+def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path):
+    """run_mindformer.py itself (a subprocess): a missing config and an unknown flag, exit 2, one line each."""
     out = run_cli(["--config", str(tmp_path / "nope.yaml")], tmp_path, expect=2)
-    assert "--config: no such file" in out
+    assert "--config: no such file" in out and "Traceback" not in out
+    out = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--no_such_flag", "1"], tmp_path, expect=2)
+    assert [line for line in out.splitlines() if line.startswith("run_mindformer.py: error:")] == \
+        ["run_mindformer.py: error: unknown flag --no_such_flag (see --help; YAML keys are set as --a.b.c value)"]
+    assert "Traceback" not in out
 
 
-def test_recompute_gives_the_same_losses(full_run, dataset, tmp_path):
-    """recompute_config.recompute (MindFormers' LayerSetting on every decoder layer) changes memory, not math."""
+def test_recompute_gives_the_same_losses_and_stop_step_stops(full_run, dataset, tmp_path):
+    """recompute_config.recompute (MindFormers' LayerSetting on every decoder layer) changes memory, not math: the
+    losses equal the plain run's step for step; runner_config.stop_step 6 ends that run after its 6th step (of 16)."""
     _, out = full_run
     recomputed = run_cli(["--config", TINY_YAML, "--run_mode", "train", "--train_data", dataset, "--output_dir",
-                       str(tmp_path / "out"), "--runner_config.epochs", "2", "--recompute_config.recompute", "True",
-                       *SMALL], tmp_path)
+                          str(tmp_path / "out"), "--runner_config.epochs", "2", "--recompute_config.recompute", "True",
+                          "--runner_config.stop_step", "6", *SMALL], tmp_path)
     assert "Set full recompute at layer 1" in recomputed
+    assert "training stops after step 6" in recomputed
     before, after = losses_of(out), losses_of(recomputed)
-    assert set(before) == set(after)
-    for key in before:
+    assert sorted(after) == sorted(before)[:6], sorted(after)
+    for key in after:
         assert abs(before[key] - after[key]) < 1e-5, (key, before[key], after[key])
