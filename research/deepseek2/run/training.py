@@ -217,21 +217,18 @@ def stage_safetensors_resume(config):
 
     MindFormers 1.9 refuses both ways in: its output folder (``rank_0/``) needs use_parallel, and a file path
     fails its Hugging Face folder check. Its ``.ckpt`` resume works, so the chosen file is rewritten as one
-    ``.ckpt`` (same tensors, bits and step counters) under output_dir/resume_staging/rank_0 and resumed from there.
+    ``.ckpt`` (same tensors, bits and step counters, in file order: what ``mindspore.save_checkpoint`` would write)
+    under output_dir/resume_staging/rank_0 and resumed from there. The project's writer stages it (fileio) and reads
+    one tensor at a time.
     """
-    import mindspore as ms
+    from research.deepseek2.checkpoints.ckpt_file import CkptWriter
     path = config.load_checkpoint
     source = resume_file(path, _rank(), config.resume_training)
     folder = os.path.join(config.output_dir or "./output", "resume_staging", "rank_0")
-    os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, os.path.basename(source)[:-len(".safetensors")] + ".ckpt")
-    partial = target[:-len(".ckpt")] + ".partial.ckpt"    # save_checkpoint appends .ckpt to any other name
-    try:
-        ms.save_checkpoint(ms.load_checkpoint(source, format="safetensors"), partial)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with CkptWriter(target) as writer:                    # renamed into place when complete, removed on error
+        for _, name, array in open_checkpoint(source).iter_parameters(progress=False):
+            writer.write(name, array)
     logger.info(f"resuming from {source} (rewritten as {target} for MindFormers' .ckpt resume)")
     config.load_checkpoint = os.path.dirname(folder)
     config.load_ckpt_format = "ckpt"
