@@ -5,7 +5,7 @@
 2. make a tiny DeepSeek-V2 with the PyTorch reference (transformers), saved as a Hugging Face folder: that folder is
    the checkpoint of every later step, as MindFormers 1.9 loads one (no conversion step);
 3. prepare both splits as MindRecord (code_alpaca_preprocess.py);
-4. before finetuning: the held-out loss of the initial checkpoint (evaluate.py) and its answer to one instruction
+4. before finetuning: the held-out loss of the initial checkpoint (evaluation/heldout.py) and its answer to one instruction
    (run_mindformer.py --run_mode predict: latent KV cache, chat template, greedy with a repetition penalty);
 5. finetune it through run_mindformer.py (MindFormers' Trainer, graph mode) and show the loss falling;
 6. after finetuning: the held-out loss and the answer again;
@@ -100,12 +100,12 @@ def split_records(path, heldout, work):
 
 
 def evaluate(py, checkpoint, data, env):
-    """evaluate.py on one checkpoint -> (mean held-out loss per target token, target tokens, rows)."""
-    log = run([py, "research/deepseek2/run/evaluate.py", "--config", TINY_YAML, "--load_checkpoint", checkpoint,
+    """evaluation/heldout.py on one checkpoint -> (mean held-out loss per target token, target tokens, rows)."""
+    log = run([py, "research/deepseek2/evaluation/heldout.py", "--config", TINY_YAML, "--load_checkpoint", checkpoint,
                "--eval_data", data, "--batch_size", "8"], env)
     match = EVAL_LINE.search(log)
     if not match:
-        raise SystemExit(f"demo: evaluate.py printed no result line:\n{log[-2000:]}")
+        raise SystemExit(f"demo: evaluation/heldout.py printed no result line:\n{log[-2000:]}")
     return float(match.group(1)), int(match.group(2)), int(match.group(3))
 
 

@@ -1,4 +1,4 @@
-"""research/deepseek2/run/evaluate.py: the held-out loss is the mean cross-entropy over every target token (batches
+"""research/deepseek2/evaluation/heldout.py: the held-out loss is the mean cross-entropy over every target token (batches
 weighted by their token counts, balance losses off), equal to one computed here from the inference logits in
 numpy; the CLI prints one line, and refuses bad files with exit 2 and one line naming them."""
 import json
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import CODE_ALPACA as DATA, ROOT, predict_fields as _fields, save_predict_model as _save_model
-SCRIPT = os.path.join(ROOT, "research", "deepseek2", "run", "evaluate.py")
+SCRIPT = os.path.join(ROOT, "research", "deepseek2", "evaluation", "heldout.py")
 ROWS, BATCH = 7, 3                     # 7 rows in batches of 3: the last batch is filled up with target-less rows
 
 
@@ -55,7 +55,7 @@ def per_row(assets):
 
 def test_heldout_loss_is_the_token_mean_cross_entropy(assets, per_row):
     import mindspore as ms
-    from research.deepseek2.run.evaluate import heldout_loss
+    from research.deepseek2.evaluation.heldout import heldout_loss
     sums, counts = per_row
     assert len(set(counts.tolist())) > 1, "precondition: rows hold different numbers of targets"
     # precondition: the YAML adds a balance loss in training, which heldout_loss must switch off to match
@@ -110,5 +110,5 @@ def test_cli_refuses_bad_input_with_one_line(case, flag, assets, tiny_yaml, tmp_
     proc = _cli(*[x for pair in args.items() for x in pair], tmp_path=tmp_path)
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("heldout.py: error:"), proc.stderr[-2000:]
     assert flag in lines[0] and bad in lines[0], lines[0]

@@ -163,9 +163,9 @@ def test_second_node_on_local_master_gets_msrun_worker_environment(tmp_path):
     assert "scheduler log" not in result.stdout
 
 
+# ---------------------------------------------------------------------------------------------- real jobs
 @pytest.mark.slow
 @pytest.mark.msrun
-# ---------------------------------------------------------------------------------------------- real jobs
 def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
     """2 workers on one node, and 2 nodes x 1 worker (two launcher calls) on 127.0.0.1, run side by side.
 

@@ -112,7 +112,7 @@ def _tensor_parallel(config):
     return tp_size, get_rank()
 
 
-def _model_config(config, batch_size):
+def model_config_for(config, batch_size):
     """DeepseekV2Config from the YAML's model.model_config, for ``batch_size`` prompts at a time."""
     from research.deepseek2.deepseek2_config import DeepseekV2Config
     fields = {k: v for k, v in dict(config.model.model_config).items() if k != "type"}
@@ -263,7 +263,7 @@ def run_predict(config, args):
     """Generate for every prompt; returns the list of generated texts."""
     import mindspore as ms
     prompts, new_tokens, gen_kwargs, tokenizer_cfg, batch_size, chat = _settings(config, args)
-    model_config = _model_config(config, batch_size)
+    model_config = model_config_for(config, batch_size)
     setup_context(config)
     if config.get("seed") is not None:
         ms.set_seed(int(config.seed))

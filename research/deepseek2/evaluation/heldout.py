@@ -13,11 +13,11 @@ cross-entropy alone. Batch means are weighted by their number of target tokens, 
 all target tokens of the file. The last batch is filled up to ``batch_size`` with rows whose labels are all -100
 (they count for nothing), so graph mode compiles one shape only.
 
-    python research/deepseek2/run/evaluate.py --config configs/deepseek2/finetune_deepseek2_tiny.yaml \
+    python research/deepseek2/evaluation/heldout.py --config configs/deepseek2/finetune_deepseek2_tiny.yaml \
         --load_checkpoint CKPT --eval_data heldout.mindrecord [--batch_size 8]      (or: deepseek2-evaluate ...)
 
 prints one line ``evaluate: loss L perplexity P over T target tokens in R rows (CKPT)``; a bad flag or file ends
-with one line ``evaluate.py: error: ...`` on stderr and exit code 2.
+with one line ``heldout.py: error: ...`` on stderr and exit code 2.
 """
 import argparse
 import math
@@ -170,7 +170,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_args(argv=None):
-    parser = _Parser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="heldout.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the YAML whose model.model_config builds the model")
     parser.add_argument("--load_checkpoint", required=True, help="a Hugging Face folder, a .ckpt or safetensors file, or a converted checkpoint folder")
     parser.add_argument("--eval_data", required=True, help="a MindRecord of input_ids / labels rows")
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         fields = read_model_config(args.config)
         loss, tokens = heldout_loss(fields, args.load_checkpoint, args.eval_data, args.batch_size)
     except EvaluationError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
+        print(f"heldout.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     rows = _open_data(args.eval_data)[1]
     print(f"evaluate: loss {loss:.6f} perplexity {math.exp(min(loss, 700.0)):.4f} over {tokens} target tokens "
