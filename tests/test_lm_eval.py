@@ -113,6 +113,26 @@ def test_the_command_line_takes_lm_evals_flags(folder, both, tmp_path):
     assert accuracy == ours["results"]["ds2_local_mc"]["acc,none"]
 
 
+def test_rolling_log_likelihoods_equal_lm_evals_hf_model(folder):
+    """loglikelihood_rolling (perplexity tasks) with both models cut to 16-token windows: two documents of several
+    windows each, equal sums within 1e-4 (the windows themselves are lm-eval's, the scores each model's own)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from research.deepseek2.evaluation.lm_eval_model import DeepseekV2LM
+    documents = ["def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n\nprint(add(2, 3), mul(4, 5))\n",
+                 "Write a function that sorts a list of numbers and returns the largest one, then print the list "
+                 "and its length."]
+    requests = [Instance("loglikelihood_rolling", {}, (text,), index) for index, text in enumerate(documents)]
+    theirs = HFLM(pretrained=str(folder / "hf"), device="cpu", batch_size=2, dtype="float32", max_length=16)
+    ours = DeepseekV2LM(config=str(folder / "model.yaml"), load_checkpoint=str(folder / "hf"), batch_size=2,
+                        max_length=16)
+    assert all(len(ours.tok_encode(text)) > 32 for text in documents)        # three windows or more each
+    their_scores = theirs.loglikelihood_rolling(requests, disable_tqdm=True)
+    our_scores = ours.loglikelihood_rolling(requests, disable_tqdm=True)
+    np.testing.assert_allclose(our_scores, their_scores, rtol=0, atol=1e-4)
+    assert all(score < -10 for score in our_scores)
+
+
 def test_unknown_model_args_are_refused_naming_them(folder):
     from research.deepseek2.errors import EvaluationError
     from research.deepseek2.evaluation.lm_eval_model import DeepseekV2LM

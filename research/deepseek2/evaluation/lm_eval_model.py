@@ -111,6 +111,13 @@ class DeepseekV2LM(TemplateLM):
         return self.tokenizer.eos_token_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context and the first rolling window are scored after: the sentence start DeepSeek's
+        prompts begin with (the ``hf`` model's choice too), the end of text only for a tokenizer without one."""
+        bos = self.tokenizer.bos_token_id
+        return self.eot_token_id if bos is None else bos
+
+    @property
     def max_length(self) -> int:
         return self._max_length
 
