@@ -112,3 +112,25 @@ def test_cli_refuses_bad_input_with_one_line(case, flag, assets, tiny_yaml, tmp_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("heldout.py: error:"), proc.stderr[-2000:]
     assert flag in lines[0] and bad in lines[0], lines[0]
+
+
+def test_a_lora_output_is_evaluated_merged(assets):
+    """A YAML with a pet_config reads a LoRA training output (base weights + adapters) and merges it as predict
+    does: the loss equals that of the merged weights saved as a plain checkpoint, and differs from the base's."""
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config
+    from research.deepseek2.evaluation.heldout import heldout_loss
+    from research.deepseek2.lora.config import expected_adapter_shapes, merge_state
+    pet_config = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*"}
+    base = {name: param.asnumpy() for name, param in ms.load_checkpoint(assets["checkpoint"]).items()}
+    rng = np.random.default_rng(0)
+    shapes = expected_adapter_shapes(DeepseekV2Config(**_fields()), pet_config)
+    adapters = {name: rng.normal(0, 0.2, shape).astype(np.float32) for name, shape in shapes.items()}
+    lora, merged = str(assets["folder"] / "lora.ckpt"), str(assets["folder"] / "merged.ckpt")
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)} for n, a in {**base, **adapters}.items()], lora)
+    ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)}
+                        for n, a in merge_state(base, adapters, pet_config).items()], merged)
+    args = dict(mindrecord=assets["data"], batch_size=BATCH, progress=False)
+    with_adapters, _ = heldout_loss(dict(_fields(), pet_config=pet_config), lora, **args)
+    assert with_adapters == pytest.approx(heldout_loss(_fields(), merged, **args)[0], rel=1e-6)
+    assert abs(with_adapters - heldout_loss(_fields(), assets["checkpoint"], **args)[0]) > 1e-3

@@ -142,6 +142,7 @@ def test_a_model_taught_three_solutions_scores_them_and_fails_the_rest(problems,
     assert per_problem == {**{t: 1 for t in TAUGHT}, **{t: 0 for t in UNTAUGHT}}, per_problem
     assert summary["pass@1"] == pytest.approx(3 / 5) and summary["chat_template"] is False
     assert summary["tokens_per_second"] > 0 and summary["isolation"]["limits"]
+    assert 3 <= summary["samples_that_parse"] <= 5
     samples = [json.loads(line) for line in (tmp_path / "he" / "samples.jsonl").read_text().splitlines()]
     for sample in samples:
         if sample["task_id"] in TAUGHT:

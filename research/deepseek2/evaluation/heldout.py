@@ -48,12 +48,17 @@ def read_model_config(config_path: str) -> dict:
     return dict(fields)
 
 
-def _load_weights(net, checkpoint: str):
-    """The project's checkpoint loader (the one place it is imported here)."""
+def _load_weights(net, checkpoint: str, pet_config=None):
+    """The project's checkpoint loader; with a pet_config, a LoRA training output merged as predict merges it."""
     from research.deepseek2.checkpoints.load import load_checkpoint
+    from research.deepseek2.errors import UsageError
     try:
-        load_checkpoint(net, checkpoint)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        if pet_config:
+            from research.deepseek2.lora.checkpoints import load_merged
+            load_merged(net, checkpoint, pet_config)
+        else:
+            load_checkpoint(net, checkpoint)
+    except (ValueError, KeyError, RuntimeError, OSError, UsageError) as err:   # CheckpointError, PetConfigError
         raise EvaluationError(f"--load_checkpoint {checkpoint}: {err}") from err
 
 
@@ -100,7 +105,8 @@ def heldout_loss(model_config: dict, checkpoint: str, mindrecord: str, batch_siz
     """Mean cross-entropy per target token of ``checkpoint`` on ``mindrecord``, and the number of target tokens.
 
     Args:
-        model_config: the YAML's ``model.model_config`` fields (``type`` ignored). ``seq_length`` is taken from the
+        model_config: the YAML's ``model.model_config`` fields (``type`` ignored; a ``pet_config`` means the
+            checkpoint is a LoRA training output, its adapters merged into the weights). ``seq_length`` is taken from the
             data (row length - 1) and ``batch_size`` from the argument; the MoE balance-loss factors
             ``aux_loss_alpha``, ``device_aux_loss_alpha`` and ``comm_aux_loss_alpha`` are set to 0 so the
             training-mode loss is the cross-entropy alone.
@@ -126,13 +132,21 @@ def heldout_loss(model_config: dict, checkpoint: str, mindrecord: str, batch_siz
     data, rows, row_len = _open_data(mindrecord)
     if row_len < 2:
         raise EvaluationError(f"--eval_data {mindrecord}: rows of {row_len} token(s); at least 2 are needed")
-    fields = {k: v for k, v in dict(model_config).items() if k != "type"}
+    fields = {k: v for k, v in dict(model_config).items() if k not in ("type", "pet_config")}
+    pet_config = dict(model_config).get("pet_config")
     fields.update(seq_length=row_len - 1, batch_size=batch_size, use_past=False,
                   **{name: 0.0 for name in _BALANCE_LOSSES})
     try:
         config = DeepseekV2Config(**fields)
     except (ValueError, TypeError) as err:
         raise EvaluationError(f"model.model_config: {err}") from err
+    if pet_config:
+        from research.deepseek2.errors import PetConfigError
+        from research.deepseek2.lora.config import expected_adapter_shapes
+        try:
+            expected_adapter_shapes(config, pet_config)
+        except PetConfigError as err:
+            raise EvaluationError(f"model.model_config.{err}") from err
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     ignore = config.ignore_token_id                                      # -100, as code_alpaca_preprocess writes
 
@@ -140,7 +154,7 @@ def heldout_loss(model_config: dict, checkpoint: str, mindrecord: str, batch_siz
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         net = DeepseekV2ForCausalLM(config)
-        _load_weights(net, checkpoint)
+        _load_weights(net, checkpoint, pet_config)
         net.set_train(True)                       # the loss path; no gradient is taken, the weights stay as loaded
         total, tokens = 0.0, 0
         batches = _batches(data, batch_size, row_len, pad_id, ignore, mindrecord)
