@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import secrets
 import sys
 import time
 from typing import Dict, Iterable, List, Optional
@@ -27,7 +26,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from research.deepseek2.errors import EvaluationError
-from research.deepseek2.evaluation.sandbox import Limits, isolation, run_program
+from research.deepseek2.evaluation.sandbox import Limits, isolation, run_tests
 from research.deepseek2.fileio import atomic_write_text
 
 __all__ = ["STOP_SEQUENCES", "truncate", "read_problems", "check_program", "check_completion", "check_samples",
@@ -52,27 +51,16 @@ def read_problems(problem_file: Optional[str] = None) -> Dict[str, dict]:
     return read(path)
 
 
-def check_program(problem: dict, completion: str, token: str) -> str:
-    """The program that checks a completion: the prompt, the completion, the problem's tests, the call of
-    ``check`` on its entry point, then printing ``token`` (reached only when every test passed)."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
-            + f"print({token!r})\n")
+def check_program(problem: dict, completion: str) -> str:
+    """The program that checks a completion: the prompt, the completion, the problem's tests and the call of
+    ``check`` on its entry point."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
 
 
 def check_completion(problem: dict, completion: str, limits: Limits) -> dict:
-    """{"passed": bool, "result": "passed" | "timed out" | "failed: ..."} of one completion, run in the sandbox."""
-    token = secrets.token_hex(16)
-    outcome = run_program(check_program(problem, completion, token), limits)
-    if outcome.timed_out:
-        return {"passed": False, "result": "timed out"}
-    lines = outcome.stdout.rstrip("\n").split("\n")
-    if outcome.returncode == 0 and lines[-1] == token:
-        return {"passed": True, "result": "passed"}
-    if outcome.returncode == 0:
-        return {"passed": False, "result": "failed: the tests did not run to their end (the program exited early)"}
-    errors = [line for line in outcome.stderr.strip().split("\n") if line.strip()]
-    return {"passed": False, "result": "failed: " + (errors[-1].strip() if errors else
-                                                     f"exit status {outcome.returncode}")}
+    """{"passed": bool, "result": "passed" | "timed out" | "failed: ..."} of one completion, run in the sandbox
+    (``sandbox.run_tests``: passed only when the tests ran to their end)."""
+    return run_tests(check_program(problem, completion), limits)
 
 
 def pass_at_k(totals: List[int], corrects: List[int], ks: Iterable[int]) -> Dict[str, float]:

@@ -12,10 +12,11 @@ From Python: ``lm_eval.simple_evaluate(model=DeepseekV2LM(config=..., load_check
 
 The class follows lm-eval's ``hf`` model wherever the numbers depend on it, so both give the same log-likelihoods on
 the same weights: ``TemplateLM``'s tokenization of (context, continuation) pairs, no BOS added (the ``hf`` model's
-default), the end-of-text token as the context of an empty one, left truncation to the model's length, inputs padded
+default), the sentence-start token as the context of an empty one, left truncation to the model's length, inputs padded
 on the right (a causal model never looks ahead, so padding changes no earlier position), log-softmax in float32.
 Scoring runs the model without its cache, batches padded to a power-of-two length (one compiled graph per length in
-graph mode); ``generate_until`` runs ``generate`` over the latent cache.
+graph mode); ``generate_until`` runs ``generate`` over the latent cache. The code tasks' programs (``humaneval``,
+``mbpp``: ``--confirm_run_unsafe_code``) run in our sandbox (``code_eval.py``), not in ``evaluate``'s ``exec``.
 """
 import copy
 import os
@@ -29,6 +30,7 @@ from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
 from research.deepseek2.errors import EvaluationError
+from research.deepseek2.evaluation import code_eval
 
 __all__ = ["DeepseekV2LM", "main"]
 
@@ -61,6 +63,7 @@ class DeepseekV2LM(TemplateLM):
             from mindformers.tools.logger import logger
             logger.warning(f"deepseek2-mindspore: --device {kwargs['device']} is not used; MindSpore runs on the "
                            f"YAML's context.device_target")
+        code_eval.install()                 # lm-eval's code tasks (humaneval, mbpp) run their programs in our sandbox
         self.config_file, self.checkpoint_path = config, load_checkpoint
         tokenizer_file = tokenizer_file or os.path.join(load_checkpoint, "tokenizer.json")
         for flag, path in (("config", config), ("tokenizer_file", tokenizer_file)):
@@ -228,6 +231,7 @@ class DeepseekV2LM(TemplateLM):
 def main(argv=None):
     """deepseek2-lm-eval: lm-eval's command line with the deepseek2-mindspore model registered (flags unchanged)."""
     from lm_eval.__main__ import cli_evaluate
+    code_eval.install()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
     return cli_evaluate()

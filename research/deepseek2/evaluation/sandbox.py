@@ -18,7 +18,8 @@ program runs with the same limits, its own session and a throw-away directory, b
 filesystem permissions: ``run_program`` then reports ``isolated=False`` and callers print what is in force.
 
 ``run_program(source)`` returns what the program printed (cut at ``output_bytes``), its exit status and whether it
-timed out; it never raises for anything the program does.
+timed out; it never raises for anything the program does. ``run_tests(source)`` says whether a program of tests ran
+to its end: it appends printing a random token only its last line knows, so exiting early is no pass.
 """
 import dataclasses
 import os
@@ -32,7 +33,7 @@ import tempfile
 import textwrap
 from typing import Optional
 
-__all__ = ["Limits", "Outcome", "isolation", "run_program", "program_python"]
+__all__ = ["Limits", "Outcome", "isolation", "run_program", "run_tests", "program_python"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,3 +224,21 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
     if _namespaces_work() is None:
         return _run_isolated(source, limits)
     return _run_limited(source, limits)
+
+
+def run_tests(source: str, limits: Limits = Limits()) -> dict:
+    """{"passed": bool, "result": "passed" | "timed out" | "failed: ..."} of a program of tests run in the sandbox:
+    passed only when it ran to its end (its last line prints a random token, so an ``exit(0)`` or a forged
+    "passed" before the tests finish fails)."""
+    token = secrets.token_hex(16)
+    outcome = run_program(source + "\n" + f"print({token!r})\n", limits)
+    if outcome.timed_out:
+        return {"passed": False, "result": "timed out"}
+    lines = outcome.stdout.rstrip("\n").split("\n")
+    if outcome.returncode == 0 and lines[-1] == token:
+        return {"passed": True, "result": "passed"}
+    if outcome.returncode == 0:
+        return {"passed": False, "result": "failed: the tests did not run to their end (the program exited early)"}
+    errors = [line for line in outcome.stderr.strip().split("\n") if line.strip()]
+    return {"passed": False, "result": "failed: " + (errors[-1].strip() if errors else
+                                                     f"exit status {outcome.returncode}")}
