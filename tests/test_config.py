@@ -16,7 +16,7 @@ TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_laye
     ("mlp_bias", True, "mlp_bias = True: this model supports only False"),
     ("num_nextn_predict_layers", 1, "num_nextn_predict_layers = 1: this model supports only 0"),
     ("output_attentions", True, "output_attentions = True: this model supports only False"),
-    ("quantization_config", {"quant_method": "fp8"}, "quantization_config = {'quant_method': 'fp8'}"),
+    ("quantization_config", {"quant_method": "fp8"}, "quantization_config.quant_method = 'fp8'"),
 ])
 def test_a_value_the_model_cannot_honour_is_refused_naming_the_key(key, value, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -12,10 +12,11 @@ PKG = os.path.join(ROOT, "research", "deepseek2")
 PACKAGE = "research.deepseek2"
 PLAIN_MODULES = ("planning", "planning.inventory", "planning.chunks", "planning.capacity", "planning.counts",
                  "planning.activations", "planning.memory", "planning.parallel_check", "planning.layout",
-                 "checkpoints", "checkpoints.weight_map", "lora", "lora.config", "run", "run.launcher", "evaluation",
-                 "evaluation.sandbox", "dtypes", "fileio", "errors")
+                 "checkpoints", "checkpoints.names", "checkpoints.weight_map", "lora", "lora.config", "run",
+                 "run.launcher", "evaluation", "evaluation.sandbox", "quantization", "quantization.settings", "dtypes",
+                 "fileio", "errors")
 # the subpackages, each named for what it holds (the README's map says the same)
-SUBPACKAGES = ("checkpoints", "evaluation", "lora", "planning", "run")
+SUBPACKAGES = ("checkpoints", "evaluation", "lora", "planning", "quantization", "run")
 # what stays at the top, as upstream packages keep it: the model, its config, tokenizer and the upstream tools
 TOP_MODULES = ("code_alpaca_preprocess", "convert_weight", "deepseek2", "deepseek2_config", "deepseek2_tokenizer",
                "dtypes", "errors", "fileio", "layers", "mla", "moe", "rope", "train_tokenizer")

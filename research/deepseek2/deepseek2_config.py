@@ -14,6 +14,7 @@ from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
 from research.deepseek2 import dtypes
 from research.deepseek2.planning.inventory import is_moe_layer
+from research.deepseek2.quantization.settings import parse_quantization_config
 from research.deepseek2.rope import yarn_get_mscale
 
 __all__ = ["DeepseekV2Config", "yarn_get_mscale"]
@@ -33,7 +34,7 @@ _IGNORED_KEYS = (
     ("return_dict", "the model returns logits (or the loss) as a tensor"))
 # keys that would change the model if they had another value: accepted at the released one, refused otherwise
 _FIXED_KEYS = {"mlp_bias": False, "num_nextn_predict_layers": 0, "output_attentions": False,
-               "output_hidden_states": False, "quantization_config": None}
+               "output_hidden_states": False}
 _PRINTED_IGNORED = set()
 _TOPK_METHODS = ("greedy", "group_limited_greedy")
 _ROPE_TYPES = ("yarn", "linear", "default")
@@ -116,6 +117,9 @@ class DeepseekV2Config(PretrainedConfig):
                  moe_dispatch: str = "dropless",          # "capacity": static per-expert buffers (expert parallel)
                  expert_capacity_factor: float = 0.0,     # capacity dispatch: rows per expert = f * tokens*k / E
                  init_std: Optional[float] = None,        # weights' N(0, init_std); default initializer_range or 0.02
+                 # --- weight-only quantization (quantization/settings.py) ---
+                 quantization_config: Optional[dict] = None,  # int8/int4 projections; null: float weights
+                 use_weight_quant_kernel: bool = False,   # quantized matmuls by the device's fused kernel
                  **kwargs):
         ignored = [(key, why) for key, why in _IGNORED_KEYS if kwargs.pop(key, None) is not None]
         if ignored and tuple(ignored) not in _PRINTED_IGNORED:
@@ -189,6 +193,9 @@ class DeepseekV2Config(PretrainedConfig):
         self.expert_capacity_factor = float(expert_capacity_factor)
         self.init_std = float(init_std if init_std is not None else
                               initializer_range if initializer_range is not None else 0.02)
+        settings = parse_quantization_config(quantization_config)
+        self.quantization_config = settings.to_dict() if settings else None   # after PretrainedConfig's own
+        self.use_weight_quant_kernel = use_weight_quant_kernel
         self._validate()
 
     # ------------------------------------------------------------------ derived facts
@@ -219,6 +226,11 @@ class DeepseekV2Config(PretrainedConfig):
         """Numbers cached per token and layer by MLA: latent c_kv plus the shared RoPE key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def weight_quantization(self):
+        """The checked quantization_config (``quantization.settings.QuantSettings``), or None: float weights."""
+        return parse_quantization_config(self.quantization_config)
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Released rule: MoE from first_k_dense_replace on, every moe_layer_freq-th layer."""
         return is_moe_layer(self, layer_idx)
@@ -242,6 +254,11 @@ class DeepseekV2Config(PretrainedConfig):
             fail("num_key_value_heads", f"expected a divisor of num_attention_heads={self.num_attention_heads}")
         if not isinstance(self.use_flash_attention, bool):
             fail("use_flash_attention", "expected True or False")
+        if not isinstance(self.use_weight_quant_kernel, bool):
+            fail("use_weight_quant_kernel", "expected True or False")
+        if self.use_weight_quant_kernel and not self.quantization_config:
+            fail("use_weight_quant_kernel", "the fused kernel multiplies quantized weights: set "
+                                            "model.model_config.quantization_config too, or leave it False")
         if self.use_flash_attention and self.v_head_dim > self.q_head_dim:
             fail("use_flash_attention", f"the fused kernel pads v_head_dim={self.v_head_dim} up to the query/key "
                                         f"head dim {self.q_head_dim}, which must not be smaller")
@@ -317,4 +334,6 @@ class DeepseekV2Config(PretrainedConfig):
         out = {key: getattr(self, key) for key in keys}
         out.update({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
                     "torch_dtype": "bfloat16", "initializer_range": self.init_std})
+        if self.quantization_config:
+            out["quantization_config"] = dict(self.quantization_config)
         return out

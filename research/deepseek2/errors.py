@@ -2,7 +2,8 @@
 
 Leaf module (imports nothing of the package), so library code and the CLIs share these types without import cycles.
 """
-__all__ = ["UsageError", "CheckpointError", "PetConfigError", "EvaluationError", "BadRecord", "NonFiniteLossError"]
+__all__ = ["UsageError", "CheckpointError", "PetConfigError", "EvaluationError", "BadRecord", "NonFiniteLossError",
+           "QuantizationError"]
 
 
 class UsageError(Exception):
@@ -27,3 +28,8 @@ class BadRecord(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss (or gradient norm) became NaN or inf; the message names the step."""
+
+
+class QuantizationError(ValueError):
+    """A quantization_config field, or a quantized checkpoint that does not fit it; the message names the field or
+    tensor and says what was expected."""

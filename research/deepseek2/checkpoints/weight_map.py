@@ -1,93 +1,18 @@
-"""The one table between Hugging Face DeepSeek-V2 tensor names and this model's parameter names.
+"""Hugging Face names and the inventory together: the expected tensors of a checkpoint in either naming, and a
+whole HF state under this model's names.
 
-Both directions of the conversion and the loaders read ``NAME_MAP``; nothing else spells a weight name. Which
-tensors exist for a config, and their shapes, is the inventory's business (``inventory.py``); this module names them.
-Routed experts are stacked on MindSpore's side: HF ``...mlp.experts.{e}.gate_proj.weight`` (inter, hidden) is row
-``e`` of ``...feed_forward.routed_experts.w1`` (n_routed_experts, inter, hidden).
-All other tensors keep their shape (MindSpore Dense and torch Linear both store (out, in)).
+The names themselves are ``names.py``'s (``NAME_MAP`` and the functions reading it, re-exported here); which tensors
+exist for a config, and their shapes, is the inventory's (``planning/inventory.py``).
 """
-import re
 from typing import Dict, Optional, Tuple
 
+from research.deepseek2.checkpoints.names import (FILE_ONLY_SUFFIX, NAME_MAP, SCALE_SUFFIX, hf_to_ms, is_stacked,
+                                                  ms_to_hf)
 from research.deepseek2.errors import CheckpointError
 from research.deepseek2.planning.inventory import expected_shapes
 
-__all__ = ["NAME_MAP", "hf_to_ms", "ms_to_hf", "is_stacked", "expected_ms_shapes", "expected_hf_shapes",
-           "hf_state_to_ms"]
-
-# (hf template, ms template): {L} a layer index, {E} an expert index (stacked on the MindSpore side)
-NAME_MAP = (
-    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
-    ("model.norm.weight", "model.norm_out.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("model.layers.{L}.input_layernorm.weight", "model.layers.{L}.attention_norm.weight"),
-    ("model.layers.{L}.post_attention_layernorm.weight", "model.layers.{L}.ffn_norm.weight"),
-    # MLA: query (low-rank, or full-rank when q_lora_rank is null)
-    ("model.layers.{L}.self_attn.q_proj.weight", "model.layers.{L}.attention.q_proj.weight"),
-    ("model.layers.{L}.self_attn.q_a_proj.weight", "model.layers.{L}.attention.q2l_proj.weight"),
-    ("model.layers.{L}.self_attn.q_a_proj.bias", "model.layers.{L}.attention.q2l_proj.bias"),
-    ("model.layers.{L}.self_attn.q_a_layernorm.weight", "model.layers.{L}.attention.lq_norm.weight"),
-    ("model.layers.{L}.self_attn.q_b_proj.weight", "model.layers.{L}.attention.l2q_proj.weight"),
-    # MLA: compressed KV + decoupled RoPE key
-    ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.weight", "model.layers.{L}.attention.kv2l.weight"),
-    ("model.layers.{L}.self_attn.kv_a_proj_with_mqa.bias", "model.layers.{L}.attention.kv2l.bias"),
-    ("model.layers.{L}.self_attn.kv_a_layernorm.weight", "model.layers.{L}.attention.lkv_norm.weight"),
-    ("model.layers.{L}.self_attn.kv_b_proj.weight", "model.layers.{L}.attention.lkv2kv.weight"),
-    ("model.layers.{L}.self_attn.o_proj.weight", "model.layers.{L}.attention.wo.weight"),
-    ("model.layers.{L}.self_attn.o_proj.bias", "model.layers.{L}.attention.wo.bias"),
-    # dense FFN (SwiGLU)
-    ("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.feed_forward.w1.weight"),
-    ("model.layers.{L}.mlp.down_proj.weight", "model.layers.{L}.feed_forward.w2.weight"),
-    ("model.layers.{L}.mlp.up_proj.weight", "model.layers.{L}.feed_forward.w3.weight"),
-    # DeepSeekMoE
-    ("model.layers.{L}.mlp.gate.weight", "model.layers.{L}.feed_forward.router.weight"),
-    ("model.layers.{L}.mlp.experts.{E}.gate_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w1"),
-    ("model.layers.{L}.mlp.experts.{E}.down_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w2"),
-    ("model.layers.{L}.mlp.experts.{E}.up_proj.weight", "model.layers.{L}.feed_forward.routed_experts.w3"),
-    ("model.layers.{L}.mlp.shared_experts.gate_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w1.weight"),
-    ("model.layers.{L}.mlp.shared_experts.down_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w2.weight"),
-    ("model.layers.{L}.mlp.shared_experts.up_proj.weight", "model.layers.{L}.feed_forward.shared_experts.w3.weight"),
-)
-
-
-def _regex(template: str) -> "re.Pattern":
-    pattern = re.escape(template).replace(re.escape("{L}"), r"(?P<L>\d+)").replace(re.escape("{E}"), r"(?P<E>\d+)")
-    return re.compile(pattern + "$")
-
-
-_HF_RULES = tuple((_regex(hf), ms) for hf, ms in NAME_MAP)
-_MS_RULES = tuple((_regex(ms), hf) for hf, ms in NAME_MAP)
-
-
-def hf_to_ms(hf_name: str) -> Tuple[str, Optional[int]]:
-    """HF tensor name -> (MindSpore parameter name, expert row or None). KeyError for an unknown name."""
-    for regex, ms in _HF_RULES:
-        match = regex.match(hf_name)
-        if match:
-            groups = match.groupdict()
-            name = ms.replace("{L}", groups["L"]) if "L" in groups else ms
-            return name, (int(groups["E"]) if "E" in groups else None)
-    raise KeyError(f"no entry in weight_map.NAME_MAP for Hugging Face tensor {hf_name!r}")
-
-
-def ms_to_hf(ms_name: str, expert: Optional[int] = None) -> str:
-    """MindSpore parameter name (+ expert row for stacked experts) -> HF tensor name."""
-    for regex, hf in _MS_RULES:
-        match = regex.match(ms_name)
-        if match:
-            groups = match.groupdict()
-            name = hf.replace("{L}", groups["L"]) if "L" in groups else hf
-            if "{E}" in name:
-                if expert is None:
-                    raise KeyError(f"{ms_name!r} stacks routed experts: an expert index is needed")
-                name = name.replace("{E}", str(expert))
-            return name
-    raise KeyError(f"no entry in weight_map.NAME_MAP for MindSpore parameter {ms_name!r}")
-
-
-def is_stacked(ms_name: str) -> bool:
-    """True for the routed-expert parameters that stack n_routed_experts HF tensors."""
-    return ".routed_experts." in ms_name
+__all__ = ["NAME_MAP", "SCALE_SUFFIX", "FILE_ONLY_SUFFIX", "hf_to_ms", "ms_to_hf", "is_stacked", "expected_ms_shapes",
+           "expected_hf_shapes", "hf_state_to_ms"]
 
 
 def expected_ms_shapes(config) -> Dict[str, Tuple[int, ...]]:
@@ -97,14 +22,16 @@ def expected_ms_shapes(config) -> Dict[str, Tuple[int, ...]]:
 
 def expected_hf_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the released HF checkpoint for ``config``, name -> shape: the inventory under HF names, each
-    stacked expert weight (E, ...) as E tensors."""
+    stacked expert weight (E, ...) as E tensors; quantized, each scale with its file-only offset."""
     shapes = {}
     for name, shape in expected_shapes(config).items():
-        if is_stacked(name):
-            for expert in range(shape[0]):
-                shapes[ms_to_hf(name, expert)] = shape[1:]
-        else:
-            shapes[ms_to_hf(name)] = shape
+        names = [name, name[:-len(SCALE_SUFFIX)] + FILE_ONLY_SUFFIX] if name.endswith(SCALE_SUFFIX) else [name]
+        for each in names:
+            if is_stacked(each):
+                for expert in range(shape[0]):
+                    shapes[ms_to_hf(each, expert)] = shape[1:]
+            else:
+                shapes[ms_to_hf(each)] = shape
     return shapes
 
 

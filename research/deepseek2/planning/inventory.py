@@ -16,14 +16,19 @@ in units of heads, so num_attention_heads must be divisible by model_parallel.
 
 ``model_shape`` reads the fields from a ``DeepseekV2Config`` or from a YAML's ``model_config`` mapping (released
 config.json names); shape fields it needs and cannot find are an error naming them.
+
+With a ``quantization_config`` (``quantization/settings.py``) the projections are held quantized: each quantizable
+weight (``Param.quantizable``) not in modules_to_not_convert becomes its int8 tensor (int4: two output channels a
+byte) plus ``<name>_scale`` (..., n, k / group_size) float32, cut as the weight is (a per-channel scale is whole on
+every rank of a weight cut along its inputs: each rank's partial sum takes the same scale).
 """
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 __all__ = ["Cut", "Param", "ModelShape", "LocalShape", "model_shape", "is_moe_layer", "parameters", "layer_parameters",
-           "buffers", "expected_shapes", "parts", "local_shape", "local_param_shape", "inference_split_dim",
-           "divisibility_problems"]
+           "quantization_settings", "quantized", "buffers", "expected_shapes", "held_dtypes", "parts", "local_shape",
+           "local_param_shape", "inference_split_dim", "divisibility_problems"]
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,14 @@ class Cut:
 
 @dataclass(frozen=True)
 class Param:
-    """One weight of the model: MindSpore name, full shape, the cuts of the parallel axes."""
+    """One weight of the model: MindSpore name, full shape, the cuts of the parallel axes; ``quantizable``: a
+    projection a quantization_config may hold in int8/int4; ``dtype``: None for the model's float dtype (the
+    param_init_type), or the dtype a quantized model holds it in ("int8", "float32" for its scales)."""
     name: str
     shape: Tuple[int, ...]
     cuts: Tuple[Cut, ...] = ()
+    quantizable: bool = False
+    dtype: Optional[str] = None
 
     @property
     def size(self) -> int:
@@ -123,19 +132,21 @@ def layer_parameters(config, layer: int) -> List[Param]:
     out = [Param(p + "attention_norm.weight", (h,)), Param(p + "ffn_norm.weight", (h,))]
     a = p + "attention."
     if s.q_lora_rank is None:                                                 # W^Q (V2-Lite)
-        out.append(Param(a + "q_proj.weight", (n * s.q_head_dim, h), (heads(0),)))
+        out.append(Param(a + "q_proj.weight", (n * s.q_head_dim, h), (heads(0),), True))
     else:                                                                     # W^DQ, norm, W^UQ + W^QR
-        out.append(Param(a + "q2l_proj.weight", (s.q_lora_rank, h)))
+        out.append(Param(a + "q2l_proj.weight", (s.q_lora_rank, h), (), True))
         if s.attention_bias:
             out.append(Param(a + "q2l_proj.bias", (s.q_lora_rank,)))
         out.append(Param(a + "lq_norm.weight", (s.q_lora_rank,)))
-        out.append(Param(a + "l2q_proj.weight", (n * s.q_head_dim, s.q_lora_rank), (heads(0),)))
-    out.append(Param(a + "kv2l.weight", (s.kv_lora_rank + s.qk_rope_head_dim, h)))   # W^DKV + W^KR (whole)
+        out.append(Param(a + "l2q_proj.weight", (n * s.q_head_dim, s.q_lora_rank), (heads(0),), True))
+    out.append(Param(a + "kv2l.weight", (s.kv_lora_rank + s.qk_rope_head_dim, h), (), True))   # W^DKV + W^KR
     if s.attention_bias:
         out.append(Param(a + "kv2l.bias", (s.kv_lora_rank + s.qk_rope_head_dim,)))
     out.append(Param(a + "lkv_norm.weight", (s.kv_lora_rank,)))
+    # W^UKV stays float under quantization (as msModelSlim's DeepSeek-V2 recipe keeps kv_b_proj): the latent-cache
+    # decode absorbs it into the query and the output, two per-head products a quantized matmul does not cover
     out.append(Param(a + "lkv2kv.weight", (n * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank), (heads(0),)))
-    out.append(Param(a + "wo.weight", (h, n * s.v_head_dim), (heads(1),)))
+    out.append(Param(a + "wo.weight", (h, n * s.v_head_dim), (heads(1),), True))
     if s.attention_bias:
         out.append(Param(a + "wo.bias", (h,)))
     f = p + "feed_forward."
@@ -143,29 +154,57 @@ def layer_parameters(config, layer: int) -> List[Param]:
         e, fm = s.n_routed_experts, s.moe_intermediate_size
         experts = Cut("ep", 0, e, "n_routed_experts")
         out.append(Param(f + "router.weight", (e, h)))
-        out.append(Param(f + "routed_experts.w1", (e, fm, h), (experts, Cut("mp", 1, fm, "moe_intermediate_size"))))
-        out.append(Param(f + "routed_experts.w3", (e, fm, h), (experts, Cut("mp", 1, fm, "moe_intermediate_size"))))
-        out.append(Param(f + "routed_experts.w2", (e, h, fm), (experts, Cut("mp", 2, fm, "moe_intermediate_size"))))
+        out.append(Param(f + "routed_experts.w1", (e, fm, h), (experts, Cut("mp", 1, fm, "moe_intermediate_size")),
+                         True))
+        out.append(Param(f + "routed_experts.w3", (e, fm, h), (experts, Cut("mp", 1, fm, "moe_intermediate_size")),
+                         True))
+        out.append(Param(f + "routed_experts.w2", (e, h, fm), (experts, Cut("mp", 2, fm, "moe_intermediate_size")),
+                         True))
         if s.n_shared_experts:
             width, why = s.shared_width, "n_shared_experts x moe_intermediate_size"
-            out.append(Param(f + "shared_experts.w1.weight", (width, h), (Cut("mp", 0, width, why),)))
-            out.append(Param(f + "shared_experts.w3.weight", (width, h), (Cut("mp", 0, width, why),)))
-            out.append(Param(f + "shared_experts.w2.weight", (h, width), (Cut("mp", 1, width, why),)))
+            out.append(Param(f + "shared_experts.w1.weight", (width, h), (Cut("mp", 0, width, why),), True))
+            out.append(Param(f + "shared_experts.w3.weight", (width, h), (Cut("mp", 0, width, why),), True))
+            out.append(Param(f + "shared_experts.w2.weight", (h, width), (Cut("mp", 1, width, why),), True))
     else:
         i = s.intermediate_size
-        out.append(Param(f + "w1.weight", (i, h), (Cut("mp", 0, i, "intermediate_size"),)))
-        out.append(Param(f + "w3.weight", (i, h), (Cut("mp", 0, i, "intermediate_size"),)))
-        out.append(Param(f + "w2.weight", (h, i), (Cut("mp", 1, i, "intermediate_size"),)))
+        out.append(Param(f + "w1.weight", (i, h), (Cut("mp", 0, i, "intermediate_size"),), True))
+        out.append(Param(f + "w3.weight", (i, h), (Cut("mp", 0, i, "intermediate_size"),), True))
+        out.append(Param(f + "w2.weight", (h, i), (Cut("mp", 1, i, "intermediate_size"),), True))
     return out
 
 
+def quantization_settings(config):
+    """The checked quantization_config of a config (attribute) or model_config mapping (key), or None."""
+    from research.deepseek2.quantization.settings import parse_quantization_config
+    get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
+    return parse_quantization_config(get("quantization_config", None))
+
+
+def quantized(param: Param, settings) -> List[Param]:
+    """``param`` as a quantized model holds it (see the module docstring): [weight, scale], or [param] when it is
+    not quantizable or modules_to_not_convert names it."""
+    from research.deepseek2.checkpoints.names import ms_to_hf
+    from research.deepseek2.quantization.settings import scale_shape, stored_shape
+    stacked = len(param.shape) == 3
+    if not settings or not param.quantizable or settings.skips(param.name, ms_to_hf(param.name, 0 if stacked else None)):
+        return [param]
+    last = len(param.shape) - 1
+    grouped = bool(settings.group_size)
+    scale_cuts = tuple(c for c in param.cuts if c.dim != last or grouped)
+    return [Param(param.name, stored_shape(param.shape, settings, param.name), param.cuts, True, "int8"),
+            Param(param.name + "_scale", scale_shape(param.shape, settings, param.name), scale_cuts, False,
+                  "float32")]
+
+
 def parameters(config) -> Iterator[Param]:
-    """Every weight of DeepseekV2ForCausalLM for ``config``, in model order."""
+    """Every weight of DeepseekV2ForCausalLM for ``config``, in model order (quantized ones with their scales)."""
     s = model_shape(config)
+    settings = quantization_settings(config)
     vocab = (Cut("vocab", 0, s.vocab_size, "vocab_size"),)
     yield Param("model.tok_embeddings.embedding_weight", (s.vocab_size, s.hidden_size), vocab)
     for layer in range(s.num_hidden_layers):
-        yield from layer_parameters(s, layer)
+        for param in layer_parameters(s, layer):
+            yield from quantized(param, settings)
     yield Param("model.norm_out.weight", (s.hidden_size,))
     if not s.tie_word_embeddings:
         yield Param("lm_head.weight", (s.vocab_size, s.hidden_size), vocab)
@@ -184,6 +223,12 @@ def buffers(config) -> Dict[str, str]:
 def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """{MindSpore name: full shape} of every weight."""
     return {p.name: p.shape for p in parameters(config)}
+
+
+def held_dtypes(config) -> Dict[str, str]:
+    """{MindSpore name: dtype} of the weights a quantized model holds in a dtype of their own (int8 weights,
+    float32 scales); the others take the model's float param_init_type."""
+    return {p.name: p.dtype for p in parameters(config) if p.dtype}
 
 
 # ---------------------------------------------------------------------------------------------- parallel layout
@@ -211,7 +256,19 @@ def divisibility_problems(config, sizes: Mapping[str, int]) -> List[str]:
         example = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
         messages.append(f"model_config.{why} = {units[(why, axis)]} is not divisible by the {axis} degree "
                         f"{sizes[axis]} (it cuts {example})")
+    if not messages:                 # the units divide; a quantized tensor's rows (int4 pairs, scale groups) too?
+        for param in parameters(config):
+            for cut in param.cuts:
+                degree = int(sizes.get(cut.axis, 1))
+                if degree > 1 and param.shape[cut.dim] % degree:
+                    messages.append(f"{param.name} (quantized, {param.shape}): its dimension {cut.dim} of "
+                                    f"{param.shape[cut.dim]} does not split into the {axis_name(cut.axis)} degree "
+                                    f"{degree} (int4 pairs of output channels or scale groups would be cut)")
     return messages
+
+
+def axis_name(axis: str) -> str:
+    return {"mp": "model parallel", "ep": "expert parallel", "vocab": "vocabulary"}.get(axis, axis)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+// Weight-quantized matrix products on CPU, for MindSpore Custom ops (func_type "aot"; see cpu_kernel.py).
+//
+// Why hand-written: MindSpore's CPU backend has no int8-weight matmul; from basic ops a quantized weight is first
+// dequantized into a float copy (a full extra pass over memory, and the copy's size again), which is what bounds
+// CPU decoding, a memory-bound product. Here each weight byte is read once, widened in registers and multiplied
+// into float32 accumulators.
+//
+// Layouts (research/deepseek2/quantization/rtn.py):
+//   x      (T, K) float32 activations
+//   q      int8 (N, K), or int4 packed along the output channels (N/2, K): byte [j, k] holds channel 2j in its low
+//          nibble and 2j + 1 in its high nibble (two's complement)
+//   scale  (N, groups) float32; a group is K / groups consecutive inputs of one channel
+//   y      (T, N) float32 = x (q * scale)^T
+// The gathered product takes stacked experts q (E, N, K) / (E, N/2, K), scale (E, N, groups) and index (T,) int32:
+// row t uses expert index[t]. Rows are grouped by expert first, so an expert's weights are read once for all of its
+// rows (a prefill chunk), and only the experts named are read (a decode step).
+//
+// Work is split over output channels (blocks of 8, i.e. 4 packed rows for int4) by OpenMP; sums are accumulated per
+// group in float32, group sums scaled and added in float32 (a float32 dot product of another order than MatMul's:
+// results agree to rounding, not bit for bit).
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DS2_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 8;  // output channels per work item
+
+#ifdef DS2_AVX2
+inline float hsum(__m256 a) {
+  __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+inline __m256i widen8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+#endif
+
+// y[t, c] for channels [c0, c0 + 4) of an int8 weight, one group [k0, k1) of inputs, 4 rows at once.
+inline void dot4_int8(const float* x, const int8_t* w, int64_t K, int64_t k0, int64_t k1, float out[4]) {
+#ifdef DS2_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen8(w + k)), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen8(w + K + k)), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen8(w + 2 * K + k)), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen8(w + 3 * K + k)), xv, a3);
+  }
+  out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+#else
+  int64_t k = k0;
+  out[0] = out[1] = out[2] = out[3] = 0.f;
+#endif
+  for (; k < k1; ++k)
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * w[r * K + k];
+}
+
+// Channels [2j, 2j + 8) of an int4 weight: 4 packed rows -> 8 channel sums over inputs [k0, k1).
+inline void dot8_int4(const float* x, const int8_t* w, int64_t K, int64_t k0, int64_t k1, float out[8]) {
+  int64_t k = k0;
+#ifdef DS2_AVX2
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (; k + 8 <= k1; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) {
+      __m256i v = widen8(w + r * K + k);                         // sign-extended bytes
+      __m256i lo = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28);
+      __m256i hi = _mm256_srai_epi32(v, 4);
+      acc[2 * r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), xv, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), xv, acc[2 * r + 1]);
+    }
+  }
+  for (int r = 0; r < 8; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < 8; ++r) out[r] = 0.f;
+#endif
+  for (; k < k1; ++k)
+    for (int r = 0; r < 4; ++r) {
+      int v = w[r * K + k];
+      int lo = (v << 28) >> 28, hi = v >> 4;
+      out[2 * r] += x[k] * lo;
+      out[2 * r + 1] += x[k] * hi;
+    }
+}
+
+// y[row, c0 .. c0 + kBlock) for the rows listed, against one weight (N or N/2 rows of K) and its scales (N, G).
+void block(const float* x, const int64_t* rows, int64_t nrows, const int8_t* q, const float* scale, float* y,
+           int64_t N, int64_t K, int64_t groups, int bits, int64_t c0) {
+  const int64_t width = K / groups, c1 = c0 + kBlock < N ? c0 + kBlock : N;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t t = rows ? rows[i] : i;
+    const float* xt = x + t * K;
+    float total[kBlock] = {0.f};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * width, k1 = k0 + width;
+      if (bits == 8) {
+        for (int64_t c = c0; c < c1; c += 4) {
+          float part[4];
+          if (c + 4 <= c1) {
+            dot4_int8(xt, q + c * K, K, k0, k1, part);
+          } else {                                               // fewer than 4 channels left
+            for (int64_t r = 0; r < c1 - c; ++r) {
+              float s = 0.f;
+              for (int64_t k = k0; k < k1; ++k) s += xt[k] * q[(c + r) * K + k];
+              part[r] = s;
+            }
+          }
+          for (int64_t r = 0; r < 4 && c + r < c1; ++r) total[c + r - c0] += part[r] * scale[(c + r) * groups + g];
+        }
+      } else {                                                   // c0, c1 even: whole packed rows
+        float part[8];
+        const int64_t packed = (c1 - c0) / 2;
+        if (packed == 4) {
+          dot8_int4(xt, q + (c0 / 2) * K, K, k0, k1, part);
+        } else {
+          for (int64_t r = 0; r < packed; ++r) {
+            float lo_sum = 0.f, hi_sum = 0.f;
+            for (int64_t k = k0; k < k1; ++k) {
+              int v = q[(c0 / 2 + r) * K + k];
+              lo_sum += xt[k] * ((v << 28) >> 28);
+              hi_sum += xt[k] * (v >> 4);
+            }
+            part[2 * r] = lo_sum;
+            part[2 * r + 1] = hi_sum;
+          }
+        }
+        for (int64_t r = 0; r < c1 - c0; ++r) total[r] += part[r] * scale[(c0 + r) * groups + g];
+      }
+    }
+    std::memcpy(y + t * N + c0, total, sizeof(float) * (c1 - c0));
+  }
+}
+
+}  // namespace
+
+// y (T, N) = x (T, K) (q * scale)^T.   params: x, q, scale, y
+extern "C" int WeightQuantMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                                 void* stream, void* extra) {
+  if (nparam != 4) return 1;
+  const float* x = static_cast<const float*>(params[0]);
+  const int8_t* q = static_cast<const int8_t*>(params[1]);
+  const float* scale = static_cast<const float*>(params[2]);
+  float* y = static_cast<float*>(params[3]);
+  const int64_t T = shapes[0][0], K = shapes[0][1], N = shapes[2][0], groups = shapes[2][1];
+  const int bits = shapes[1][0] == N ? 8 : 4;                   // int4: N/2 packed rows
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) block(x, nullptr, T, q, scale, y, N, K, groups, bits, b * kBlock);
+  return 0;
+}
+
+// y (T, N): row t = x[t] (q[index[t]] * scale[index[t]])^T.   params: x, q (E, .., K), scale (E, N, G), index, y
+extern "C" int GatheredWeightQuantMatmul(int nparam, void** params, int* ndims, int64_t** shapes,
+                                         const char** dtypes, void* stream, void* extra) {
+  if (nparam != 5) return 1;
+  const float* x = static_cast<const float*>(params[0]);
+  const int8_t* q = static_cast<const int8_t*>(params[1]);
+  const float* scale = static_cast<const float*>(params[2]);
+  const int32_t* index = static_cast<const int32_t*>(params[3]);
+  float* y = static_cast<float*>(params[4]);
+  const int64_t T = shapes[0][0], K = shapes[0][1], E = shapes[1][0], N = shapes[2][1], groups = shapes[2][2];
+  const int bits = shapes[1][1] == N ? 8 : 4;
+  const int64_t q_rows = shapes[1][1];
+  // rows grouped by expert (counting sort): each expert's weights are read once for all of its rows
+  std::vector<int64_t> start(E + 1, 0), order(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t e = index[t];
+    if (e < 0 || e >= E) return 2;
+    ++start[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < T; ++t) order[fill[index[t]]++] = t;
+  // work items: (expert, block of output channels) for the experts that have rows
+  std::vector<int64_t> items;
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t b = 0; b < nblocks; ++b) items.push_back(e * nblocks + b);
+  const int64_t nitems = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < nitems; ++i) {
+    const int64_t e = items[i] / nblocks, b = items[i] % nblocks;
+    block(x, order.data() + start[e], start[e + 1] - start[e], q + e * q_rows * K, scale + e * N * groups, y, N,
+          K, groups, bits, b * kBlock);
+  }
+  return 0;
+}
