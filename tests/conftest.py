@@ -204,5 +204,5 @@ def pytest_itemcollected(item):
     group = "msrun" if item.get_closest_marker("msrun") else item.module.__name__
     layout = getattr(item, "callspec", None) and item.callspec.params.get("layout")
     if layout and group != "msrun":                      # a module fixture per layout: its own group
-        group = f"{group}[{layout}]"
+        group = f"{group}-{layout}"        # no "]" after the "@" xdist puts in front: it would not see a group
     item.add_marker(pytest.mark.xdist_group(group))

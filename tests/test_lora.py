@@ -49,13 +49,34 @@ def copy_weights(src, dst):
     assert not unused and all("mindpet_delta_lora" in n for n in not_loaded), (not_loaded, unused)
 
 
-def lora_pair(fields, pet):
-    """A base model and a LoRA model holding the same base weights."""
-    base = build(fields)
+def lora_pair(fields, pet, base=None):
+    """A base model (``base``: that one) and a LoRA model holding the same base weights."""
+    base = build(fields) if base is None else base
     net = build(fields)
     copy_weights(base, net)
     names = cells.apply_lora(net, pet)
     return base, net, names
+
+
+@pytest.fixture(scope="module")
+def base_models():
+    """The base model of test_init_logits_... and test_merged_plain_model_... by (layout, mode), and its logits on
+    ids(fields). Both tests build it alike: build(fields) as the first model after ms.set_seed(0), so the same
+    network with the same weights; built once, in graph mode its compiled graph serves both. A test that loads other
+    weights into it puts its own back (base_model checks)."""
+    return {}
+
+
+def base_model(base_models, fields, mode):
+    """(base model, its eval logits on ids(fields)) of base_models, built and run on first use."""
+    key = ("v2" if fields is V2 else "lite", mode)
+    if key not in base_models:
+        base = build(fields)
+        base.set_train(False)
+        base_models[key] = (base, base_arrays(base), base(ids(fields)).asnumpy())
+    base, weights, logits = base_models[key]
+    assert not base.training and all(np.array_equal(v, weights[k]) for k, v in base_arrays(base).items())
+    return base, logits
 
 
 def ids(fields, rows=2, width=SEQ, seed=0):
@@ -75,12 +96,12 @@ def base_arrays(net):
 
 # ---------------------------------------------------------------------------------------------- (1) init
 @pytest.mark.parametrize("fields, routed", [(V2, True), (LITE, False)], ids=["v2_routed", "lite"])
-def test_init_logits_equal_the_base_model_bit_for_bit(mode, fields, routed):
-    base, net, _ = lora_pair(fields, dict(PET, lora_dropout=0.1, target_routed_experts=routed))
-    base.set_train(False)
+def test_init_logits_equal_the_base_model_bit_for_bit(mode, fields, routed, base_models):
+    base, base_logits = base_model(base_models, fields, mode)                  # base(ids(fields)), shared
+    _, net, _ = lora_pair(fields, dict(PET, lora_dropout=0.1, target_routed_experts=routed), base)
     net.set_train(False)
     x = ids(fields)
-    np.testing.assert_array_equal(net(x).asnumpy(), base(x).asnumpy())
+    np.testing.assert_array_equal(net(x).asnumpy(), base_logits)
 
 
 # ---------------------------------------------------------------------------------------------- (2) training
@@ -116,19 +137,27 @@ def test_training_moves_only_the_adapters(mode):
 
 # ---------------------------------------------------------------------------------------------- (3) merge
 @pytest.mark.parametrize("fields, routed", [(V2, True), (LITE, False)], ids=["v2_routed", "lite"])
-def test_merged_plain_model_gives_the_lora_logits(mode, fields, routed):
-    base, net, _ = lora_pair(fields, dict(PET, target_routed_experts=routed))
+def test_merged_plain_model_gives_the_lora_logits(mode, fields, routed, base_models):
+    base, base_logits = base_model(base_models, fields, mode)                  # base(ids(fields)), shared
+    _, net, _ = lora_pair(fields, dict(PET, target_routed_experts=routed), base)
     randomise_adapters(net)
     merged = cells.merged_weights(net)
-    plain = build(fields)
+    # the plain model: a build(fields) that takes every weight from `merged`; the base model's object is one (its
+    # compiled graph reused in graph mode), its own weights put back afterwards
+    plain = base
     assert sorted(merged) == sorted(p.name for p in plain.get_parameters())
-    not_loaded, unused = ms.load_param_into_net(plain, {k: ms.Parameter(Tensor(v), name=k) for k, v in merged.items()})
-    assert not not_loaded and not unused
-    for cell in (base, net, plain):
-        cell.set_train(False)
-    x = ids(fields)
-    lora_logits, plain_logits = net(x).asnumpy(), plain(x).asnumpy()
-    assert np.abs(lora_logits - base(x).asnumpy()).max() > 1e-2          # the adapters matter
+    own = {p.name: ms.Parameter(Tensor(p.asnumpy().copy()), name=p.name) for p in plain.get_parameters()}
+    try:
+        not_loaded, unused = ms.load_param_into_net(plain, {k: ms.Parameter(Tensor(v), name=k)
+                                                            for k, v in merged.items()})
+        assert not not_loaded and not unused
+        for cell in (net, plain):
+            cell.set_train(False)
+        x = ids(fields)
+        lora_logits, plain_logits = net(x).asnumpy(), plain(x).asnumpy()
+    finally:
+        ms.load_param_into_net(plain, own)                      # every weight back (base_model checks it)
+    assert np.abs(lora_logits - base_logits).max() > 1e-2                  # the adapters matter
     np.testing.assert_allclose(plain_logits, lora_logits, rtol=0, atol=1e-5)
 
 
