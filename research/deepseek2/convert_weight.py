@@ -19,6 +19,13 @@ MindSpore -> Hugging Face (safetensors shards + model.safetensors.index.json + c
     python research/deepseek2/convert_weight.py --reverse --mindspore_ckpt_path IN \
         --torch_ckpt_path OUT_HF_DIR --config config.json|model.yaml [--dtype bf16] [--max_shard_size 5GB]
       IN: a .safetensors or .ckpt file, a folder of either, or its index json (checkpoints.open_checkpoint).
+Quantized (weight-only, round to nearest; msModelSlim's W8A16 / W4A16 folder layout, quantization/convert.py):
+    python research/deepseek2/convert_weight.py --quantize int8 --torch_ckpt_path HF_DIR --mindspore_ckpt_path OUT
+    python research/deepseek2/convert_weight.py --quantize int4 [--group_size 128] [--modules_to_not_convert a,b] ...
+    python research/deepseek2/convert_weight.py --quantize int8 --reverse --mindspore_ckpt_path IN \
+        --torch_ckpt_path OUT --config config.json|model.yaml
+      a bad --quantize / --group_size / --modules_to_not_convert (or a group size that does not divide a weight's
+      inputs) exits with status 2.
 
 Everything is checked before the output is put in place (missing, unknown and mis-shaped tensors, truncated files);
 on any error the command names the tensor/file, leaves no output behind (files and folders are staged, fileio) and
@@ -387,14 +394,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_shard_size", default="5GB",
                         help="largest safetensors shard with --reverse (5GB = 5e9 bytes; GiB units too)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                        help="write a weight-only quantized folder (msModelSlim's W8A16 / W4A16 layout) instead: from "
+                             "TORCH_CKPT_PATH to MINDSPORE_CKPT_PATH, or with --reverse from MINDSPORE_CKPT_PATH "
+                             "(+ --config) to TORCH_CKPT_PATH")
+    parser.add_argument("--group_size", type=int, default=None,
+                        help="with --quantize: inputs sharing a scale (default: 0 = per output channel for int8, 128 "
+                             "for int4)")
+    parser.add_argument("--modules_to_not_convert", default=None,
+                        help="with --quantize: comma-separated (parts of) weight names kept in float, e.g. "
+                             "shared_experts,model.layers.0.mlp")
     parser.add_argument("--adapters_only", action="store_true",
                         help="with --reverse and a LoRA YAML as --config: write only the adapters, in the PEFT layout "
                              "(adapter_model.safetensors + adapter_config.json)")
     return parser
 
 
+def _quantize(args) -> int:
+    """convert_weight.py --quantize: 2 for bad settings (named), 1 for a checkpoint that cannot be read."""
+    from research.deepseek2.errors import QuantizationError
+    from research.deepseek2.quantization.convert import quantize_checkpoint
+    from research.deepseek2.quantization.settings import parse_quantization_config
+    try:
+        fields = {"weight_dtype": args.quantize}
+        if args.group_size is not None:
+            fields["group_size"] = args.group_size
+        if args.modules_to_not_convert:
+            fields["modules_to_not_convert"] = [m for m in args.modules_to_not_convert.split(",") if m]
+        settings = parse_quantization_config(fields, where="--quantize")
+        if args.fmt or args.adapters_only:
+            raise QuantizationError("--quantize writes msModelSlim's safetensors folder: drop --format / "
+                                    "--adapters_only")
+        source, out = (args.mindspore_ckpt_path, args.torch_ckpt_path) if args.reverse else \
+            (args.torch_ckpt_path, args.mindspore_ckpt_path)
+        config = load_model_config(args.config) if args.config else None
+        quantize_checkpoint(source, out, settings, config, args.dtype, parse_size(args.max_shard_size),
+                            progress=not args.no_progress)
+    except QuantizationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError) as err:
+        logger.error(f"conversion failed: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quantize is not None:
+        return _quantize(args)
+    if args.group_size is not None or args.modules_to_not_convert:
+        print("error: --group_size and --modules_to_not_convert go with --quantize", file=sys.stderr)
+        return 2
     try:
         if args.reverse:
             if not args.config:

@@ -31,7 +31,8 @@ _IGNORED_KEYS = (
     ("ep_size", "expert parallel is parallel_config.expert_parallel"),
     ("_attn_implementation", "the attention is this model's own"), ("attn_implementation", "the attention is this "
                                                                                            "model's own"),
-    ("return_dict", "the model returns logits (or the loss) as a tensor"))
+    ("return_dict", "the model returns logits (or the loss) as a tensor"),
+    ("quantize", "MindIE's name of the scheme; quantization_config holds it"))
 # keys that would change the model if they had another value: accepted at the released one, refused otherwise
 _FIXED_KEYS = {"mlp_bias": False, "num_nextn_predict_layers": 0, "output_attentions": False,
                "output_hidden_states": False}

@@ -7,7 +7,9 @@ from mindspore import nn, ops, Parameter
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-__all__ = ["RMSNorm", "RMSNormFunction", "Linear", "Embedding", "FeedForward", "TensorParallelAllReduce"]
+from research.deepseek2.quantization.cells import QuantLinear
+
+__all__ = ["RMSNorm", "RMSNormFunction", "Linear", "linear", "Embedding", "FeedForward", "TensorParallelAllReduce"]
 
 
 class TensorParallelAllReduce(nn.Cell):
@@ -104,6 +106,15 @@ class Linear(nn.Cell):
         return ops.reshape(y, shape[:-1] + (self.out_features,))
 
 
+def linear(in_features: int, out_features: int, quant=None, name: str = "weight", has_bias: bool = False,
+           compute_dtype=mstype.float32, param_init_type=mstype.float32, init_std: float = 0.02):
+    """The projection whose weight is ``name`` (relative to the ``quant`` plan's prefix, e.g. "wo.weight"): a
+    ``QuantLinear`` when the plan (``quantization.cells.QuantPlan``) holds it quantized, else a float Linear."""
+    if quant is not None and quant.holds(name):
+        return QuantLinear(in_features, out_features, quant, has_bias, compute_dtype, param_init_type)
+    return Linear(in_features, out_features, has_bias, compute_dtype, param_init_type, init_std)
+
+
 class Embedding(nn.Cell):
     """Token embedding table (vocab, hidden)."""
 
@@ -125,13 +136,15 @@ class FeedForward(nn.Cell):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, compute_dtype=mstype.float32,
-                 param_init_type=mstype.float32, init_std: float = 0.02, tp: int = 1, reduce: bool = True):
+                 param_init_type=mstype.float32, init_std: float = 0.02, tp: int = 1, reduce: bool = True,
+                 quant=None):
+        """quant: the QuantPlan scoped to this cell (its weights quantized where the plan says so)."""
         super().__init__()
         kwargs = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)
         width = intermediate_size // tp
-        self.w1 = Linear(hidden_size, width, **kwargs)   # gate_proj
-        self.w3 = Linear(hidden_size, width, **kwargs)   # up_proj
-        self.w2 = Linear(width, hidden_size, **kwargs)   # down_proj
+        self.w1 = linear(hidden_size, width, quant, "w1.weight", **kwargs)   # gate_proj
+        self.w3 = linear(hidden_size, width, quant, "w3.weight", **kwargs)   # up_proj
+        self.w2 = linear(width, hidden_size, quant, "w2.weight", **kwargs)   # down_proj
         self.tp_all_reduce = TensorParallelAllReduce(tp if reduce else 1)
 
     def construct(self, x):

@@ -24,7 +24,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from research.deepseek2.layers import RMSNorm, Linear, TensorParallelAllReduce
+from research.deepseek2.layers import RMSNorm, Linear, TensorParallelAllReduce, linear
 from research.deepseek2.planning.chunks import chunk_bounds, head_blocks
 from research.deepseek2.rope import apply_rotary
 
@@ -133,9 +133,10 @@ class SoftmaxAttention(nn.Cell):
 class MLAttention(nn.Cell):
     """Multi-head Latent Attention with the compressed (latent) KV cache."""
 
-    def __init__(self, config, tp: int = 1):
+    def __init__(self, config, tp: int = 1, quant=None):
         """tp: hand-written inference tensor parallel; this instance holds num_attention_heads / tp heads and sums
-        its partial output projection with the other ranks'. The latent projections and the cache stay whole."""
+        its partial output projection with the other ranks'. The latent projections and the cache stay whole.
+        quant: the QuantPlan scoped to this cell (which projections are held quantized)."""
         super().__init__()
         self.n_heads = config.num_attention_heads // tp                  # the heads held
         self.q_lora_rank = config.q_lora_rank
@@ -156,16 +157,17 @@ class MLAttention(nn.Cell):
         h, n = config.hidden_size, self.n_heads
         kw = dict(compute_dtype=config.compute_dtype, param_init_type=config.param_init_type,
                   init_std=config.init_std)
+        bias = config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = Linear(h, n * self.q_head_dim, **kw)                              # W^Q (V2-Lite)
+            self.q_proj = linear(h, n * self.q_head_dim, quant, "q_proj.weight", **kw)     # W^Q (V2-Lite)
         else:
-            self.q2l_proj = Linear(h, self.q_lora_rank, has_bias=config.attention_bias, **kw)   # W^DQ
+            self.q2l_proj = linear(h, self.q_lora_rank, quant, "q2l_proj.weight", bias, **kw)   # W^DQ
             self.lq_norm = RMSNorm(self.q_lora_rank, config.rms_norm_eps, config.param_init_type)
-            self.l2q_proj = Linear(self.q_lora_rank, n * self.q_head_dim, **kw)             # W^UQ, W^QR
-        self.kv2l = Linear(h, self.kv_lora_rank + self.rope_dim, has_bias=config.attention_bias, **kw)  # W^DKV, W^KR
+            self.l2q_proj = linear(self.q_lora_rank, n * self.q_head_dim, quant, "l2q_proj.weight", **kw)  # W^UQ, QR
+        self.kv2l = linear(h, self.kv_lora_rank + self.rope_dim, quant, "kv2l.weight", bias, **kw)  # W^DKV, W^KR
         self.lkv_norm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps, config.param_init_type)
-        self.lkv2kv = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), **kw)     # W^UK, W^UV
-        self.wo = Linear(n * self.v_dim, h, has_bias=config.attention_bias, **kw)          # W^O
+        self.lkv2kv = Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), **kw)     # W^UK, W^UV (float)
+        self.wo = linear(n * self.v_dim, h, quant, "wo.weight", bias, **kw)                # W^O
         self.tp_all_reduce = TensorParallelAllReduce(tp)        # heads of the other ranks
         if self.use_past:
             # the whole per-layer cache: [c^KV | RoPE(k^R)] per token, nothing per head; one row per (sequence,

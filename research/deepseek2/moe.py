@@ -17,6 +17,8 @@ from mindspore.common.initializer import initializer, Normal
 from research.deepseek2.layers import FeedForward, TensorParallelAllReduce
 from research.deepseek2.planning.capacity import expert_capacity
 from research.deepseek2.planning.inventory import LocalShape
+from research.deepseek2.quantization.cells import quantized_parameter
+from research.deepseek2.quantization.kernels import GatheredWeightQuantMatmul, dequantize
 
 __all__ = ["Router", "balance_losses", "RankWithin", "RoutedExperts", "DeepSeekMoE"]
 
@@ -146,10 +148,15 @@ class RoutedExperts(nn.Cell):
     dropping, applied per expert); the rest contribute nothing. The buffers (E, G*C, h) are what expert parallel
     splits: experts over ep ranks, rows over the dp // ep ranks of each expert group, widths over mp. It is a
     training layout: outside training the dropless (or per-assignment) dispatch runs, so inference never drops.
+
+    Quantized (a ``quant`` plan holding w1/w2/w3): each is held int8 (int4 packed) with ``<name>_scale``; the
+    dispatches dequantize only the experts they gather, and with the CPU kernel every token count takes the
+    per-assignment dispatch, whose kernel groups the assignments by expert itself (each picked expert's weights
+    read once, none of the others').
     """
 
     def __init__(self, config, num_experts: int, first_expert: int = 0, token_groups: int = 1,
-                 compute_dtype=mstype.float32, param_init_type=mstype.float32):
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32, quant=None):
         super().__init__()
         e, h, i = num_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.hidden_size = e, h                # the experts held: [first_expert, first_expert + e)
@@ -165,9 +172,18 @@ class RoutedExperts(nn.Cell):
         def stacked(shape, name):
             return Parameter(initializer(Normal(config.init_std), shape, param_init_type), name=name)
 
-        self.w1 = stacked((e, i, h), "w1")                       # gate_proj of every expert
-        self.w3 = stacked((e, i, h), "w3")                       # up_proj
-        self.w2 = stacked((e, h, i), "w2")                       # down_proj
+        self.bits = quant.settings.bits if quant is not None and quant.settings else 8
+        self.quantized = {}
+        for name, shape in (("w1", (e, i, h)), ("w3", (e, i, h)), ("w2", (e, h, i))):  # gate, up, down of each
+            self.quantized[name] = quant is not None and quant.holds(name)
+            if self.quantized[name]:
+                weight, scale = quantized_parameter(shape, quant.settings, name)
+                setattr(self, name, weight)
+                setattr(self, name + "_scale", scale)
+            else:
+                setattr(self, name, stacked(shape, name))
+        self.kernel_matmul = quant.kernel == "cpu" and any(self.quantized.values()) if quant is not None else False
+        self.gathered_matmul = GatheredWeightQuantMatmul(self.bits, quant.kernel if quant is not None else "basic")
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm_combine = ops.BatchMatMul()                     # (T, 1, k) x (T, k, h): the weighted sum over k
         # capacity dispatch
@@ -190,8 +206,29 @@ class RoutedExperts(nn.Cell):
 
     def gathers_per_assignment(self, num_assignments: int) -> bool:
         """Static choice of the per-assignment dispatch: it copies one expert's weights per assignment, which the
-        block plan does too whenever it needs as many blocks as there are assignments (B = 1: decoding)."""
+        block plan does too whenever it needs as many blocks as there are assignments (B = 1: decoding). The CPU
+        kernel of quantized experts reads each picked expert once whatever the count: always."""
+        if self.kernel_matmul:
+            return True
         return self.per_assignment and num_assignments <= self.plan(num_assignments)[1]
+
+    def expert_weights(self, name: str, index=None):
+        """Experts ``index`` (all when None) of weight ``name`` in compute_dtype, dequantized when held quantized:
+        (len(index), out, in)."""
+        weight = getattr(self, name)
+        picked = weight if index is None else ops.gather(weight, index, 0)
+        if not self.quantized[name]:
+            return ops.cast(picked, self.compute_dtype)
+        scale = getattr(self, name + "_scale")
+        return dequantize(picked, scale if index is None else ops.gather(scale, index, 0), self.bits,
+                          self.compute_dtype)
+
+    def assignment_product(self, name: str, x, index):
+        """x (N, in) rows, each times its own expert index[a]'s ``name`` weight transposed -> (N, out)."""
+        if self.quantized[name]:
+            return self.gathered_matmul(x, getattr(self, name), getattr(self, name + "_scale"), index)
+        w = self.expert_weights(name, index)                                               # (N, out, in)
+        return ops.squeeze(self.bmm_t(ops.expand_dims(x, 1), w), 1)
 
     def capacity(self, group_tokens: int) -> int:
         """Rows per expert and group of the capacity dispatch (inventory.expert_capacity)."""
@@ -223,13 +260,11 @@ class RoutedExperts(nn.Cell):
         tokens, k = topk_idx.shape
         n, h = tokens * k, self.hidden_size
         expert = ops.reshape(topk_idx, (n,))                                               # (N,) a = t*k + j
-        w1 = ops.cast(ops.gather(self.w1, expert, 0), self.compute_dtype)                  # (N, i, h)
-        w3 = ops.cast(ops.gather(self.w3, expert, 0), self.compute_dtype)
-        w2 = ops.cast(ops.gather(self.w2, expert, 0), self.compute_dtype)                  # (N, h, i)
         xs = ops.broadcast_to(ops.expand_dims(ops.cast(x, self.compute_dtype), 1), (tokens, k, h))
-        xs = ops.reshape(xs, (n, 1, h))                                                    # token t, k times
-        hidden = ops.silu(self.bmm_t(xs, w1)) * self.bmm_t(xs, w3)                         # (N, 1, i)
-        per_assignment = ops.reshape(self.bmm_t(hidden, w2), (tokens, k, h))               # (T, k, h)
+        xs = ops.reshape(xs, (n, h))                                                       # token t, k times
+        hidden = ops.silu(self.assignment_product("w1", xs, expert)) * \
+            self.assignment_product("w3", xs, expert)                                      # (N, i)
+        per_assignment = ops.reshape(self.assignment_product("w2", hidden, expert), (tokens, k, h))  # (T, k, h)
         if keep is None:
             weights = topk_weight
         else:                                                      # dropped (or held elsewhere): exactly nothing
@@ -269,9 +304,9 @@ class RoutedExperts(nn.Cell):
         block_expert = ops.reduce_sum(ops.cast(ops.expand_dims(block_ids, 1) >= ops.expand_dims(end, 0),
                                                mstype.int32), -1)                          # (nb,)
         block_expert = ops.minimum(block_expert, self.num_experts - 1)                     # spare blocks: any expert
-        w1 = ops.cast(ops.gather(self.w1, block_expert, 0), self.compute_dtype)     # (nb, i, h)
-        w3 = ops.cast(ops.gather(self.w3, block_expert, 0), self.compute_dtype)
-        w2 = ops.cast(ops.gather(self.w2, block_expert, 0), self.compute_dtype)     # (nb, h, i)
+        w1 = self.expert_weights("w1", block_expert)                                       # (nb, i, h)
+        w3 = self.expert_weights("w3", block_expert)
+        w2 = self.expert_weights("w2", block_expert)                                       # (nb, h, i)
         hidden = ops.silu(self.bmm_t(xs, w1)) * self.bmm_t(xs, w3)                         # (nb, B, i)
         out = ops.reshape(self.bmm_t(hidden, w2), (slots, self.hidden_size))               # (P, h)
         out = ops.concat((out, ops.zeros((1, self.hidden_size), out.dtype)), 0)            # spare slot -> 0
@@ -310,9 +345,9 @@ class RoutedExperts(nn.Cell):
                             ops.reshape(ops.cast(x, self.compute_dtype), (g, tg, h))), 1)  # (G, T_g + 1, h)
         xs = self.row_gather(x_pad, row, 1)                                                # (G, E*C, h)
         xs = ops.reshape(ops.transpose(ops.reshape(xs, (g, e, c, h)), (1, 0, 2, 3)), (e, g * c, h))
-        w1 = ops.cast(self.w1, self.compute_dtype)                                  # (E, i, h)
-        w3 = ops.cast(self.w3, self.compute_dtype)
-        w2 = ops.cast(self.w2, self.compute_dtype)                                  # (E, h, i)
+        w1 = self.expert_weights("w1")                                                     # (E, i, h)
+        w3 = self.expert_weights("w3")
+        w2 = self.expert_weights("w2")                                                     # (E, h, i)
         hidden = ops.silu(self.bmm_up(xs, w1)) * self.bmm_up(xs, w3)                       # (E, G*C, i)
         out = self.bmm_down(hidden, w2)                                                    # (E, G*C, h)
         out = ops.reshape(ops.transpose(ops.reshape(out, (e, g, c, h)), (1, 0, 2, 3)), (g, e * c, h))
@@ -330,7 +365,8 @@ class DeepSeekMoE(nn.Cell):
     never_drop_seq_ratio of the sequences (drawn afresh every step) are never dropped (paper section 2.2.4).
     """
 
-    def __init__(self, config, local: LocalShape = LocalShape()):
+    def __init__(self, config, local: LocalShape = LocalShape(), quant=None):
+        """quant: the QuantPlan scoped to this cell ("model.layers.{i}.feed_forward.")."""
         super().__init__()
         compute_dtype, param_init_type = config.compute_dtype, config.param_init_type
         self.config = config
@@ -344,10 +380,12 @@ class DeepSeekMoE(nn.Cell):
         self.capacity_factor = config.capacity_factor
         self.router = Router(config, param_init_type)
         self.routed_experts = RoutedExperts(config, self.num_experts // local.tp, local.first_expert,
-                                            local.token_groups, compute_dtype, param_init_type)
+                                            local.token_groups, compute_dtype, param_init_type,
+                                            None if quant is None else quant.scoped("routed_experts."))
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
-                                          compute_dtype, param_init_type, config.init_std, local.tp,
-                                          reduce=False) if config.n_shared_experts else None
+                                          compute_dtype, param_init_type, config.init_std, local.tp, reduce=False,
+                                          quant=None if quant is None else quant.scoped("shared_experts.")) \
+            if config.n_shared_experts else None
         self.tp_all_reduce = TensorParallelAllReduce(local.tp)   # routed (experts held) + shared (columns held)
         self.groups = local.token_groups                      # token groups of the drop budget (data parallel)
         self.rank_in_device = RankWithin(self.num_devices)

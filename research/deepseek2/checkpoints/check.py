@@ -16,7 +16,7 @@ from research.deepseek2.checkpoints.arrays import describe
 from research.deepseek2.checkpoints.checkpoint import Checkpoint
 from research.deepseek2.checkpoints.weight_map import expected_ms_shapes
 from research.deepseek2.errors import CheckpointError
-from research.deepseek2.planning.inventory import buffers as declared_buffers
+from research.deepseek2.planning.inventory import buffers as declared_buffers, held_dtypes, quantization_settings
 
 __all__ = ["STATE_PREFIXES", "FLOAT_DTYPES", "compare", "raise_problems", "check_checkpoint", "check_declared_format",
            "optimizer_state_names"]
@@ -33,9 +33,12 @@ def _dtype_ok(dtype) -> bool:
 
 
 def compare(want: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[Tuple[int, ...], object]], source: str,
-            buffers: Iterable[str] = (), required_state: Iterable[str] = ()) -> List[str]:
+            buffers: Iterable[str] = (), required_state: Iterable[str] = (),
+            want_dtypes: Optional[Dict[str, str]] = None) -> List[str]:
     """Problems between the weights a model wants ({name: shape}) and a checkpoint's ({name: (shape, dtype)}).
-    ``buffers``: declared non-weights, neither required nor refused.
+    ``buffers``: declared non-weights, neither required nor refused. ``want_dtypes``: {name: dtype} of weights held
+    in a dtype of their own (a quantized model's int8 weights, ``inventory.held_dtypes``); the others must be
+    floating point.
 
     Returns one message per kind (missing, unexpected, mis-shaped, not floating); empty when the checkpoint fits.
     ``required_state``: state entries that must be present too (a resumed run's optimizer moments).
@@ -62,9 +65,15 @@ def compare(want: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[Tuple[int, ..
               for n in sorted(set(want) & set(got)) if tuple(got[n][0]) != tuple(want[n])]
     if shaped:
         problems.append(f"{len(shaped)} mis-shaped: " + "; ".join(shaped[:5]) + (" ..." if len(shaped) > 5 else ""))
-    typed = [f"{n} ({np.dtype(got[n][1]).name})" for n in sorted(set(want) & set(got)) if not _dtype_ok(got[n][1])]
+    want_dtypes = {n: d for n, d in (want_dtypes or {}).items() if d != "float32"}     # scales: any float
+    typed = [f"{n} ({np.dtype(got[n][1]).name})" for n in sorted(set(want) & set(got))
+             if n not in want_dtypes and not _dtype_ok(got[n][1])]
     if typed:
         problems.append(f"{len(typed)} not floating point: {describe(typed, 5)}")
+    held = [f"{n} ({np.dtype(got[n][1]).name}, expected {want_dtypes[n]})" for n in sorted(set(want_dtypes) & set(got))
+            if got[n][1] is not None and np.dtype(got[n][1]).name != want_dtypes[n]]
+    if held:
+        problems.append(f"{len(held)} not of the quantized dtype: {describe(held, 5)}")
     return problems
 
 
@@ -99,6 +108,11 @@ def check_checkpoint(config, checkpoint: Checkpoint, resume: bool = False, decla
     another format is refused naming both. Returns whether the checkpoint holds the adapters. Reads headers only.
     """
     check_declared_format(checkpoint, declared_format)
+    if quantization_settings(config) is not None and getattr(checkpoint, "kind", None) != "hf":
+        from research.deepseek2.errors import QuantizationError
+        raise QuantizationError(f"--load_checkpoint {checkpoint.path}: model.model_config.quantization_config asks "
+                                f"for quantized weights, which come in the folder convert_weight.py --quantize "
+                                f"writes (a MindSpore checkpoint holds float weights)")
     got = checkpoint.parameters(config)
     want = dict(expected_ms_shapes(config))
     adapters = dict(adapters or {})
@@ -107,6 +121,6 @@ def check_checkpoint(config, checkpoint: Checkpoint, resume: bool = False, decla
         want.update(adapters)
     trained = adapters if adapters else want
     required = optimizer_state_names(trained) if resume else ()
-    raise_problems(compare(want, got, checkpoint.description, declared_buffers(config), required),
-                   checkpoint.description)
+    raise_problems(compare(want, got, checkpoint.description, declared_buffers(config), required,
+                           held_dtypes(config)), checkpoint.description)
     return has_adapters

@@ -15,14 +15,26 @@ from tqdm import tqdm
 
 from research.deepseek2.checkpoints.arrays import cast_array, describe, np_dtype
 from research.deepseek2.checkpoints.checkpoint import HF_INDEX_NAME, Checkpoint, Header, read_weight_map
-from research.deepseek2.checkpoints.weight_map import expected_hf_shapes, hf_to_ms, is_stacked
+from research.deepseek2.checkpoints.weight_map import FILE_ONLY_SUFFIX, expected_hf_shapes, hf_to_ms, is_stacked
 from research.deepseek2.errors import CheckpointError
+from research.deepseek2.planning.inventory import held_dtypes, quantization_settings
 
 __all__ = ["HFCheckpoint"]
 
 # where a Hugging Face folder keeps its weights, looked for in this order: (file, is an index)
 _WEIGHT_FILES = ((HF_INDEX_NAME, True), ("model.safetensors", False), ("pytorch_model.bin.index.json", True),
                  ("pytorch_model.bin", False))
+
+
+def _quantized_weight_files(hf_dir: str):
+    """msModelSlim's weight files of a quantized folder (quantization/folder.py): its index, else its one file."""
+    try:
+        names = sorted(os.listdir(hf_dir))
+    except OSError:
+        return ()
+    found = [(n, True) for n in names if n.startswith("quant_model_weight") and n.endswith(".safetensors.index.json")]
+    found += [(n, False) for n in names if n.startswith("quant_model_weight") and n.endswith(".safetensors")]
+    return tuple(found[:1])
 
 
 class HFCheckpoint(Checkpoint):
@@ -36,11 +48,12 @@ class HFCheckpoint(Checkpoint):
         self.path = hf_dir
         if not os.path.isdir(hf_dir):
             raise CheckpointError(f"{hf_dir}: Hugging Face checkpoint folder not found")
-        for name, is_index in _WEIGHT_FILES:
+        for name, is_index in _WEIGHT_FILES + _quantized_weight_files(hf_dir):
             if os.path.isfile(os.path.join(hf_dir, name)):
                 break
         else:
-            raise CheckpointError(f"{hf_dir}: no weights found (looked for {', '.join(n for n, _ in _WEIGHT_FILES)})")
+            raise CheckpointError(f"{hf_dir}: no weights found (looked for {', '.join(n for n, _ in _WEIGHT_FILES)}, "
+                                  f"and quant_model_weight*.safetensors)")
         self.format = "bin" if name.startswith("pytorch_model") else "safetensors"
         self.index_file = os.path.join(hf_dir, name) if is_index else None
         self.index = read_weight_map(self.index_file, flat=False) if is_index else None
@@ -85,9 +98,18 @@ class HFCheckpoint(Checkpoint):
         return found
 
     # ------------------------------------------------------------------------------------ against a config
+    def quantization(self):
+        """The folder's quantization (``quantization.folder.folder_settings``), None for float weights."""
+        from research.deepseek2.quantization.folder import folder_settings
+        return folder_settings(self.path)
+
     def check(self, config) -> Dict[str, Header]:
-        """The folder's tensors checked against ``config`` before anything is read: ``CheckpointError`` for unknown
-        (extra), missing and mis-shaped tensors, naming the tensor, the file and expected vs got."""
+        """The folder's tensors checked against ``config`` before anything is read: ``QuantizationError`` naming
+        both when the folder's quantization is not the config's, ``CheckpointError`` for unknown (extra), missing,
+        mis-shaped and mis-typed (a quantized weight not int8) tensors, naming the tensor, the file and expected vs
+        got."""
+        from research.deepseek2.quantization.folder import check_agrees
+        check_agrees(quantization_settings(config), self.quantization(), self.path)
         info, expected = self.tensors, expected_hf_shapes(config)
         extra = sorted(n for n in info if n not in expected)
         if extra:
@@ -102,6 +124,11 @@ class HFCheckpoint(Checkpoint):
             if tuple(info[name].shape) != tuple(shape):
                 raise CheckpointError(f"{info[name].file}: tensor {name!r} has shape {tuple(info[name].shape)}, "
                                       f"expected {tuple(shape)} from the config")
+        held = held_dtypes(config)
+        for name in expected:
+            if held.get(hf_to_ms(name)[0]) == "int8" and np.dtype(info[name].dtype) != np.int8:
+                raise CheckpointError(f"{info[name].file}: tensor {name!r} is {np.dtype(info[name].dtype).name}, "
+                                      f"expected the int8 of a quantized weight")
         return info
 
     def parameters(self, config=None):
@@ -109,6 +136,8 @@ class HFCheckpoint(Checkpoint):
         out = {}
         for name, header in self.check(self._config(config)).items():
             ms_name, expert = hf_to_ms(name)
+            if ms_name.endswith(FILE_ONLY_SUFFIX):       # msModelSlim's offsets: checked when read, not loaded
+                continue
             if expert is None:
                 out[ms_name] = (header.shape, header.dtype)
             else:
@@ -167,6 +196,14 @@ class HFCheckpoint(Checkpoint):
             for i, file in enumerate(self.files):
                 for ms_name in (m for m in rows if owner[m] == i):
                     hf_names = rows[ms_name]
+                    if ms_name.endswith(FILE_ONLY_SUFFIX):
+                        for hf_name in hf_names:               # symmetric quantization only: every offset zero
+                            if np.any(read(hf_name)):
+                                raise CheckpointError(f"{info[hf_name].file}: {hf_name} is not zero: asymmetric "
+                                                      f"quantization (an offset per group) is not supported; "
+                                                      f"quantize with convert_weight.py --quantize (symmetric)")
+                            bar.update(1)
+                        continue
                     if not is_stacked(ms_name):
                         array = cast_array(read(hf_names[0]), out_dtype)
                         bar.update(1)

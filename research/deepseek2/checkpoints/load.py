@@ -58,8 +58,9 @@ def load_checkpoint(net, checkpoint, strict: bool = True, keep: Iterable[str] = 
     keep = set(keep)
     params = {p.name: p for p in net.get_parameters()}
     got = {name: info for name, info in checkpoint.parameters(config).items() if name not in keep}
+    held = {n: np_dtype(p.dtype).name for n, p in params.items() if np_dtype(p.dtype).kind == "i"}
     problems = compare({n: tuple(p.shape) for n, p in params.items()}, got, checkpoint.description,
-                       declared_buffers(config) if config is not None else ())
+                       declared_buffers(config) if config is not None else (), want_dtypes=held)
     if problems and not strict:
         logger.warning(f"{checkpoint.description} does not match the net: " + "; ".join(problems))
     else:

@@ -191,6 +191,10 @@ class SafetensorsWriter:
         self._file.write(len(blob).to_bytes(8, "little") + blob)
         self._file.truncate(self._data_start + offset)
 
+    def planned_dtype(self, name: str) -> np.dtype:
+        """The dtype ``name`` was planned with."""
+        return self._slots[name][0]
+
     def write(self, name: str, array: np.ndarray):
         dtype, shape, offset = self._slots[name]
         if array.dtype != dtype or tuple(array.shape) != shape:

@@ -30,7 +30,7 @@ WEIGHT_QUANT_BATCH_MATMUL = ops.auto_generate.WeightQuantBatchMatmul
 _ASCEND_KERNEL = ops.auto_generate.WeightQuantBatchMatmul
 
 
-def kernel_for(use_kernel: bool, bits: int, device_target=None) -> str:
+def kernel_for(use_kernel: bool, bits: int, device_target=None, group_size: int = 0) -> str:
     """"basic", "ascend" or "cpu" for a model's use_weight_quant_kernel switch on this device (the context's
     device_target by default). The switch on where no fused kernel exists is refused, naming the switch."""
     if not use_kernel:
@@ -44,6 +44,11 @@ def kernel_for(use_kernel: bool, bits: int, device_target=None) -> str:
                                     "WeightQuantBatchMatmul takes int4 weights only as a qint4x2 (k, n/2) "
                                     "parameter, which this model does not hold; set use_weight_quant_kernel: False "
                                     "(int4 then runs from basic ops) or use int8")
+        if group_size % 32:
+            raise QuantizationError(f"use_weight_quant_kernel = True on Ascend: WeightQuantBatchMatmul takes group "
+                                    f"sizes that are multiples of 32 (quantization_config.group_size is "
+                                    f"{group_size}); set use_weight_quant_kernel: False or quantize with another "
+                                    f"group size")
         return "ascend"
     if target == "CPU":
         return "cpu"

@@ -72,7 +72,7 @@ def _fail(key: str, value, expected: str, where: str):
 def parse_quantization_config(value, where: str = WHERE) -> Optional[QuantSettings]:
     """QuantSettings of a quantization_config (a mapping, MindFormers' config object or QuantSettings), None for
     none (None or an empty mapping). QuantizationError naming the key for: an unknown key, a method other than rtn,
-    a weight_dtype other than int8/int4, a group size that is negative or not a power of two >= 16 (int4: > 0), an
+    a weight_dtype other than int8/int4, a group size that is negative (int4: 0), an
     activation or KV-cache dtype (weight-only), algorithm arguments (RTN has none), a modules_to_not_convert that
     is not a list of names."""
     if value is None or isinstance(value, QuantSettings):
@@ -104,8 +104,6 @@ def parse_quantization_config(value, where: str = WHERE) -> Optional[QuantSettin
     group = DEFAULT_GROUP_SIZE[weight_dtype] if group is None else group
     if isinstance(group, bool) or not isinstance(group, int) or group < 0:
         _fail("group_size", group, "expected an integer >= 0 (0: one scale per output channel)", where)
-    if group and (group < 16 or group & (group - 1)):
-        _fail("group_size", group, "expected 0 or a power of two >= 16 (the sizes the Ascend kernel takes)", where)
     if weight_dtype == "int4" and group == 0:
         _fail("group_size", group, "int4 needs groups (e.g. 128): one scale for a whole row of 16 levels is too "
                                    "coarse", where)

@@ -44,6 +44,10 @@ def pet_config_of(config):
     pet_config = config.model.model_config.get("pet_config")
     if not pet_config:
         return None
+    if config.model.model_config.get("quantization_config"):
+        raise UsageError("model.model_config has both pet_config and quantization_config: LoRA adapters merge into "
+                         "float weights; merge them first (convert_weight.py --reverse with the LoRA YAML), then "
+                         "quantize the merged folder (convert_weight.py --quantize)")
     from research.deepseek2.lora.config import expected_adapter_shapes
     try:
         expected_adapter_shapes(model_config_of(config), pet_config)   # fields, and target_modules matches
@@ -262,6 +266,10 @@ def run_training(config):
     if config.get("output_dir"):
         config.output_dir = os.path.abspath(config.output_dir)
     pet_config_of(config)                              # a bad pet_config field: refused before anything starts
+    if config.model.model_config.get("quantization_config"):
+        raise UsageError(f"--run_mode {config.run_mode} with model.model_config.quantization_config: quantized "
+                         f"weights are for predict and evaluation (they do not train); finetune the float "
+                         f"checkpoint and quantize the result (convert_weight.py --quantize)")
     checkpoint, has_adapters = check_run_checkpoint(config)   # nothing started, nothing written if it is refused
     build_context(config)
     install_cpu_barrier()   # CPU + msrun: MindFormers' checkpoint-loading barrier() as an AllReduce

@@ -1,0 +1,75 @@
+"""The model's side of weight-only quantization: which projections a built model holds quantized (``QuantPlan``,
+the inventory's answer) and the quantized projection (``QuantLinear``). The routed experts hold their stacked
+int8/int4 weights themselves (``moe.RoutedExperts``) and multiply through ``kernels.GatheredWeightQuantMatmul``.
+
+Quantized weights and their scales are not trained (``requires_grad`` False): a quantized model predicts and
+evaluates; finetuning starts from float weights.
+"""
+from mindspore import nn, ops, Parameter
+from mindspore.common import dtype as mstype
+from mindspore.common.initializer import initializer
+
+from research.deepseek2.planning.inventory import held_dtypes
+from research.deepseek2.quantization.kernels import WeightQuantMatmul, kernel_for
+from research.deepseek2.quantization.settings import scale_shape, stored_shape
+
+__all__ = ["QuantPlan", "QuantLinear", "quantized_parameter"]
+
+
+class QuantPlan:
+    """Which weights under ``prefix`` the model holds quantized, and with which kernel; ``scoped`` narrows it to a
+    sub-cell ("model.layers.3." -> "model.layers.3.attention."). A config without quantization_config holds none."""
+
+    def __init__(self, config, prefix: str = "", names=None, kernel=None):
+        self.settings = config.weight_quantization
+        self.compute_dtype = config.compute_dtype
+        self.prefix = prefix
+        if names is None:
+            names = frozenset(n for n, d in held_dtypes(config).items() if d == "int8") if self.settings else ()
+        self.names = names
+        if kernel is None and self.settings:
+            kernel = kernel_for(config.use_weight_quant_kernel, self.settings.bits,
+                                group_size=self.settings.group_size)
+        self.kernel = kernel or "basic"
+        self._config = config
+
+    def scoped(self, sub: str) -> "QuantPlan":
+        return QuantPlan(self._config, self.prefix + sub, self.names, self.kernel)
+
+    def holds(self, name: str) -> bool:
+        """Whether the weight ``prefix + name`` is held quantized."""
+        return self.prefix + name in self.names
+
+
+def quantized_parameter(shape, settings, name: str):
+    """(int8 weight, float32 scale) Parameters for a float weight of ``shape`` (..., n, k), stored as the
+    converter writes them (``settings.stored_shape`` / ``scale_shape``); frozen."""
+    weight = Parameter(initializer("zeros", stored_shape(shape, settings, name), mstype.int8), name=name,
+                       requires_grad=False)
+    scale = Parameter(initializer("ones", scale_shape(shape, settings, name), mstype.float32),
+                      name=name + "_scale", requires_grad=False)
+    return weight, scale
+
+
+class QuantLinear(nn.Cell):
+    """y = x W^T (+ b) with W = q * scale held quantized: ``weight`` int8 (out, in) or int4 packed (out/2, in),
+    ``weight_scale`` (out, in / group_size) float32 (``quantization/rtn.py``'s layout); the bias stays float."""
+
+    def __init__(self, in_features: int, out_features: int, plan: QuantPlan, has_bias: bool = False,
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight, self.weight_scale = quantized_parameter((out_features, in_features), plan.settings, "weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), param_init_type), name="bias") \
+            if has_bias else None
+        self.matmul = WeightQuantMatmul(plan.settings.bits, plan.settings.group_size, plan.kernel, compute_dtype)
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))                # (tokens, in)
+        y = self.matmul(x2, self.weight, self.weight_scale)                                 # (tokens, out)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
