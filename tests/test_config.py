@@ -73,3 +73,26 @@ def test_every_key_transformers_writes_is_used_or_named(tmp_path):
     named = {key for key, _ in deepseek2_config._IGNORED_KEYS} | set(deepseek2_config._FIXED_KEYS)
     assert len(fields) > 30 and sorted(set(fields) - used - named) == []
     assert DeepseekV2Config(**fields).kv_lora_rank == 8
+
+
+def test_no_yaml_recipe_states_a_key_twice():
+    """YAML keeps the last of two equal keys without a word: every recipe is read with a loader that refuses them."""
+    import glob
+    import os
+    import yaml
+    from conftest import ROOT
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"key(s) {twice} stated twice", node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    recipes = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True) + \
+        glob.glob(os.path.join(ROOT, "research", "deepseek2", "**", "*.yaml"), recursive=True)
+    assert len(recipes) >= 10
+    for path in recipes:
+        with open(path, encoding="utf-8") as handle:
+            yaml.load(handle, Loader=Strict)                  # raises naming the key and the line

@@ -1,0 +1,328 @@
+"""Weight-only quantization (research/deepseek2/quantization): the settings and their refusals, round to nearest and
+int4 packing, the inventory's quantized tensors, convert_weight.py --quantize (msModelSlim's folder layout, tensor by
+tensor, nothing left behind on errors), the loaders' refusals, and the quantized model against the reference:
+transformers' model holding the dequantized weights gives the same logits (1e-4) and greedy tokens, in graph and
+PyNative mode, with the basic-op matmuls and with the CPU kernel, through the latent cache, chunked prefill and a
+batch of two."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import ROOT
+from research.deepseek2.errors import CheckpointError, QuantizationError
+from research.deepseek2.quantization.rtn import dequantize, pack_int4, quantize, unpack_int4
+from research.deepseek2.quantization.settings import parse_quantization_config
+
+CONVERT = os.path.join(ROOT, "research", "deepseek2", "convert_weight.py")
+LAYOUTS = {"v2": R.V2_STYLE, "lite": R.LITE_STYLE}
+GROUP = 8                                   # divides every input width of the tiny layouts (24, 32, 48, 64, 96)
+
+
+def settings(dtype="int8", group=0, **more):
+    return parse_quantization_config({"weight_dtype": dtype, "group_size": group, **more})
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("config, named", [
+    ({"quant_method": "ptq"}, "quant_method = 'ptq'"),
+    ({"weight_dtype": "int2"}, "weight_dtype = 'int2'"),
+    ({"weight_dtype": "int8", "group_size": -1}, "group_size = -1"),
+    ({"weight_dtype": "int4", "group_size": 0}, "group_size = 0"),
+    ({"activation_dtype": "int8"}, "activation_dtype = 'int8'"),
+    ({"kvcache_dtype": "int8"}, "kvcache_dtype = 'int8'"),
+    ({"weight_dtype": "int8", "bits": 8}, "bits = 8"),
+    ({"modules_to_not_convert": [3]}, "modules_to_not_convert = [3]"),
+])
+def test_bad_settings_are_refused_naming_the_key(config, named):
+    with pytest.raises(QuantizationError, match="quantization_config." + named.split(" =")[0]) as err:
+        parse_quantization_config(config)
+    assert named in str(err.value)
+
+
+def test_defaults_and_the_yaml_form():
+    assert parse_quantization_config(None) is None and parse_quantization_config({}) is None
+    int8, int4 = parse_quantization_config({"weight_dtype": "int8"}), parse_quantization_config({"weight_dtype": "int4"})
+    assert (int8.group_size, int4.group_size) == (0, 128)
+    assert (int8.model_quant_type, int4.model_quant_type) == ("W8A16", "W4A16")
+    assert parse_quantization_config(int4.to_dict()) == int4
+    assert parse_quantization_config({"quant_method": "rtn", "weight_dtype": "int8", "activation_dtype": "None",
+                                      "modules_to_not_convert": "shared_experts"}).skips("a.shared_experts.w1")
+
+
+# ---------------------------------------------------------------------------------------------- round to nearest
+@pytest.mark.parametrize("dtype, group", [("int8", 0), ("int8", 16), ("int4", 16)])
+def test_round_to_nearest_is_within_half_a_step(dtype, group):
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (3, 32, 64)).astype(np.float32)
+    w[0, 5] *= 20                                              # an outlier row: its own scale
+    w[1, 7] = 0.0                                              # a zero row: scale 0, q 0, exact
+    s = settings(dtype, group)
+    q, scale = quantize(w, s)
+    assert q.dtype == np.int8 and scale.dtype == np.float32
+    assert q.shape == ((3, 32, 64) if dtype == "int8" else (3, 16, 64))
+    assert scale.shape == (3, 32, 64 // (group or 64))
+    back = dequantize(q, scale, s)
+    step = np.repeat(scale, (group or 64), axis=-1)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+    assert np.array_equal(back[1, 7], np.zeros(64))
+    values = unpack_int4(q) if dtype == "int4" else q
+    assert values.min() >= -s.qmax and values.max() <= s.qmax and np.abs(values).max() == s.qmax
+
+
+def test_int4_packs_two_channels_a_byte_low_nibble_first():
+    values = np.array([[-8, 7, 0], [3, -1, -5]], np.int8)          # channels 0 and 1 of one packed row
+    packed = pack_int4(values)
+    assert packed.shape == (1, 3)
+    assert list(packed.view(np.uint8)[0]) == [0x38, 0xF7, 0xB0]    # high nibble channel 1, low nibble channel 0
+    assert np.array_equal(unpack_int4(packed), values)
+
+
+# ---------------------------------------------------------------------------------------------- inventory
+def test_the_inventory_holds_projections_quantized_and_the_rest_float():
+    from research.deepseek2.planning.inventory import parameters
+    fields = dict(R.V2_STYLE, quantization_config=settings("int4", GROUP, modules_to_not_convert=["shared_experts"])
+                  .to_dict())
+    held = {p.name: p for p in parameters(fields)}
+    wo = held["model.layers.1.attention.wo.weight"]
+    assert wo.dtype == "int8" and wo.shape == (64 // 2, 48)
+    assert held["model.layers.1.attention.wo.weight_scale"].shape == (64, 48 // GROUP)
+    assert held["model.layers.1.feed_forward.routed_experts.w2"].shape == (8, 64 // 2, 24)
+    assert held["model.layers.1.feed_forward.routed_experts.w2_scale"].shape == (8, 64, 24 // GROUP)
+    float_ones = ["model.layers.1.attention.lkv2kv.weight", "model.layers.1.feed_forward.router.weight",
+                  "lm_head.weight", "model.tok_embeddings.embedding_weight",
+                  "model.layers.1.feed_forward.shared_experts.w1.weight"]              # skipped by name
+    assert all(held[name].dtype is None for name in float_ones)
+    assert "model.layers.1.feed_forward.shared_experts.w1.weight_scale" not in held
+
+
+def test_a_group_size_that_does_not_divide_names_the_weight():
+    from research.deepseek2.planning.inventory import parameters
+    fields = dict(R.V2_STYLE, quantization_config={"weight_dtype": "int8", "group_size": 16})
+    with pytest.raises(QuantizationError, match="does not divide the 24 inputs of model.layers.1.feed_forward.routed_experts.w2"):
+        list(parameters(fields))
+
+
+# ---------------------------------------------------------------------------------------------- folders
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """{layout: HF folder of a seeded reference model} and {(layout, dtype, group): quantized folder}, made once."""
+    from research.deepseek2.quantization.convert import quantize_checkpoint
+    tmp = tmp_path_factory.mktemp("quant")
+    cache = {}
+
+    def folder(layout, dtype=None, group=0):
+        key = (layout, dtype, group)
+        if key not in cache:
+            if dtype is None:
+                path = tmp / layout
+                R.build_reference(LAYOUTS[layout], seed=3).save_pretrained(str(path), safe_serialization=True,
+                                                                            max_shard_size="100KB")
+                (path / "tokenizer.json").write_text("{}")
+            else:
+                path = tmp / f"{layout}-{dtype}-{group}"
+                quantize_checkpoint(str(folder(layout)), str(path), settings(dtype, group), progress=False,
+                                    max_shard_size=200_000)
+            cache[key] = path
+        return cache[key]
+
+    return folder
+
+
+def test_the_folder_is_msmodelslims_layout(made):
+    folder = made("v2", "int8", 0)
+    names = sorted(os.listdir(folder))
+    shards = [n for n in names if n.startswith("quant_model_weight_w8a16-")]
+    assert len(shards) > 1 and "quant_model_weight_w8a16.safetensors.index.json" in names
+    assert "tokenizer.json" in names                                          # copied for the run
+    description = json.loads((folder / "quant_model_description.json").read_text())
+    assert description["model_quant_type"] == "W8A16" and description["version"] == "1.0.0"
+    assert description["model.layers.1.self_attn.o_proj.weight"] == "W8A16"
+    assert description["model.layers.1.self_attn.o_proj.weight_scale"] == "W8A16"
+    assert description["model.layers.1.self_attn.kv_b_proj.weight"] == "FLOAT"
+    assert description["model.layers.1.mlp.gate.weight"] == "FLOAT"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"] == settings("int8").to_dict() and config["quantize"] == "w8a16"
+    from safetensors.numpy import load_file
+    index = json.loads((folder / "quant_model_weight_w8a16.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(folder / shard)))
+    assert set(tensors) == set(description) - {"version", "model_quant_type", "group_size"}
+    q, scale = tensors["model.layers.1.mlp.experts.3.up_proj.weight"], \
+        tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale"]
+    assert q.dtype == np.int8 and scale.shape == (24, 1) and scale.dtype == np.float32
+    assert not np.any(tensors["model.layers.1.mlp.experts.3.up_proj.weight_offset"])
+    original = R.build_reference(LAYOUTS["v2"], seed=3).state_dict()["model.layers.1.mlp.experts.3.up_proj.weight"]
+    assert np.abs(dequantize(q, scale, settings("int8")) - original.numpy()).max() <= scale.max() / 2 + 1e-7
+
+
+def _cli(*args, tmp_path):
+    return subprocess.run([sys.executable, CONVERT, *args, "--no_progress"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3",
+                                                LOCAL_DEFAULT_PATH=str(tmp_path / "logs")), check=False)
+
+
+@pytest.mark.parametrize("flags, named", [(["--quantize", "int3"], "weight_dtype = 'int3'"),
+                                          (["--quantize", "int8", "--group_size", "16"],
+                                           "does not divide the 24 inputs of model.layers.1.feed_forward.routed_experts.w2"),
+                                          (["--quantize", "int4", "--group_size", "0"], "group_size = 0")])
+def test_bad_quantize_flags_exit_2_naming_them_and_write_nothing(made, flags, named, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("--torch_ckpt_path", str(made("v2")), "--mindspore_ckpt_path", str(out), *flags, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr and not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_the_command_line_and_a_mindspore_input_write_the_same_tensors(made, tmp_path):
+    """convert_weight.py --quantize from the HF folder, and --reverse from the MindSpore conversion of it: the
+    same tensors, bit for bit (experts stacked and split again on the way)."""
+    from safetensors.numpy import load_file
+    hf = made("lite")
+    assert _cli("--torch_ckpt_path", str(hf), "--mindspore_ckpt_path", str(tmp_path / "ms.ckpt"),
+                tmp_path=tmp_path).returncode == 0
+    runs = {"hf": ["--torch_ckpt_path", str(hf), "--mindspore_ckpt_path", str(tmp_path / "a")],
+            "ms": ["--reverse", "--mindspore_ckpt_path", str(tmp_path / "ms.ckpt"), "--torch_ckpt_path",
+                   str(tmp_path / "b"), "--config", str(hf / "config.json")]}
+    got = {}
+    for key, args in runs.items():
+        proc = _cli(*args, "--quantize", "int4", "--group_size", str(GROUP), tmp_path=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = tmp_path / ("a" if key == "hf" else "b")
+        got[key] = {}
+        for name in os.listdir(out):
+            if name.endswith(".safetensors"):
+                got[key].update(load_file(str(out / name)))
+    assert set(got["hf"]) == set(got["ms"])
+    assert all(np.array_equal(got["hf"][n], got["ms"][n]) for n in got["hf"])
+
+
+def test_an_already_quantized_folder_is_refused(made, tmp_path):
+    from research.deepseek2.quantization.convert import quantize_checkpoint
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_checkpoint(str(made("v2", "int8", 0)), str(tmp_path / "again"), settings("int8"), progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _config(layout, dtype=None, group=0, **knobs):
+    from research.deepseek2 import DeepseekV2Config
+    quant = settings(dtype, group).to_dict() if dtype else None
+    return DeepseekV2Config(**LAYOUTS[layout], quantization_config=quant, **knobs)
+
+
+def test_a_folder_and_a_yaml_that_disagree_are_refused_naming_both(made):
+    from research.deepseek2.checkpoints import check_checkpoint, open_checkpoint
+    quantized, plain = open_checkpoint(str(made("v2", "int8", 0))), open_checkpoint(str(made("v2")))
+    with pytest.raises(QuantizationError, match=r"holds int8, group_size 0.*says float weights"):
+        check_checkpoint(_config("v2"), quantized)
+    with pytest.raises(QuantizationError, match=r"holds float weights.*says int8, group_size 0"):
+        check_checkpoint(_config("v2", "int8"), plain)
+    with pytest.raises(QuantizationError, match=r"holds int8, group_size 0.*says int4, group_size 8"):
+        check_checkpoint(_config("v2", "int4", GROUP), quantized)
+    check_checkpoint(_config("v2", "int8"), quantized)                      # agreeing: passes
+
+
+def test_a_missing_scale_and_a_nonzero_offset_are_named(made, tmp_path):
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    from research.deepseek2 import DeepseekV2ForCausalLM
+    from research.deepseek2.checkpoints import check_checkpoint, load_checkpoint, open_checkpoint
+    for case in ("scale", "offset"):
+        folder = tmp_path / case
+        shutil.copytree(made("v2", "int8", 0), folder)
+        target = "model.layers.2.mlp.experts.5.down_proj.weight_" + case
+        shard = next(f for f in folder.glob("*.safetensors") if target in load_file(str(f)))
+        tensors = load_file(str(shard))
+        if case == "scale":
+            del tensors[target]
+        else:
+            tensors[target] = tensors[target] + 1.0
+        save_file(tensors, str(shard))
+        if case == "scale":
+            index = folder / "quant_model_weight_w8a16.safetensors.index.json"
+            data = json.loads(index.read_text())
+            del data["weight_map"][target]
+            index.write_text(json.dumps(data))
+            with pytest.raises(CheckpointError, match="missing: " + target):
+                check_checkpoint(_config("v2", "int8"), open_checkpoint(str(folder)))
+        else:
+            net = DeepseekV2ForCausalLM(_config("v2", "int8"))
+            with pytest.raises(CheckpointError, match=target + " is not zero: asymmetric"):
+                load_checkpoint(net, str(folder), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+def dequantized_reference(layout, folder, quant):
+    """transformers' model (seed 3, as the folder's source) holding the folder's dequantized weights."""
+    import torch
+    from safetensors.numpy import load_file
+    tensors = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(str(folder / name)))
+    model = R.build_reference(LAYOUTS[layout], seed=3)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, param in state.items():
+            if name + "_scale" in tensors:
+                param.copy_(torch.from_numpy(dequantize(tensors[name], tensors[name + "_scale"], quant)))
+    return model
+
+
+def quantized_net(layout, folder, dtype, group, kernel, **knobs):
+    from research.deepseek2 import DeepseekV2ForCausalLM
+    from research.deepseek2.checkpoints import load_checkpoint
+    net = DeepseekV2ForCausalLM(_config(layout, dtype, group, use_weight_quant_kernel=kernel, **knobs))
+    load_checkpoint(net, str(folder), progress=False)
+    net.set_train(False)
+    return net
+
+
+CASES = [("v2", "int8", 0, False, "graph"), ("v2", "int4", GROUP, True, "graph"), ("v2", "int8", GROUP, True,
+                                                                                   "pynative"),
+         ("lite", "int8", GROUP, True, "graph"), ("lite", "int4", GROUP, False, "graph"),
+         ("lite", "int4", GROUP, True, "pynative")]
+
+
+@pytest.mark.parametrize("layout, dtype, group, kernel, mode", CASES,
+                         ids=[f"{c[0]}-{c[1]}-g{c[2]}-{'cpu' if c[3] else 'basic'}-{c[4]}" for c in CASES])
+def test_logits_equal_the_reference_holding_the_dequantized_weights(made, layout, dtype, group, kernel, mode):
+    import mindspore as ms
+    folder, quant = made(layout, dtype, group), settings(dtype, group)
+    ids = np.random.default_rng(0).integers(0, LAYOUTS[layout]["vocab_size"], (2, 12))
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        ours = quantized_net(layout, folder, dtype, group, kernel)(ms.Tensor(ids, ms.int32)).asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    theirs = R.reference_logits(dequantized_reference(layout, folder, quant), ids)
+    unquantized = R.reference_logits(R.build_reference(LAYOUTS[layout], seed=3), ids)
+    assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+    assert np.abs(unquantized - theirs).max() > 1e-2          # the weights really changed: not a vacuous parity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, dtype, group, kernel, mode", [("v2", "int8", 0, True, "graph"),
+                                                                 ("lite", "int4", GROUP, False, "pynative")])
+def test_greedy_tokens_through_the_cache_chunked_prefill_and_a_batch(made, layout, dtype, group, kernel, mode):
+    import mindspore as ms
+    folder, quant = made(layout, dtype, group), settings(dtype, group)
+    fields = LAYOUTS[layout]
+    pad = fields["pad_token_id"]
+    a = list(np.random.RandomState(1).randint(2, fields["vocab_size"], 7))
+    b = list(np.random.RandomState(2).randint(2, fields["vocab_size"], 11))
+    ref = dequantized_reference(layout, folder, quant)
+    expected = [list(R.reference_generate(ref, np.array([p]), 8)[0]) for p in (a, b)]
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        net = quantized_net(layout, folder, dtype, group, kernel, use_past=True, batch_size=2, seq_length=32,
+                            prefill_chunk_size=4)
+        rows = net.generate([a + [pad] * 4, b], max_new_tokens=8, do_sample=False)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert [list(map(int, r))[:len(e)] for r, e in zip(rows, expected)] == [list(map(int, e)) for e in expected]
