@@ -29,7 +29,7 @@ class QuantPlan:
         self.names = names
         if kernel is None and self.settings:
             kernel = kernel_for(config.use_weight_quant_kernel, self.settings.bits,
-                                group_size=self.settings.group_size)
+                                group_size=self.settings.group_size, compute_dtype=config.compute_dtype)
         self.kernel = kernel or "basic"
         self._config = config
 

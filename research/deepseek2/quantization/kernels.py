@@ -30,14 +30,19 @@ WEIGHT_QUANT_BATCH_MATMUL = ops.auto_generate.WeightQuantBatchMatmul
 _ASCEND_KERNEL = ops.auto_generate.WeightQuantBatchMatmul
 
 
-def kernel_for(use_kernel: bool, bits: int, device_target=None, group_size: int = 0) -> str:
+def kernel_for(use_kernel: bool, bits: int, device_target=None, group_size: int = 0, compute_dtype=None) -> str:
     """"basic", "ascend" or "cpu" for a model's use_weight_quant_kernel switch on this device (the context's
-    device_target by default). The switch on where no fused kernel exists is refused, naming the switch."""
+    device_target by default). The switch on where no fused kernel exists, or with weights or a compute_dtype the
+    kernel does not take, is refused naming the switch."""
     if not use_kernel:
         return "basic"
     target = device_target if device_target is not None else ms.get_context("device_target")
-    if WEIGHT_QUANT_BATCH_MATMUL is not _ASCEND_KERNEL:          # the tests' stand-in of the Ascend kernel
+    stand_in = WEIGHT_QUANT_BATCH_MATMUL is not _ASCEND_KERNEL      # the tests' stand-in of the Ascend kernel
+    if stand_in:
         target = "Ascend"
+    if target == "Ascend" and not stand_in and compute_dtype not in (mstype.float16, mstype.bfloat16):
+        raise QuantizationError(f"use_weight_quant_kernel = True on Ascend needs compute_dtype bfloat16 or "
+                                f"float16 (what WeightQuantBatchMatmul takes); compute_dtype is {compute_dtype}")
     if target == "Ascend":
         if bits != 8:
             raise QuantizationError("use_weight_quant_kernel = True with weight_dtype 'int4' on Ascend: "
