@@ -58,6 +58,19 @@ class LoraRoutedExperts(RoutedExperts):
     def w3(self):
         return self._lora_weight(self.w3_base, self.w3_mindpet_delta_lora_a, self.w3_mindpet_delta_lora_b)
 
+    def expert_weights(self, name: str, index=None):
+        """RoutedExperts.expert_weights of W + (alpha / r) B A. Named attribute by attribute: graph mode resolves
+        ``getattr(self, name)`` to the registered base Parameter, not to the property above, and the adapters would
+        get no gradient."""
+        if name == "w1":
+            weight = self.w1
+        elif name == "w3":
+            weight = self.w3
+        else:
+            weight = self.w2
+        picked = weight if index is None else ops.gather(weight, index, 0)
+        return ops.cast(picked, self.compute_dtype)
+
 
 def _adapter_pair(projection: str, weight_shape, settings: LoraSettings):
     """Fresh A (random) and B (lora_b_init, zeros by default) Parameters for a weight of ``weight_shape``."""
