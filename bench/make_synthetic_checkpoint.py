@@ -73,8 +73,7 @@ INDEX_NAME = "model.safetensors.index.json"
 _TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 # The released DeepSeek-V2-Lite config.json (deepseek-ai/DeepSeek-V2-Lite), every value as released. The project's
-# research/deepseek2/deepseek2_lite/predict_deepseek2_lite.yaml holds the same model fields (tests compare the two),
-# except aux_loss_alpha, which that inference YAML sets to 0.0.
+# research/deepseek2/deepseek2_lite/predict_deepseek2_lite.yaml holds the same model fields (tests compare the two).
 RELEASED_LITE_CONFIG = {
     "architectures": ["DeepseekV2ForCausalLM"],
     "model_type": "deepseek_v2",
