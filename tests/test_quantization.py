@@ -326,3 +326,65 @@ def test_greedy_tokens_through_the_cache_chunked_prefill_and_a_batch(made, layou
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert [list(map(int, r))[:len(e)] for r, e in zip(rows, expected)] == [list(map(int, e)) for e in expected]
+
+
+# ---------------------------------------------------------------------------------------------- run_mindformer.py
+@pytest.mark.slow
+def test_run_mindformer_predicts_from_the_quantized_folder_as_from_its_dequantized_weights(tmp_path, tok_file,
+                                                                                       capsys):
+    """convert_weight.py --quantize --reverse from a MindSpore checkpoint, then run_mindformer.py --run_mode predict
+    on the folder with the YAML's quantization_config: the text equals a float predict of the same weights
+    dequantized (a Hugging Face folder written here), and the same folder under the float YAML is refused naming
+    both sides (exit 2)."""
+    from safetensors.numpy import load_file, save_file
+    from conftest import PREDICT_FLAGS, PREDICT_YAML, predict_fields, run_cli_here, save_predict_model
+    from research.deepseek2 import DeepseekV2Config
+    checkpoint = save_predict_model(str(tmp_path / "tiny.ckpt"))
+    (tmp_path / "config.json").write_text(json.dumps(DeepseekV2Config(**predict_fields()).to_hf_dict()))
+    proc = _cli("--quantize", "int4", "--group_size", "8", "--reverse", "--mindspore_ckpt_path", checkpoint,
+                "--torch_ckpt_path", str(tmp_path / "q4"), "--config", str(tmp_path / "config.json"),
+                tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    quant = settings("int4", 8)
+    tensors = {}
+    for name in os.listdir(tmp_path / "q4"):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(str(tmp_path / "q4" / name)))
+    plain = {n: (dequantize(t, tensors[n + "_scale"], quant) if n + "_scale" in tensors else t)
+             for n, t in tensors.items() if not n.endswith(("_scale", "_offset"))}
+    (tmp_path / "deq").mkdir()
+    save_file(plain, str(tmp_path / "deq" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "deq" / "config.json").write_text((tmp_path / "config.json").read_text())
+    common = ["--config", PREDICT_YAML, "--run_mode", "predict", "--tokenizer_file", tok_file, "--predict_data",
+              "Write a function that adds two numbers.", "--predict_length", "12", *PREDICT_FLAGS]
+    texts = {}
+    for name, extra in (("q4", ["--model.model_config.quantization_config", "{weight_dtype: int4, group_size: 8}"]),
+                        ("deq", [])):
+        out = run_cli_here([*common, "--load_checkpoint", str(tmp_path / name), "--output_dir",
+                            str(tmp_path / f"out_{name}"), *extra], capsys)
+        texts[name] = (tmp_path / f"out_{name}" / "text_generation_result.txt").read_text()
+        assert "[output]" in out
+    assert texts["q4"] == texts["deq"] and json.loads(texts["q4"])["output"].strip()
+    refused = run_cli_here([*common, "--load_checkpoint", str(tmp_path / "q4")], capsys, expect=2)
+    assert "holds int4, group_size 8, but model.model_config.quantization_config says float weights" in refused
+
+
+@pytest.mark.parametrize("dtype, group, kernel", [("int8", 0, "basic"), ("int8", 16, "cpu"), ("int4", 16, "cpu")])
+def test_a_projection_errs_by_no_more_than_its_scales_allow(dtype, group, kernel):
+    """|x W^T - x W_q^T| <= sum over groups g of (scale_g / 2) * sum_{k in g} |x_k| per output channel: round to
+    nearest moves each weight by at most half a step. The bound holds for the quantized projection as the model
+    runs it, and is not loose by orders of magnitude (random weights use a good share of it)."""
+    import mindspore as ms
+    from research.deepseek2.quantization.kernels import WeightQuantMatmul
+    quant = settings(dtype, group)
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.05, (64, 96)).astype(np.float32)
+    x = rng.normal(0, 1, (7, 96)).astype(np.float32)
+    q, scale = quantize(w, quant)
+    y = WeightQuantMatmul(quant.bits, group, kernel)(ms.Tensor(x), ms.Tensor(q), ms.Tensor(scale)).asnumpy()
+    width = group or 96
+    abs_sums = np.abs(x).reshape(7, 96 // width, width).sum(-1)                      # (t, groups)
+    bound = abs_sums @ (scale / 2).T                                                 # (t, n)
+    error = np.abs(y - x @ w.T)
+    assert np.all(error <= bound + 1e-5)
+    assert error.max() / bound.max() > 0.01

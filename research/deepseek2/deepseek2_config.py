@@ -194,7 +194,7 @@ class DeepseekV2Config(PretrainedConfig):
         self.expert_capacity_factor = float(expert_capacity_factor)
         self.init_std = float(init_std if init_std is not None else
                               initializer_range if initializer_range is not None else 0.02)
-        settings = parse_quantization_config(quantization_config)
+        settings = parse_quantization_config(quantization_config, where="DeepseekV2Config.quantization_config")
         self.quantization_config = settings.to_dict() if settings else None   # after PretrainedConfig's own
         self.use_weight_quant_kernel = use_weight_quant_kernel
         self._validate()

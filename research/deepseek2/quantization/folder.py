@@ -91,7 +91,7 @@ def check_agrees(run: Optional[QuantSettings], held: Optional[QuantSettings], ch
         return None if s is None else (s.weight_dtype, s.group_size, frozenset(s.modules_to_not_convert))
 
     if key(run) != key(held):
-        raise QuantizationError(f"--load_checkpoint {checkpoint} holds {describe_mismatch(held)}, but "
+        raise QuantizationError(f"{checkpoint} holds {describe_mismatch(held)}, but "
                                 f"model.model_config.quantization_config says {describe_mismatch(run)}: make the "
                                 f"YAML's quantization_config what the checkpoint's config.json says (or load the "
                                 f"checkpoint that was quantized so)")
