@@ -263,3 +263,39 @@ def test_divisibility_messages_name_the_field_the_degree_and_a_tensor():
     assert len(heads) == 1 and "parallel_config.model_parallel = 3" in heads[0] and "l2q_proj" in heads[0], problems
     # the MLA latents are never cut: no message about kv_lora_rank / q_lora_rank
     assert not any("lora_rank" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------- quantized tensors
+def test_quantized_tensors_must_split_over_the_inference_ranks(tmp_path):
+    """int4 with one scale per 128 inputs: the shared experts' w2 of the 236B model holds 3072 / 128 = 24 scale
+    groups per row, which 8 ranks split and 16 do not: one message naming the tensor and counting its layers."""
+    config = _load("predict_deepseek2_236B_w4a16.yaml")
+    mc = {k: v for k, v in config["model"]["model_config"].items() if k != "type"}
+    layout = dict(config["parallel_config"], model_parallel=16)
+    problems = check_parallel_config(mc, layout, 16)
+    assert problems == [
+        "model.layers.1.feed_forward.shared_experts.w2.weight_scale (and the same tensor of 58 more layers): the "
+        "quantized (int4, group_size 128) tensor (5120, 24) has 24 columns of scale groups on dimension 1, which do "
+        "not split into parallel_config.model_parallel = 16 ranks; use a model_parallel dividing 24, another "
+        "group_size, or modules_to_not_convert"]
+    assert check_parallel_config(mc, dict(layout, model_parallel=8), 8) == []
+    # the same tensor left float (modules_to_not_convert) splits like the bf16 recipe
+    skip = dict(mc, quantization_config=dict(mc["quantization_config"], modules_to_not_convert=["shared_experts"]))
+    assert check_parallel_config(skip, layout, 16) == []
+    # per output channel (int8): no scale groups, 16 ranks split every tensor
+    int8 = dict(mc, quantization_config={"weight_dtype": "int8"})
+    assert check_parallel_config(int8, layout, 16) == []
+    # a bad quantization_config: one message naming the key
+    for group, text in ((0, "group_size = 0: int4 needs groups"), (100, "group_size = 100 does not divide the 5120 "
+                                                                        "inputs of model.layers.0.attention.q2l_proj")):
+        bad = dict(mc, quantization_config={"weight_dtype": "int4", "group_size": group})
+        problems = check_parallel_config(bad, dict(layout, model_parallel=4), 4)
+        assert len(problems) == 1 and text in problems[0], problems
+
+
+def test_a_quantized_training_yaml_is_refused(tmp_path):
+    config = _load(TRAIN_YAMLS[0])
+    config["model"]["model_config"]["quantization_config"] = {"weight_dtype": "int8"}
+    problems = load_yaml_checks(_write(tmp_path, "train_int8.yaml", config))
+    assert any(p.startswith("train_int8.yaml: model_config.quantization_config with run_mode 'finetune'") and
+               "predict only" in p for p in problems), problems

@@ -342,7 +342,9 @@ def test_lora_bad_pet_config_names_the_field(change, field):
 
 # ---------------------------------------------------------------------------------------------- the recipes
 RECIPES = {"deepseek2_lite/finetune_deepseek2_lite.yaml": 8, "deepseek2_lite/finetune_deepseek2_lite_lora.yaml": 8,
-           "deepseek2_lite/predict_deepseek2_lite.yaml": 1, "finetune_deepseek2_236B_lora.yaml": 16}
+           "deepseek2_lite/predict_deepseek2_lite.yaml": 1, "finetune_deepseek2_236B_lora.yaml": 16,
+           "deepseek2_lite/predict_deepseek2_lite_w8a16.yaml": 1, "predict_deepseek2_236B_w8a16.yaml": 8,
+           "predict_deepseek2_236B_w4a16.yaml": 4}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -512,3 +514,83 @@ def test_attention_chunks_and_prefill_chunks_by_hand():
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         predict["model"]["model_config"]["prefill_chunk_size"] = -1
         plan(predict)
+
+
+# ---------------------------------------------------------------------------------------------- quantized prediction
+# TINY held int8 per channel, by hand (mp 1): the projections q_a 48, q_b 48, kv_a 48, o 32 per layer, the dense FFN
+# 384, the routed experts 384 and the shared expert 96 -> 560 + 656 = 1216 int8 bytes; their float32 scales, one per
+# output channel: q_a 6, q_b 8, kv_a 6, o 8 per layer, dense 16+16+8, routed 4*(4+4+8), shared 4+4+8 -> 176 scales;
+# the rest in param_init_type (bf16): embedding 800, lm_head 800, final norm 8, norms 2*16, q_a / kv_a norms 2*10,
+# kv_b 2*32, gate 32 -> 1756 parameters. 1216 + 1756 = TINY_TOTAL.
+QUANT_PREDICT = dict(TINY, use_past=True, param_init_type="bfloat16", compute_dtype="bfloat16")
+
+
+def _quant_plan(quantization_config, **parallel):
+    model = dict(QUANT_PREDICT, quantization_config=quantization_config)
+    return plan(_config(model, dict({"data_parallel": 1, "model_parallel": 1}, **parallel), run_mode="predict"),
+                overhead_gb=0.0)
+
+
+def test_quantized_predict_weights_by_hand():
+    int8 = _quant_plan({"weight_dtype": "int8"})
+    assert int8["weights_held"]["by_dtype"] == {"int8": 1216, "float32 scales": 176 * 4, "bfloat16": 1756 * 2}
+    assert int8["bytes"]["weights"] == 1216 + 176 * 4 + 1756 * 2
+    # int4, one scale per 2 inputs: half the bytes, a scale per 2 weights
+    int4 = _quant_plan({"weight_dtype": "int4", "group_size": 2})
+    assert int4["weights_held"]["by_dtype"] == {"int4": 608, "float32 scales": 608 * 4, "bfloat16": 1756 * 2}
+    # attention left float: its four projections (176 per layer... 2 x 176 = 352 weights, 2 x 28 scales) move back
+    skip = _quant_plan({"weight_dtype": "int8", "modules_to_not_convert": ["self_attn"]})
+    assert skip["weights_held"]["by_dtype"] == {"int8": 1216 - 352, "float32 scales": (176 - 56) * 4,
+                                                "bfloat16": (1756 + 352) * 2}
+    assert int8["weights_held"]["by_part"]["routed_experts"] == 384 + 64 * 4
+    # the float plan of the same model: every parameter in bf16
+    float_plan = plan(_config(QUANT_PREDICT, {"data_parallel": 1, "model_parallel": 1}, run_mode="predict"),
+                      overhead_gb=0.0)
+    assert float_plan["bytes"]["weights"] == TINY_TOTAL * 2 and float_plan["weights_held"]["quantization"] is None
+
+
+def test_quantized_training_plans_are_refused_naming_the_key():
+    from research.deepseek2.errors import QuantizationError
+    model = dict(TINY, quantization_config={"weight_dtype": "int8"})
+    with pytest.raises(QuantizationError, match="quantization_config .*predict only"):
+        plan(_config(model, {"data_parallel": 1, "model_parallel": 1}))
+    with pytest.raises(QuantizationError, match="group_size"):
+        _quant_plan({"weight_dtype": "int4", "group_size": 4})          # q_b's 6 inputs do not split into groups of 4
+
+
+def test_fewest_predict_cards_of_the_recipes():
+    """The bf16 236B needs 16 cards, int8 8, int4 4 (mp must divide its 128 heads: 5-7 cards never fit); the
+    V2-Lite recipes one card each."""
+    from research.deepseek2.planning.memory import fewest_predict_cards
+    expected = {"run_predict_deepseek2_236B.yaml": 16, "predict_deepseek2_236B_w8a16.yaml": 8,
+                "predict_deepseek2_236B_w4a16.yaml": 4, "deepseek2_lite/predict_deepseek2_lite.yaml": 1,
+                "deepseek2_lite/predict_deepseek2_lite_w8a16.yaml": 1}
+    for name, cards in expected.items():
+        with open(os.path.join(PKG, name), encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+        fewest = fewest_predict_cards(config)
+        assert fewest["device_num"] == cards, name
+        assert fewest["total_bytes"] <= fewest["limit_gb"] * GIB
+        assert config["parallel_config"]["model_parallel"] == cards, f"{name} is laid out on the fewest cards"
+    train = copy.deepcopy(config)
+    train["run_mode"], train["model"]["model_config"]["use_past"] = "finetune", False
+    train["model"]["model_config"].pop("quantization_config")
+    assert fewest_predict_cards(train) is None
+
+
+def test_cli_prints_the_weights_by_dtype_and_refuses_a_quantized_training_yaml(tmp_path):
+    path = os.path.join(PKG, "predict_deepseek2_236B_w8a16.yaml")
+    out = subprocess.run([sys.executable, "-m", "research.deepseek2.planning.memory", "--config", path],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "int8 projections + float32 scales (one per output channel)" in out.stdout
+    assert "per card bfloat16 2.28 GB, int8 27.73 GB, float32 scales 0.20 GB" in out.stdout
+    assert "fewest cards for prediction (data_parallel 1, model_parallel = cards, within 59 GB): 8 card(s)" in out.stdout
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    config["run_mode"], config["model"]["model_config"]["use_past"] = "finetune", False
+    bad = tmp_path / "train_w8a16.yaml"
+    bad.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "research.deepseek2.planning.memory", "--config", str(bad)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "train_w8a16.yaml" in out.stderr and "predict only" in out.stderr

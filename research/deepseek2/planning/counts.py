@@ -21,7 +21,7 @@ from research.deepseek2.lora.config import LoraSettings, adapter_shapes, parse_p
 from research.deepseek2.planning.inventory import (ModelShape, Param, is_moe_layer, layer_parameters, model_shape,
                                                    parameters, parts)
 
-__all__ = ["count_parameters", "count_adapters", "layer_adapters", "card_share"]
+__all__ = ["count_parameters", "count_adapters", "layer_adapters", "card_share", "part_of"]
 
 # count_parameters' parts by weight name, first match (the MLA's lq_norm / lkv_norm are attention, not norms)
 _PART_OF_NAME = (("model.tok_embeddings.", "embedding"), ("lm_head.", "lm_head"), ("model.norm_out.", "final_norm"),
@@ -32,8 +32,8 @@ _PARTS = ("embedding", "lm_head", "final_norm", "attention", "norms", "dense_ffn
           "shared_experts", "gate")
 
 
-def _part(param: Param) -> str:
-    """count_parameters' part a weight belongs to, by its name."""
+def part_of(param: Param) -> str:
+    """count_parameters' part a weight (or a quantized weight's scale) belongs to, by its name."""
     part = next((part for key, part in _PART_OF_NAME if key in param.name), None)
     if part is None:
         raise ValueError(f"count_parameters does not know which part {param.name} belongs to")
@@ -55,11 +55,11 @@ def _counts(shape: ModelShape) -> Tuple[Tuple[str, int], ...]:
     """count_parameters' items (cached: memory.smallest_cluster plans the same model many times)."""
     out = dict.fromkeys(_PARTS, 0)
     for param in parameters(shape):
-        out[_part(param)] += param.size
+        out[part_of(param)] += param.size
     moe_layers = sum(is_moe_layer(shape, layer) for layer in range(shape.num_hidden_layers))
     experts, chosen = shape.n_routed_experts or 0, shape.num_experts_per_tok or 0
     expert = out["routed_experts"] // (moe_layers * experts) if moe_layers and experts else 0
-    out.update(attention_per_layer=sum(p.size for p in layer_parameters(shape, 0) if _part(p) == "attention"),
+    out.update(attention_per_layer=sum(p.size for p in layer_parameters(shape, 0) if part_of(p) == "attention"),
                expert_size=expert, num_moe_layers=moe_layers, num_dense_layers=shape.num_hidden_layers - moe_layers)
     out["total"] = sum(out[part] for part in _PARTS)
     out["activated"] = out["total"] - out["embedding"] - moe_layers * (experts - chosen) * expert

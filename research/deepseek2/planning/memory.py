@@ -28,6 +28,13 @@ Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
   workspace = one layer's prefill activations (``activations.py``) + fp32 logits (b/dp) s V/t' x 4 + overhead
   (logits of p tokens with a chunked prefill of p tokens a call).
+Quantized prediction (model_config.quantization_config, quantization/; predict only: a training plan of a quantized
+  YAML is refused, as the runner refuses the run): every weight as ``inventory.quantized`` holds it, with its own
+  cuts: an int8 tensor 1 byte per stored element (int4 is stored two a byte, its shape already halved), its
+  ``_scale`` 4 bytes (float32), the rest (embedding, lm_head, norms, router, kv_b_proj, modules_to_not_convert)
+  bytes(param_init_type); the report gives the bytes per card by dtype and by part.
+The fewest cards for prediction: one replica (data_parallel 1) over model_parallel = 1..8 cards or whole 8-card
+nodes, the first layout passing parallel_check whose total fits the card and the YAML's context.max_device_memory.
 A YAML with use_flash_attention on is also planned with it off: the report prints the attention's bytes per layer
 and micro-batch and once per stage, the activations (workspace) and the total per card both ways.
 
@@ -51,16 +58,20 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-from research.deepseek2.dtypes import bytes_of
+from research.deepseek2.dtypes import bytes_of, canonical
+from research.deepseek2.errors import QuantizationError
 from research.deepseek2.lora.config import LoraSettings, parse_pet_config
 from research.deepseek2.planning.activations import (attention_backward_bytes, attention_core_bytes,
                                                      layer_activation_bytes, training_activation_bytes)
-from research.deepseek2.planning.counts import card_share, count_adapters, count_parameters, layer_adapters
-from research.deepseek2.planning.inventory import (ModelShape, Param, layer_parameters, model_shape, parameters)
+from research.deepseek2.planning.counts import card_share, count_adapters, count_parameters, layer_adapters, part_of
+from research.deepseek2.planning.inventory import (ModelShape, Param, layer_parameters, model_shape, parameters,
+                                                   quantization_settings, quantized)
 from research.deepseek2.planning.parallel_check import (ParallelShape, check_parallel_config, is_predict,
                                                         layers_per_stage, parallel_shape)
+from research.deepseek2.quantization.settings import QuantSettings
 
-__all__ = ["count_parameters", "count_adapters", "plan", "smallest_cluster", "full_finetune", "format_plan", "GIB"]
+__all__ = ["count_parameters", "count_adapters", "plan", "smallest_cluster", "fewest_predict_cards", "full_finetune",
+           "format_plan", "GIB"]
 
 GIB = float(2 ** 30)
 CARDS_PER_NODE = 8
@@ -103,7 +114,7 @@ def _layer_weights(shape: ModelShape, layer: int) -> _Weights:
 
 
 @functools.lru_cache(maxsize=64)
-def _outer_weights(shape: ModelShape) -> Tuple[_Weights, _Weights]:
+def _outer_params(shape: ModelShape) -> Tuple[Tuple[Param, ...], Tuple[Param, ...]]:
     """The weights outside the decoder layers: before them (embedding: the first stage), after them (final norm,
     lm_head: the last stage)."""
     before, after, in_layers = [], [], False
@@ -112,7 +123,42 @@ def _outer_weights(shape: ModelShape) -> Tuple[_Weights, _Weights]:
             in_layers = True
         else:
             (after if in_layers else before).append(param)
-    return _Weights.of(before), _Weights.of(after)
+    return tuple(before), tuple(after)
+
+
+@functools.lru_cache(maxsize=64)
+def _outer_weights(shape: ModelShape) -> Tuple[_Weights, _Weights]:
+    """_Weights of _outer_params."""
+    return tuple(_Weights.of(params) for params in _outer_params(shape))
+
+
+# what a model holds, by dtype: (part, axes cutting it, dtype, elements); dtype None = param_init_type
+_Held = Tuple[Tuple[str, Tuple[str, ...], Optional[str], int], ...]
+HELD_BYTES = {"int8": 1, "float32": 4}     # the dtypes a quantized model holds tensors in (int8 weights, scales)
+
+
+def _held(params: Iterable[Param], quant: Optional[QuantSettings]) -> _Held:
+    """The tensors a model holds for ``params``, each as ``inventory.quantized`` holds it (an int8 / packed int4
+    weight and its float32 scale, or the float weight), summed by count_parameters' part, the axes of its cuts and
+    its dtype."""
+    sums: Dict[tuple, int] = {}
+    for param in params:
+        for held in quantized(param, quant):
+            key = (part_of(held), tuple(sorted({cut.axis for cut in held.cuts})), held.dtype)
+            sums[key] = sums.get(key, 0) + held.size
+    return tuple(key + (size,) for key, size in sums.items())
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_held(shape: ModelShape, quant: Optional[QuantSettings], layer: int) -> _Held:
+    """_held of one decoder layer (cached by the model shape and the quantization: both frozen dataclasses)."""
+    return _held(layer_parameters(shape, layer), quant)
+
+
+@functools.lru_cache(maxsize=64)
+def _outer_held(shape: ModelShape) -> Tuple[_Held, _Held]:
+    """_held of the weights before and after the decoder layers (never quantized)."""
+    return tuple(_held(params, None) for params in _outer_params(shape))
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -139,6 +185,9 @@ class _Settings:
     lora: Optional[LoraSettings] = None   # model_config.pet_config (training only; prediction runs merged weights)
     attention_chunk: int = 1024         # model_config.attention_chunk_size: query rows per attention block
     prefill_chunk: int = 0              # model_config.prefill_chunk_size: prompt tokens per prefill call (use_past)
+    quant: Optional[QuantSettings] = None   # model_config.quantization_config (prediction only)
+    param_dtype: str = "float32"        # canonical name of param_init_type
+    weight_quant_kernel: bool = False   # model_config.use_weight_quant_kernel
 
     @property
     def vocab_parts(self) -> int:
@@ -164,6 +213,11 @@ def _settings(config: dict) -> _Settings:
     chunks = {key: mc.get(key, default) for key, default in (("attention_chunk_size", 1024), ("prefill_chunk_size", 0))}
     for key in (k for k, v in chunks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0):
         raise ValueError(f"model_config.{key} = {chunks[key]!r}: expected an integer >= 0")
+    quant = quantization_settings(mc)
+    if quant and not predict:
+        raise QuantizationError(f"model.model_config.quantization_config ({quant.weight_dtype}) with run_mode "
+                                f"{config.get('run_mode')!r}: quantized weights are for predict only (training is "
+                                f"refused); plan the float YAML, or set run_mode: predict")
     return _Settings(
         model_config=mc, parallel_config=pc, shape=model_shape(mc), parallel=parallel_shape(pc), predict=predict,
         param_bytes=dtype("param_init_type"), compute_bytes=dtype("compute_dtype"),
@@ -175,7 +229,9 @@ def _settings(config: dict) -> _Settings:
         moe_dispatch=mc.get("moe_dispatch"), expert_capacity_factor=float(mc.get("expert_capacity_factor") or 0.0),
         capacity_factor=float(mc.get("capacity_factor") or 0.0), flash_attention=mc.get("use_flash_attention", False),
         lora=parse_pet_config(mc["pet_config"]) if mc.get("pet_config") and not predict else None,
-        attention_chunk=chunks["attention_chunk_size"], prefill_chunk=chunks["prefill_chunk_size"])
+        attention_chunk=chunks["attention_chunk_size"], prefill_chunk=chunks["prefill_chunk_size"], quant=quant,
+        param_dtype=canonical(mc.get("param_init_type", "float32"), "model_config.param_init_type"),
+        weight_quant_kernel=bool(mc.get("use_weight_quant_kernel", False)))
 
 
 # ---------------------------------------------------------------------------------------------- weights per stage
@@ -195,6 +251,31 @@ def _stage_weights(st: _Settings, stage: int, layers: range) -> _Weights:
     if stage == st.parallel.pp - 1:
         weights += last
     return weights
+
+
+def _held_bytes(st: _Settings, stage: int, layers: range) -> Dict[Tuple[str, str], float]:
+    """Bytes one card of a stage holds, by (part, dtype): every tensor of the stage (its layers, the embedding on the
+    first stage, final norm and lm_head on the last) divided by the degrees of the axes that cut it; dtypes "int8",
+    "float32 scales" and param_init_type's name."""
+    held = [entry for layer in layers for entry in _layer_held(st.shape, st.quant, layer)]
+    before, after = _outer_held(st.shape)
+    held += (list(before) if stage == 0 else []) + (list(after) if stage == st.parallel.pp - 1 else [])
+    axes, out = st.parallel.axes(), {}
+    for part, cut_axes, dtype, size in held:
+        # int4 is held packed two a byte in an int8 tensor (its shape already halved): named for what it holds
+        key = (part, {"int8": st.quant.weight_dtype if st.quant else "int8",
+                      "float32": "float32 scales"}.get(dtype, st.param_dtype))
+        share = size / math.prod(axes[axis] for axis in cut_axes)
+        out[key] = out.get(key, 0.0) + share * HELD_BYTES.get(dtype, st.param_bytes)
+    return out
+
+
+def _by(held: Dict[Tuple[str, str], float], index: int) -> Dict[str, float]:
+    """_held_bytes summed by part (index 0) or by dtype (index 1)."""
+    out: Dict[str, float] = {}
+    for key, value in held.items():
+        out[key[index]] = out.get(key[index], 0.0) + value
+    return out
 
 
 def _whole_and_split(weights: _Weights, st: _Settings) -> Tuple[int, int]:
@@ -264,7 +345,10 @@ def _stage_plan(st: _Settings, stage: int, layers: range, overhead_gb: float) ->
     """Parameters and bytes per card of one pipeline stage."""
     weights = _stage_weights(st, stage, layers)
     per_card = _params_per_card(weights, st)
-    entry = {"stage": stage, "layers": len(layers), "params_per_card": per_card, "weights": per_card * st.param_bytes}
+    held = _held_bytes(st, stage, layers)
+    entry = {"stage": stage, "layers": len(layers), "params_per_card": per_card,
+             "weights": sum(held.values()) if st.quant else per_card * st.param_bytes,
+             "weights_by_dtype": _by(held, 1), "weights_by_part": _by(held, 0)}
     entry.update(_prediction_bytes(st, stage, layers) if st.predict else _training_bytes(st, stage, layers, weights))
     entry["overhead"] = overhead_gb * GIB
     entry["total"] = sum(entry.get(key, 0.0) for key in BYTE_KEYS)
@@ -302,6 +386,9 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
                      "parallel_optimizer": st.parallel_optimizer, "optimizer_swap": st.swap,
                      "card_memory_gb": card_memory_gb, "overhead_gb": overhead_gb},
         "params": count_parameters(st.shape),
+        "weights_held": {"quantization": st.quant.to_dict() if st.quant else None,
+                         "use_weight_quant_kernel": st.weight_quant_kernel, "summary": _weights_summary(st),
+                         "by_dtype": busiest["weights_by_dtype"], "by_part": busiest["weights_by_part"]},
         "lora": _lora_summary(st),
         "flash_attention": _flash_summary(st, busiest, overhead_gb),
         "stages": stages,
@@ -313,6 +400,17 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
         "fits": busiest["total"] <= card_memory_gb * GIB,
         "problems": check_parallel_config(st.model_config, st.parallel_config, device_num),
     }
+
+
+def _weights_summary(st: _Settings) -> str:
+    """What the weights are held in, in words."""
+    q = st.quant
+    if not q:
+        return f"{st.param_dtype} throughout"
+    scales = f"one per {q.group_size} inputs" if q.group_size else "one per output channel"
+    skipped = f", modules_to_not_convert {list(q.modules_to_not_convert)}" if q.modules_to_not_convert else ""
+    return (f"{q.weight_dtype} projections{', two a byte' if q.bits == 4 else ''} + float32 scales ({scales}), "
+            f"{st.param_dtype} embedding/lm_head/norms/router/kv_b_proj{skipped}")
 
 
 def _lora_summary(st: _Settings) -> Optional[dict]:
@@ -364,6 +462,36 @@ def smallest_cluster(config: dict, card_memory_gb: float = 64.0, overhead_gb: fl
     return None
 
 
+def _device_memory_gb(config: dict) -> Optional[float]:
+    """context.max_device_memory of a YAML ("59GB") in GB, or None when it is not set."""
+    value = (config.get("context") or {}).get("max_device_memory")
+    text = str(value).strip().upper() if value is not None else ""
+    try:
+        return float(text[:-2]) if text.endswith("GB") else None
+    except ValueError:
+        return None
+
+
+def fewest_predict_cards(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0,
+                         max_cards: int = 1024) -> Optional[dict]:
+    """Prediction: the fewest cards of one replica (data_parallel 1, model_parallel = the cards: 1..8 or whole
+    8-card nodes) passing parallel_check whose total fits the card and the YAML's context.max_device_memory:
+    {"device_num", "total_bytes", "limit_gb"}; None for training, or when no layout up to max_cards fits."""
+    if not is_predict(config):
+        return None
+    limit = min(card_memory_gb, _device_memory_gb(config) or card_memory_gb)
+    pc = config.get("parallel_config") or {}
+    mc = {k: v for k, v in ((config.get("model") or {}).get("model_config") or {}).items() if k != "type"}
+    for cards in list(range(1, CARDS_PER_NODE)) + list(range(CARDS_PER_NODE, max_cards + 1, CARDS_PER_NODE)):
+        layout = dict(pc, data_parallel=1, model_parallel=cards, pipeline_stage=1, expert_parallel=1)
+        if check_parallel_config(mc, layout, cards):
+            continue
+        result = plan(dict(config, parallel_config=layout), card_memory_gb, overhead_gb)
+        if not result["problems"] and result["total_bytes"] <= limit * GIB:
+            return {"device_num": cards, "total_bytes": result["total_bytes"], "limit_gb": limit}
+    return None
+
+
 def full_finetune(config: dict, card_memory_gb: float = 64.0, overhead_gb: float = 2.0) -> Optional[dict]:
     """For a LoRA YAML: the same YAML without pet_config (every weight trained) on the same cards, and its smallest
     cluster (expert_parallel free to grow to n_routed_experts). None without pet_config or for prediction."""
@@ -384,9 +512,12 @@ def _gb(value: float) -> str:
     return f"{value / GIB:8.2f} GB"
 
 
-def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Optional[dict] = None) -> str:
-    """Human-readable table of plan() (and smallest_cluster(), full_finetune()) results."""
+def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Optional[dict] = None,
+                fewest: Optional[dict] = None) -> str:
+    """Human-readable table of plan() (and smallest_cluster(), full_finetune(), fewest_predict_cards()) results."""
     p, sh, st, lora = result["params"], result["shape"], result["settings"], result["lora"]
+    held = result["weights_held"]
+    quant = held["quantization"]
     lines = [f"{name} ({result['mode']})" if name else f"mode: {result['mode']}",
              f"  model: {p['total'] / 1e9:.2f}B parameters, {p['activated'] / 1e9:.2f}B activated per token "
              f"({p['num_dense_layers']} dense + {p['num_moe_layers']} MoE layers; routed experts "
@@ -399,8 +530,14 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Op
              f"{sh['device_num']} cards, ep {sh['expert_parallel']}, micro_batch_num {sh['micro_batch_num']}, "
              f"vocab_emb_dp {sh['vocab_emb_dp']}, seq parallel {sh['use_seq_parallel']}",
              f"  settings: seq_length {st['seq_length']}, batch_size {st['batch_size']}, weights "
-             f"{st['param_bytes']} B/param, compute {st['compute_bytes']} B, recompute {st['recompute']}, "
+             + (f"{quant['weight_dtype']} + float32 scales, the rest {st['param_bytes']} B/param" if quant else
+                f"{st['param_bytes']} B/param")
+             + f", compute {st['compute_bytes']} B, recompute {st['recompute']}, "
              f"parallel optimizer {st['parallel_optimizer']}, optimizer swap {st['optimizer_swap']}",
+             *([f"  weights: {held['summary']} (quant_method {quant['quant_method']}, group_size "
+                f"{quant['group_size']}; use_weight_quant_kernel {held['use_weight_quant_kernel']}); per card "
+                + ", ".join(f"{dtype} {value / GIB:.2f} GB" for dtype, value in held["by_dtype"].items())]
+               if quant else []),
              f"  per card (busiest pipeline stage {result['busiest_stage']}, "
              f"{result['params_per_card'] / 1e9:.3f}B parameters):"]
     labels = {"weights": "weights (frozen)" if lora else "weights", "adapters": "LoRA adapters",
@@ -428,6 +565,10 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Op
                      f" ep {smallest['expert_parallel']}, {smallest['total_bytes'] / GIB:.1f} GB per card)")
     else:
         lines.append("  smallest cluster that fits: none with this model_parallel x pipeline_stage")
+    if result["mode"] == "predict":
+        lines.append(f"  fewest cards for prediction (data_parallel 1, model_parallel = cards, within "
+                     + (f"{fewest['limit_gb']:g} GB): {fewest['device_num']} card(s), "
+                        f"{fewest['total_bytes'] / GIB:.1f} GB per card" if fewest else "the card): none"))
     if full:
         cluster = full["smallest_cluster"]
         lines.append(f"  full finetune of the same YAML (no pet_config): {full['total_bytes'] / GIB:.1f} GB per card "
@@ -448,13 +589,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with open(args.config, encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
-    result = plan(config, args.card_memory_gb, args.overhead_gb)
+    try:
+        result = plan(config, args.card_memory_gb, args.overhead_gb)
+    except ValueError as err:                  # a field the plan cannot take (named), or a quantized training plan
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
     smallest = smallest_cluster(config, args.card_memory_gb, args.overhead_gb)
     full = full_finetune(config, args.card_memory_gb, args.overhead_gb)
+    fewest = fewest_predict_cards(config, args.card_memory_gb, args.overhead_gb)
     if args.json:
-        print(json.dumps(dict(result, smallest_cluster=smallest, full_finetune=full), indent=1, default=float))
+        print(json.dumps(dict(result, smallest_cluster=smallest, full_finetune=full, fewest_predict_cards=fewest),
+                         indent=1, default=float))
     else:
-        print(format_plan(result, smallest, os.path.basename(args.config), full))
+        print(format_plan(result, smallest, os.path.basename(args.config), full, fewest))
     return 0 if result["fits"] else 1
 
 

@@ -30,19 +30,29 @@ function per rule):
   * training with mp, ep or pp > 1: parallel_mode 2 (auto) with search_mode sharding_propagation, and
     model_config.moe_dispatch: capacity (the expert-parallel layout of the routed experts).
   * prediction: no pipeline stages, and batch_size % data_parallel == 0.
+  * quantization (model_config.quantization_config; predict only, a training YAML with it is refused): a bad
+    quantization_config, or a group size that does not divide a weight's inputs, is one message naming it; a
+    quantized model predicts through the hand-written split over the model_parallel ranks
+    (``inventory.inference_split_dim``), so every int8 / packed int4 weight and float32 scale must split there too
+    (int4 holds pairs of output channels a byte; a group-wise scale holds k / group_size columns, e.g. the shared
+    experts' w2 of the 236B model 3072 / 128 = 24): one message per tensor, naming it and counting its layers.
 Fields a model_config leaves out are not checked (``check_parallel_config`` takes partial model configs).
 """
 import argparse
+import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from research.deepseek2.planning.inventory import ModelShape, divisibility_problems
+from research.deepseek2.errors import QuantizationError
+from research.deepseek2.planning.inventory import (ModelShape, divisibility_problems, inference_split_dim, parameters,
+                                                   quantization_settings)
 
 __all__ = ["check_parallel_config", "load_yaml", "load_yaml_checks", "parallel_shape", "ParallelShape",
            "layers_per_stage", "is_predict"]
@@ -128,7 +138,8 @@ def check_parallel_config(model_config: dict, parallel_config: dict, device_num:
         return problems
     s = parallel_shape(parallel_config)
     return (_card_problems(s, device_num) + _divisibility_problems(mc, s) + _latent_problems(mc)
-            + _expert_problems(mc, s) + _pipeline_problems(mc, s) + _sequence_parallel_problems(mc, s))
+            + _expert_problems(mc, s) + _pipeline_problems(mc, s) + _sequence_parallel_problems(mc, s)
+            + _quantization_problems(mc, s))
 
 
 def _degree_problems(pc: dict) -> List[str]:
@@ -181,6 +192,45 @@ def _shape_for_checks(mc: dict, neutral: int) -> ModelShape:
                       q_lora_rank=integer("q_lora_rank", None), n_routed_experts=integer("n_routed_experts", None),
                       n_shared_experts=integer("n_shared_experts", None), first_k_dense_replace=first_dense,
                       moe_layer_freq=frequency, tie_word_embeddings=bool(mc.get("tie_word_embeddings", False)))
+
+
+def _quantization_problems(mc: dict, s: ParallelShape) -> List[str]:
+    """A quantized model's own tensors along the hand-written inference split over model_parallel ranks (the
+    module docstring); a bad quantization_config or a group size not dividing a weight's inputs: one message."""
+    if not mc.get("quantization_config"):
+        return []
+    try:
+        settings = quantization_settings(mc)
+        if settings is None:
+            return []
+        neutral = math.lcm(s.mp, s.ep, 2) * (settings.group_size or 1)     # a missing width: one that splits
+        return list(_quantized_split_problems(_shape_for_checks(mc, neutral), settings, s.mp))
+    except QuantizationError as err:
+        return [str(err)]
+
+
+@functools.lru_cache(maxsize=256)
+def _quantized_split_problems(shape: ModelShape, settings, tp: int) -> Tuple[str, ...]:
+    """One message per quantized tensor (its layers counted) whose inference split dimension does not divide into
+    ``tp`` ranks (cached: the memory plan asks the same model many times)."""
+    if tp == 1:
+        return ()
+    found: Dict[str, list] = {}
+    for param in parameters(dict(dataclasses.asdict(shape), quantization_config=settings)):
+        dim = inference_split_dim(param)
+        if param.dtype and dim is not None and param.shape[dim] % tp:
+            found.setdefault(re.sub(r"^model\.layers\.\d+\.", "", param.name), []).append(param)
+    messages = []
+    for params in found.values():
+        param, dim = params[0], inference_split_dim(params[0])
+        held = ("columns of scale groups" if param.name.endswith("_scale") else
+                "rows of int4 pairs of output channels" if settings.bits == 4 else "rows")
+        layers = f" (and the same tensor of {len(params) - 1} more layers)" if len(params) > 1 else ""
+        messages.append(f"{param.name}{layers}: the quantized ({settings.weight_dtype}, group_size "
+                        f"{settings.group_size}) tensor {param.shape} has {param.shape[dim]} {held} on dimension "
+                        f"{dim}, which do not split into parallel_config.model_parallel = {tp} ranks; use a "
+                        f"model_parallel dividing {param.shape[dim]}, another group_size, or modules_to_not_convert")
+    return tuple(messages)
 
 
 def _latent_problems(mc: dict) -> List[str]:
@@ -281,6 +331,9 @@ def load_yaml_checks(path: str, device_num: Optional[int] = None) -> List[str]:
             problems.append(f"{name}: parallel_config.data_parallel x model_parallel x pipeline_stage = {device_num} "
                             f"cards does not fill whole {CARDS_PER_NODE}-card nodes")
     problems += [f"{name}: {p}" for p in check_parallel_config(model_config, parallel_config, device_num)]
+    if model_config.get("quantization_config") and not is_predict(config):
+        problems.append(f"{name}: model_config.quantization_config with run_mode {config.get('run_mode')!r}: "
+                        "quantized weights are for predict only (training refuses them); set run_mode: predict")
     if is_predict(config):
         if s.pp != 1:
             problems.append(f"{name}: parallel_config.pipeline_stage = {s.pp}: prediction runs without pipeline "
