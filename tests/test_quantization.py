@@ -201,6 +201,36 @@ def test_the_command_line_and_a_mindspore_input_write_the_same_tensors(made, tmp
     assert all(np.array_equal(got["hf"][n], got["ms"][n]) for n in got["hf"])
 
 
+def test_a_training_checkpoint_quantizes_its_weights_and_an_unknown_tensor_is_refused(made, tmp_path):
+    """A finetune's .ckpt holds optimizer moments and the step beside the weights: they are skipped (the
+    converter's rule); a tensor the model does not have is refused naming it, and nothing is written."""
+    import mindspore as ms
+    from research.deepseek2 import DeepseekV2Config
+    from research.deepseek2.errors import CheckpointError
+    from research.deepseek2.quantization.convert import quantize_checkpoint
+    hf = made("lite")
+    assert _cli("--torch_ckpt_path", str(hf), "--mindspore_ckpt_path", str(tmp_path / "ms.ckpt"),
+                tmp_path=tmp_path).returncode == 0
+    weights = ms.load_checkpoint(str(tmp_path / "ms.ckpt"))
+    state = {"global_step": ms.Parameter(ms.Tensor(np.array([7], np.int32)), name="global_step"),
+             "adam_m.lm_head.weight": ms.Parameter(ms.Tensor(weights["lm_head.weight"].asnumpy()),
+                                                    name="adam_m.lm_head.weight")}
+    ms.save_checkpoint([{"name": n, "data": p} for n, p in {**weights, **state}.items()], str(tmp_path / "train.ckpt"))
+    config = DeepseekV2Config(**json.loads((hf / "config.json").read_text()))
+    with_state = quantize_checkpoint(str(tmp_path / "train.ckpt"), str(tmp_path / "q"), settings("int8"),
+                                     config=config, progress=False)
+    plain = quantize_checkpoint(str(tmp_path / "ms.ckpt"), str(tmp_path / "q_plain"), settings("int8"),
+                                config=config, progress=False)
+    assert with_state["tensors"] == plain["tensors"] and with_state["bytes"] == plain["bytes"]
+    bogus = {"model.layers.0.attention.extra.weight": ms.Parameter(ms.Tensor(np.ones((2, 2), np.float32)),
+                                                                   name="model.layers.0.attention.extra.weight")}
+    ms.save_checkpoint([{"name": n, "data": p} for n, p in {**weights, **bogus}.items()], str(tmp_path / "bad.ckpt"))
+    with pytest.raises(CheckpointError, match="model.layers.0.attention.extra.weight"):
+        quantize_checkpoint(str(tmp_path / "bad.ckpt"), str(tmp_path / "q_bad"), settings("int8"), config=config,
+                            progress=False)
+    assert not (tmp_path / "q_bad").exists()
+
+
 def test_an_already_quantized_folder_is_refused(made, tmp_path):
     from research.deepseek2.quantization.convert import quantize_checkpoint
     with pytest.raises(QuantizationError, match="already quantized"):

@@ -82,7 +82,16 @@ def _source_rows(source, config, progress):
             for reader in readers.values():
                 reader.close()
         return
+    # the converter's completeness rule: a training output's optimizer / step state and a declared non-weight (the
+    # latent cache) are skipped, logged; anything missing, unexpected or mis-shaped is refused naming it
+    from research.deepseek2.checkpoints.check import compare, raise_problems
+    from research.deepseek2.checkpoints.weight_map import expected_ms_shapes
+    from research.deepseek2.planning.inventory import buffers
+    expected = expected_ms_shapes(config)
+    raise_problems(compare(expected, source.parameters(), source.path, buffers(config)), source.path)
     for _, ms_name, array in source.iter_parameters(config, progress=progress):
+        if ms_name not in expected:
+            continue
         if is_stacked(ms_name):
             for expert in range(array.shape[0]):
                 yield ms_to_hf(ms_name, expert), array[expert]
