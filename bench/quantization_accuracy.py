@@ -13,7 +13,8 @@ Per setting:
 
 Two rows quantize the router (``mlp.gate``) too, round to nearest in place on the float model, which the
 converter never does: they measure what keeping it float buys. Settings are given as
-``name=weight_dtype[:group_size][:modules,to,skip][:router]``, e.g. ``int4-experts=int4:16:self_attn,shared_experts,mlp.gate_proj,mlp.up_proj,mlp.down_proj``.
+``name=weight_dtype[:group_size][:modules,to,skip][:router]``, e.g.
+``int4-experts=int4:16:self_attn,shared_experts,mlp.gate_proj,mlp.up_proj,mlp.down_proj``.
 
     python bench/quantization_accuracy.py                          # the main job's checkpoint, the default settings
     python bench/quantization_accuracy.py --json accuracy.json --load_checkpoint CKPT --config YAML --eval_data MR
@@ -35,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402  (bench/common.py: log and env defaults)  pylint: disable=wrong-import-position
 
 ROOT = common.ROOT
-DEMO_CKPT = os.path.join(ROOT, "work_dirs", "demo", "output", "checkpoint", "rank_0", "deepseek2_tiny_rank_0-2_239.ckpt")
+DEMO_CKPT = os.path.join(ROOT, "work_dirs", "demo", "output", "checkpoint", "rank_0",
+                         "deepseek2_tiny_rank_0-2_239.ckpt")
 DEMO_YAML = os.path.join(ROOT, "configs", "deepseek2", "finetune_deepseek2_tiny.yaml")
 DEMO_DATA = os.path.join(ROOT, "work_dirs", "demo", "heldout.mindrecord")
 # the tiny model's widths are 48 (q_lora_rank), 64 and 128: int4 groups of 16 divide every projection's inputs

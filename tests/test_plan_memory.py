@@ -585,7 +585,8 @@ def test_cli_prints_the_weights_by_dtype_and_refuses_a_quantized_training_yaml(t
     assert out.returncode == 0, out.stderr
     assert "int8 projections + float32 scales (one per output channel)" in out.stdout
     assert "per card bfloat16 2.28 GB, int8 27.73 GB, float32 scales 0.20 GB" in out.stdout
-    assert "fewest cards for prediction (data_parallel 1, model_parallel = cards, within 59 GB): 8 card(s)" in out.stdout
+    assert ("fewest cards for prediction (data_parallel 1, model_parallel = cards, within 59 GB): 8 card(s)"
+            in out.stdout)
     with open(path, encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
     config["run_mode"], config["model"]["model_config"]["use_past"] = "finetune", False

@@ -111,7 +111,8 @@ def linear(in_features: int, out_features: int, quant=None, name: str = "weight"
     """The projection whose weight is ``name`` (relative to the ``quant`` plan's prefix, e.g. "wo.weight"): a
     ``QuantLinear`` when the plan (``quantization.cells.QuantPlan``) holds it quantized, else a float Linear."""
     if quant is not None and quant.holds(name):
-        return QuantLinear(in_features, out_features, quant, has_bias, compute_dtype, param_init_type)
+        return QuantLinear(in_features, out_features, quant, has_bias, compute_dtype, param_init_type,
+                           where=quant.prefix + name)
     return Linear(in_features, out_features, has_bias, compute_dtype, param_init_type, init_std)
 
 

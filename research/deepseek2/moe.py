@@ -177,7 +177,7 @@ class RoutedExperts(nn.Cell):
         for name, shape in (("w1", (e, i, h)), ("w3", (e, i, h)), ("w2", (e, h, i))):  # gate, up, down of each
             self.quantized[name] = quant is not None and quant.holds(name)
             if self.quantized[name]:
-                weight, scale = quantized_parameter(shape, quant.settings, name)
+                weight, scale = quantized_parameter(shape, quant.settings, name, quant.prefix + name)
                 setattr(self, name, weight)
                 setattr(self, name + "_scale", scale)
             else:

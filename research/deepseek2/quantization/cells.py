@@ -41,12 +41,14 @@ class QuantPlan:
         return self.prefix + name in self.names
 
 
-def quantized_parameter(shape, settings, name: str):
+def quantized_parameter(shape, settings, name: str, where: str = None):
     """(int8 weight, float32 scale) Parameters for a float weight of ``shape`` (..., n, k), stored as the
-    converter writes them (``settings.stored_shape`` / ``scale_shape``); frozen."""
-    weight = Parameter(initializer("zeros", stored_shape(shape, settings, name), mstype.int8), name=name,
+    converter writes them (``settings.stored_shape`` / ``scale_shape``); frozen. ``where``: the weight's name in
+    the model, for errors (default ``name``)."""
+    where = where or name
+    weight = Parameter(initializer("zeros", stored_shape(shape, settings, where), mstype.int8), name=name,
                        requires_grad=False)
-    scale = Parameter(initializer("ones", scale_shape(shape, settings, name), mstype.float32),
+    scale = Parameter(initializer("ones", scale_shape(shape, settings, where), mstype.float32),
                       name=name + "_scale", requires_grad=False)
     return weight, scale
 
@@ -56,11 +58,12 @@ class QuantLinear(nn.Cell):
     ``weight_scale`` (out, in / group_size) float32 (``quantization/rtn.py``'s layout); the bias stays float."""
 
     def __init__(self, in_features: int, out_features: int, plan: QuantPlan, has_bias: bool = False,
-                 compute_dtype=mstype.float32, param_init_type=mstype.float32):
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32, where: str = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.weight, self.weight_scale = quantized_parameter((out_features, in_features), plan.settings, "weight")
+        self.weight, self.weight_scale = quantized_parameter((out_features, in_features), plan.settings, "weight",
+                                                             where)
         self.bias = Parameter(initializer("zeros", (out_features,), param_init_type), name="bias") \
             if has_bias else None
         self.matmul = WeightQuantMatmul(plan.settings.bits, plan.settings.group_size, plan.kernel, compute_dtype)
