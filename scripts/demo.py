@@ -12,7 +12,11 @@
 7. a loss curve (output/loss_curve.png: training loss per step, its moving average, held-out loss before and after)
    and a summary of what changed.
 
-    python scripts/demo.py [--work_dir work_dirs/demo] [--epochs 2] [--seq_length 256] [--heldout 100]
+    python scripts/demo.py [--work_dir work_dirs/demo] [--epochs 2] [--stop_step N] [--seq_length 256]
+                           [--heldout 100]
+
+--stop_step N ends the finetune after N steps (MindFormers' runner_config.stop_step; the checkpoint is saved there):
+the whole job in a couple of minutes, with the files every later command needs.
 """
 import argparse
 import glob
@@ -159,6 +163,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "work_dirs", "demo"))
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--stop_step", type=int, default=0, help="stop the finetune after this many steps (0: off)")
     parser.add_argument("--seq_length", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=100, help="last records of the sample held out (default 100)")
     args = parser.parse_args()
@@ -200,7 +205,8 @@ def main():
     banner("5/7 finetune through run_mindformer.py (MindFormers Trainer, graph mode, CPU)")
     log = run([py, "run_mindformer.py", "--config", TINY_YAML, "--run_mode", "finetune", "--load_checkpoint", ckpt,
                "--load_ckpt_format", "safetensors", "--train_data", data, "--tokenizer_file", tokenizer, "--output_dir", out,
-               "--runner_config.epochs", str(args.epochs), "--model.model_config.seq_length", str(args.seq_length)],
+               "--runner_config.epochs", str(args.epochs), "--model.model_config.seq_length", str(args.seq_length)]
+              + (["--runner_config.stop_step", str(args.stop_step)] if args.stop_step else []),
               env, filter_loss=True)
     losses = [float(m.group(3)) for m in LOSS_LINE.finditer(log)]
     if not losses:
