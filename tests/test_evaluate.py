@@ -134,3 +134,36 @@ def test_a_lora_output_is_evaluated_merged(assets):
     with_adapters, _ = heldout_loss(dict(_fields(), pet_config=pet_config), lora, **args)
     assert with_adapters == pytest.approx(heldout_loss(_fields(), merged, **args)[0], rel=1e-6)
     assert abs(with_adapters - heldout_loss(_fields(), assets["checkpoint"], **args)[0]) > 1e-3
+
+
+def test_a_quantized_folder_is_evaluated_under_its_quantization_config(assets):
+    """convert_weight.py's int4 folder of the checkpoint, under a YAML with the folder's quantization_config: the
+    loss equals that of its dequantized weights saved as a float Hugging Face folder, and the folder under the float
+    fields is refused naming both sides."""
+    from safetensors.numpy import load_file, save_file
+    from research.deepseek2 import DeepseekV2Config
+    from research.deepseek2.errors import EvaluationError
+    from research.deepseek2.evaluation.heldout import heldout_loss
+    from research.deepseek2.quantization.convert import quantize_checkpoint
+    from research.deepseek2.quantization.rtn import dequantize
+    from research.deepseek2.quantization.settings import parse_quantization_config
+    quant = {"weight_dtype": "int4", "group_size": 16}
+    settings = parse_quantization_config(quant)
+    folder, plain = assets["folder"] / "int4", assets["folder"] / "int4_dequantized"
+    quantize_checkpoint(assets["checkpoint"], str(folder), settings, config=DeepseekV2Config(**_fields()),
+                        progress=False)
+    tensors = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(str(folder / name)))
+    plain.mkdir()
+    save_file({n: (dequantize(t, tensors[n + "_scale"], settings) if n + "_scale" in tensors else t)
+               for n, t in tensors.items() if not n.endswith(("_scale", "_offset"))},
+              str(plain / "model.safetensors"), metadata={"format": "pt"})
+    (plain / "config.json").write_text(json.dumps(DeepseekV2Config(**_fields()).to_hf_dict()))
+    args = dict(mindrecord=assets["data"], batch_size=BATCH, progress=False)
+    quantized, _ = heldout_loss(dict(_fields(), quantization_config=quant), str(folder), **args)
+    assert quantized == pytest.approx(heldout_loss(_fields(), str(plain), **args)[0], rel=1e-5)
+    with pytest.raises(EvaluationError, match="holds int4, group_size 16, but model.model_config.quantization_config "
+                                              "says float weights"):
+        heldout_loss(_fields(), str(folder), **args)

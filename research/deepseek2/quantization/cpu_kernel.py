@@ -56,14 +56,33 @@ def library() -> str:
     return path
 
 
+def _checked(op: str, bits: int, x, q, scale, experts: bool):
+    """The kernel reads raw buffers: a shape it does not take is refused here, at graph build, naming the op, rather
+    than read out of bounds (or divided by a zero group count) in C++."""
+    rows = 2 if bits == 4 else 1                                  # int4: two output channels a stored row
+    want_q, want_scale = (3, 3) if experts else (2, 2)
+    ok = len(x) == 2 and len(q) == want_q and len(scale) == want_scale and x[1] == q[-1]
+    ok = ok and scale[-2] == q[-2] * rows and scale[-1] > 0 and x[1] % scale[-1] == 0
+    ok = ok and (not experts or q[0] == scale[0])
+    if not ok:
+        raise ValueError(f"{op} (int{bits}): x {list(x)}, weight {list(q)}, scale {list(scale)}: expected x (T, K), "
+                         f"weight ({'E, ' if experts else ''}N{'/2' if bits == 4 else ''}, K) and scale "
+                         f"({'E, ' if experts else ''}N, G) with G dividing K")
+
+
 def weight_quant_matmul_op(bits: int):
     """Custom op (x (T, K) float32, q, scale (N, G) float32) -> (T, N) float32."""
-    return ops.Custom(f"{library()}:WeightQuantMatmul", out_shape=lambda x, q, scale: [x[0], scale[0]],
+    def out_shape(x, q, scale):
+        _checked("WeightQuantMatmul", bits, x, q, scale, experts=False)
+        return [x[0], scale[0]]
+    return ops.Custom(f"{library()}:WeightQuantMatmul", out_shape=out_shape,
                       out_dtype=lambda x, q, scale: mstype.float32, func_type="aot")
 
 
 def gathered_weight_quant_matmul_op(bits: int):
     """Custom op (x (T, K) float32, q (E, ., K), scale (E, N, G) float32, index (T,) int32) -> (T, N) float32."""
-    return ops.Custom(f"{library()}:GatheredWeightQuantMatmul",
-                      out_shape=lambda x, q, scale, index: [x[0], scale[1]],
+    def out_shape(x, q, scale, index):
+        _checked("GatheredWeightQuantMatmul", bits, x, q, scale, experts=True)
+        return [x[0], scale[1]]
+    return ops.Custom(f"{library()}:GatheredWeightQuantMatmul", out_shape=out_shape,
                       out_dtype=lambda x, q, scale, index: mstype.float32, func_type="aot")
