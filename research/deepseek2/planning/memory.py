@@ -28,7 +28,7 @@ Prediction (run_mode predict or use_past): weights in bytes(param_init_type), no
   latent KV cache (b/dp) x layers x seq_length x (r + dr) x c, whole on every card (MLA latents are not split);
   workspace = one layer's prefill activations (``activations.py``) + fp32 logits (b/dp) s V/t' x 4 + overhead
   (logits of p tokens with a chunked prefill of p tokens a call).
-Quantized prediction (model_config.quantization_config, quantization/; predict only: a training plan of a quantized
+Quantized prediction (model_config.quantization_config, ``held.py``; predict only: a training plan of a quantized
   YAML is refused, as the runner refuses the run): every weight as ``inventory.quantized`` holds it, with its own
   cuts: an int8 tensor 1 byte per stored element (int4 is stored two a byte, its shape already halved), its
   ``_scale`` 4 bytes (float32), the rest (embedding, lm_head, norms, router, kv_b_proj, modules_to_not_convert)
@@ -63,9 +63,10 @@ from research.deepseek2.errors import QuantizationError
 from research.deepseek2.lora.config import LoraSettings, parse_pet_config
 from research.deepseek2.planning.activations import (attention_backward_bytes, attention_core_bytes,
                                                      layer_activation_bytes, training_activation_bytes)
-from research.deepseek2.planning.counts import card_share, count_adapters, count_parameters, layer_adapters, part_of
-from research.deepseek2.planning.inventory import (ModelShape, Param, layer_parameters, model_shape, parameters,
-                                                   quantization_settings, quantized)
+from research.deepseek2.planning.counts import card_share, count_adapters, count_parameters, layer_adapters
+from research.deepseek2.planning.held import held_bytes, outer_params, totals_by, weights_summary
+from research.deepseek2.planning.inventory import (ModelShape, Param, layer_parameters, model_shape,
+                                                   quantization_settings)
 from research.deepseek2.planning.parallel_check import (ParallelShape, check_parallel_config, is_predict,
                                                         layers_per_stage, parallel_shape)
 from research.deepseek2.quantization.settings import QuantSettings
@@ -114,51 +115,9 @@ def _layer_weights(shape: ModelShape, layer: int) -> _Weights:
 
 
 @functools.lru_cache(maxsize=64)
-def _outer_params(shape: ModelShape) -> Tuple[Tuple[Param, ...], Tuple[Param, ...]]:
-    """The weights outside the decoder layers: before them (embedding: the first stage), after them (final norm,
-    lm_head: the last stage)."""
-    before, after, in_layers = [], [], False
-    for param in parameters(shape):
-        if param.name.startswith("model.layers."):
-            in_layers = True
-        else:
-            (after if in_layers else before).append(param)
-    return tuple(before), tuple(after)
-
-
-@functools.lru_cache(maxsize=64)
 def _outer_weights(shape: ModelShape) -> Tuple[_Weights, _Weights]:
     """_Weights of _outer_params."""
-    return tuple(_Weights.of(params) for params in _outer_params(shape))
-
-
-# what a model holds, by dtype: (part, axes cutting it, dtype, elements); dtype None = param_init_type
-_Held = Tuple[Tuple[str, Tuple[str, ...], Optional[str], int], ...]
-HELD_BYTES = {"int8": 1, "float32": 4}     # the dtypes a quantized model holds tensors in (int8 weights, scales)
-
-
-def _held(params: Iterable[Param], quant: Optional[QuantSettings]) -> _Held:
-    """The tensors a model holds for ``params``, each as ``inventory.quantized`` holds it (an int8 / packed int4
-    weight and its float32 scale, or the float weight), summed by count_parameters' part, the axes of its cuts and
-    its dtype."""
-    sums: Dict[tuple, int] = {}
-    for param in params:
-        for held in quantized(param, quant):
-            key = (part_of(held), tuple(sorted({cut.axis for cut in held.cuts})), held.dtype)
-            sums[key] = sums.get(key, 0) + held.size
-    return tuple(key + (size,) for key, size in sums.items())
-
-
-@functools.lru_cache(maxsize=4096)
-def _layer_held(shape: ModelShape, quant: Optional[QuantSettings], layer: int) -> _Held:
-    """_held of one decoder layer (cached by the model shape and the quantization: both frozen dataclasses)."""
-    return _held(layer_parameters(shape, layer), quant)
-
-
-@functools.lru_cache(maxsize=64)
-def _outer_held(shape: ModelShape) -> Tuple[_Held, _Held]:
-    """_held of the weights before and after the decoder layers (never quantized)."""
-    return tuple(_held(params, None) for params in _outer_params(shape))
+    return tuple(_Weights.of(params) for params in outer_params(shape))
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -254,28 +213,10 @@ def _stage_weights(st: _Settings, stage: int, layers: range) -> _Weights:
 
 
 def _held_bytes(st: _Settings, stage: int, layers: range) -> Dict[Tuple[str, str], float]:
-    """Bytes one card of a stage holds, by (part, dtype): every tensor of the stage (its layers, the embedding on the
-    first stage, final norm and lm_head on the last) divided by the degrees of the axes that cut it; dtypes "int8",
-    "float32 scales" and param_init_type's name."""
-    held = [entry for layer in layers for entry in _layer_held(st.shape, st.quant, layer)]
-    before, after = _outer_held(st.shape)
-    held += (list(before) if stage == 0 else []) + (list(after) if stage == st.parallel.pp - 1 else [])
-    axes, out = st.parallel.axes(), {}
-    for part, cut_axes, dtype, size in held:
-        # int4 is held packed two a byte in an int8 tensor (its shape already halved): named for what it holds
-        key = (part, {"int8": st.quant.weight_dtype if st.quant else "int8",
-                      "float32": "float32 scales"}.get(dtype, st.param_dtype))
-        share = size / math.prod(axes[axis] for axis in cut_axes)
-        out[key] = out.get(key, 0.0) + share * HELD_BYTES.get(dtype, st.param_bytes)
-    return out
-
-
-def _by(held: Dict[Tuple[str, str], float], index: int) -> Dict[str, float]:
-    """_held_bytes summed by part (index 0) or by dtype (index 1)."""
-    out: Dict[str, float] = {}
-    for key, value in held.items():
-        out[key[index]] = out.get(key[index], 0.0) + value
-    return out
+    """held.held_bytes of one card of a stage: its layers, the embedding on the first stage, final norm and lm_head
+    on the last."""
+    return held_bytes(st.shape, st.quant, layers, stage == 0, stage == st.parallel.pp - 1, st.parallel.axes(),
+                      st.param_dtype, st.param_bytes)
 
 
 def _whole_and_split(weights: _Weights, st: _Settings) -> Tuple[int, int]:
@@ -348,7 +289,7 @@ def _stage_plan(st: _Settings, stage: int, layers: range, overhead_gb: float) ->
     held = _held_bytes(st, stage, layers)
     entry = {"stage": stage, "layers": len(layers), "params_per_card": per_card,
              "weights": sum(held.values()) if st.quant else per_card * st.param_bytes,
-             "weights_by_dtype": _by(held, 1), "weights_by_part": _by(held, 0)}
+             "weights_by_dtype": totals_by(held, 1), "weights_by_part": totals_by(held, 0)}
     entry.update(_prediction_bytes(st, stage, layers) if st.predict else _training_bytes(st, stage, layers, weights))
     entry["overhead"] = overhead_gb * GIB
     entry["total"] = sum(entry.get(key, 0.0) for key in BYTE_KEYS)
@@ -387,7 +328,8 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
                      "card_memory_gb": card_memory_gb, "overhead_gb": overhead_gb},
         "params": count_parameters(st.shape),
         "weights_held": {"quantization": st.quant.to_dict() if st.quant else None,
-                         "use_weight_quant_kernel": st.weight_quant_kernel, "summary": _weights_summary(st),
+                         "use_weight_quant_kernel": st.weight_quant_kernel,
+                         "summary": weights_summary(st.quant, st.param_dtype),
                          "by_dtype": busiest["weights_by_dtype"], "by_part": busiest["weights_by_part"]},
         "lora": _lora_summary(st),
         "flash_attention": _flash_summary(st, busiest, overhead_gb),
@@ -400,17 +342,6 @@ def _plan_result(st: _Settings, stages: List[dict], card_memory_gb: float, overh
         "fits": busiest["total"] <= card_memory_gb * GIB,
         "problems": check_parallel_config(st.model_config, st.parallel_config, device_num),
     }
-
-
-def _weights_summary(st: _Settings) -> str:
-    """What the weights are held in, in words."""
-    q = st.quant
-    if not q:
-        return f"{st.param_dtype} throughout"
-    scales = f"one per {q.group_size} inputs" if q.group_size else "one per output channel"
-    skipped = f", modules_to_not_convert {list(q.modules_to_not_convert)}" if q.modules_to_not_convert else ""
-    return (f"{q.weight_dtype} projections{', two a byte' if q.bits == 4 else ''} + float32 scales ({scales}), "
-            f"{st.param_dtype} embedding/lm_head/norms/router/kv_b_proj{skipped}")
 
 
 def _lora_summary(st: _Settings) -> Optional[dict]:
