@@ -9,7 +9,6 @@ to their end. Nothing is downloaded and ``HF_ALLOW_CODE_EVAL`` is not needed; lm
 ``--confirm_run_unsafe_code``. ``deepseek2-lm-eval`` and ``DeepseekV2LM`` install it.
 """
 import concurrent.futures
-import math
 from typing import Dict, List, Sequence, Tuple, Union
 
 from research.deepseek2.evaluation.sandbox import Limits, isolation, run_tests
@@ -32,7 +31,7 @@ class SandboxedCodeEval:
         import numpy as np
         if len(predictions) != len(references):
             raise ValueError(f"code_eval: {len(predictions)} prediction lists for {len(references)} references")
-        limits = Limits(timeout=float(timeout), cpu_seconds=max(1, math.ceil(float(timeout))))
+        limits = Limits.for_timeout(timeout)
         jobs = [(task, index, candidate + "\n" + test)
                 for task, (candidates, test) in enumerate(zip(predictions, references))
                 for index, candidate in enumerate(candidates)]

@@ -171,7 +171,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _limits(args) -> Limits:
-    return Limits(timeout=args.timeout, cpu_seconds=max(1, int(np.ceil(args.timeout))))
+    return Limits.for_timeout(args.timeout)
 
 
 def _print_isolation():

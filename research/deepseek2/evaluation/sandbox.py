@@ -22,6 +22,7 @@ timed out; it never raises for anything the program does. ``run_tests(source)`` 
 to its end: it appends printing a random token only its last line knows, so exiting early is no pass.
 """
 import dataclasses
+import math
 import os
 import resource
 import secrets
@@ -40,12 +41,19 @@ __all__ = ["Limits", "Outcome", "isolation", "run_program", "run_tests", "progra
 class Limits:
     """What one program may use."""
     timeout: float = 10.0               # wall-clock seconds, then the whole process tree is killed
-    cpu_seconds: int = 10               # CPU time (RLIMIT_CPU)
+    cpu_seconds: int = 11               # CPU time (RLIMIT_CPU); see for_timeout
     memory_bytes: int = 1 << 30         # address space (RLIMIT_AS)
     file_bytes: int = 16 << 20          # size of any file written, its output included (RLIMIT_FSIZE)
     processes: int = 16                 # processes of its user id (RLIMIT_NPROC): forks beyond fail
     open_files: int = 64                # RLIMIT_NOFILE
     output_bytes: int = 64 << 10        # how much of its stdout and stderr is kept
+
+    @classmethod
+    def for_timeout(cls, timeout: float) -> "Limits":
+        """The default limits with ``timeout`` seconds of wall clock and one CPU second more: a single-threaded loop
+        then always meets the wall clock first and is reported as timed out (with equal limits the CPU limit could
+        kill it first, and it was reported as a failure with the launcher's message)."""
+        return cls(timeout=float(timeout), cpu_seconds=math.ceil(float(timeout)) + 1)
 
 
 @dataclasses.dataclass(frozen=True)
