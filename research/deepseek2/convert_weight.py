@@ -41,7 +41,6 @@ import os
 import re
 import sys
 
-import numpy as np
 from mindformers.tools.logger import logger
 
 from research.deepseek2.checkpoints.arrays import cast_array, describe, dtype_name, np_dtype
@@ -50,7 +49,8 @@ from research.deepseek2.checkpoints.checkpoint import (HF_INDEX_NAME, MS_INDEX_N
                                                        is_hf_folder)
 from research.deepseek2.checkpoints.ckpt_file import CkptWriter
 from research.deepseek2.checkpoints.hf_folder import HFCheckpoint
-from research.deepseek2.checkpoints.safetensors_file import SafetensorsWriter
+from research.deepseek2.checkpoints.safetensors_file import (SafetensorsWriter, ShardedSafetensorsWriter,
+                                                           plan_shards)
 from research.deepseek2.checkpoints.weight_map import (NAME_MAP, expected_hf_shapes, expected_ms_shapes, hf_to_ms,
                                                        is_stacked, ms_to_hf)
 from research.deepseek2.deepseek2_config import DeepseekV2Config
@@ -255,23 +255,6 @@ def convert_hf_to_ms(hf_dir: str, out_path: str, dtype=None, config=None, progre
 
 
 # ---------------------------------------------------------------------------------------------------- MS -> HF
-def _plan_shards(config, out_dtypes: dict, max_shard_size: int):
-    """[[(hf name, dtype, shape), ...] per output shard], filled in model order up to max_shard_size."""
-    shards, current, size = [], [], 0
-    for hf_name, shape in expected_hf_shapes(config).items():
-        ms_name, _ = hf_to_ms(hf_name)
-        dtype = out_dtypes[ms_name]
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append((hf_name, dtype, shape))
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
 def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_size="5GB",
                      progress: bool = True, adapters_only: bool = False) -> dict:
     """Convert a MindSpore checkpoint to Hugging Face safetensors shards.
@@ -307,20 +290,16 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
         # refused (a LoRA checkpoint's adapters too: give the LoRA YAML to merge them)
         raise_problems(compare(expected, source.parameters(), ms_path, declared_buffers(config)), ms_path)
     out_dtypes = {n: (np_dtype(dtype) if dtype else info[n].dtype) for n in expected}
-    plan = _plan_shards(config, out_dtypes, limit)
-    names = [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
+    plan = plan_shards(((hf_name, out_dtypes[hf_to_ms(hf_name)[0]], shape)
+                        for hf_name, shape in expected_hf_shapes(config).items()), limit)
     if os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         logger.warning(f"{hf_dir}/model.safetensors exists and would be preferred over the new {HF_INDEX_NAME} by "
                        f"transformers: remove it")
     logger.info(f"converting {ms_path} -> {hf_dir}: {len(plan)} safetensors shard(s) of at most {limit} bytes")
     stage = StagedDir(hf_dir)
-    writers = []
+    out = None
     try:
-        where = {}
-        for file_name, entries in zip(names, plan):
-            writers.append(SafetensorsWriter(stage.file(file_name), entries, {"format": "pt"}))
-            for hf_name, _, _ in entries:
-                where[hf_name] = writers[-1]
+        out = ShardedSafetensorsWriter(stage.file, "model", plan, {"format": "pt"})     # HF_INDEX_NAME's stem
         for _, name, array in source.iter_parameters(progress=progress):
             if name not in expected:                      # training state, adapters or the latent cache (checked)
                 continue
@@ -329,17 +308,12 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
             if is_stacked(name):                          # cast row by row: no second copy of the whole stack
                 for e in range(array.shape[0]):
                     hf_name = ms_to_hf(name, e)
-                    where[hf_name].write(hf_name, cast_array(array[e], out_dtypes[name]))
+                    out.write(hf_name, cast_array(array[e], out_dtypes[name]))
             else:
                 hf_name = ms_to_hf(name)
-                where[hf_name].write(hf_name, cast_array(array, out_dtypes[name]))
+                out.write(hf_name, cast_array(array, out_dtypes[name]))
             del array
-        for writer in writers:
-            writer.close()
-        total = sum(w.nbytes for w in writers)
-        weight_map = {hf_name: names[k] for k, entries in enumerate(plan) for hf_name, _, _ in entries}
-        with open(stage.file(HF_INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        out.close()
         hf_config = config.to_hf_dict()
         kinds = [dtype_name(d) for d in out_dtypes.values()]
         hf_config["torch_dtype"] = max(set(kinds), key=kinds.count)
@@ -347,13 +321,14 @@ def convert_ms_to_hf(ms_path: str, hf_dir: str, config, dtype=None, max_shard_si
             json.dump(hf_config, f, indent=2)
         stage.commit()
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        if out is not None:
+            out.abort()
         stage.abort()
         raise
-    logger.info(f"wrote {len(names)} shard(s), {HF_INDEX_NAME} and config.json to {stage.path} "
-                f"({total / 2**20:.1f} MiB)")
-    return {"files": [os.path.join(stage.path, n) for n in names], "params": len(weight_map), "bytes": total}
+    logger.info(f"wrote {len(out.names)} shard(s), {HF_INDEX_NAME} and config.json to {stage.path} "
+                f"({out.nbytes / 2**20:.1f} MiB)")
+    return {"files": [os.path.join(stage.path, n) for n in out.names], "params": len(out.weight_map),
+            "bytes": out.nbytes}
 
 
 # ---------------------------------------------------------------------------------------------------- docs

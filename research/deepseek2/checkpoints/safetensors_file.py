@@ -12,10 +12,11 @@ MindSpore safetensors shards so).
 
 Writing is ``SafetensorsWriter``: the layout (names, dtypes, shapes) is planned first, then each tensor is written at
 its offset as it arrives; header order = offset order, which MindSpore's own reader (``load_checkpoint(...,
-format="safetensors")``) requires as well as the library.
+format="safetensors")``) requires as well as the library. ``ShardedSafetensorsWriter`` does so for a folder of
+shards (``plan_shards``: save_pretrained's rule) and writes its ``<stem>.safetensors.index.json``.
 """
 import json
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -23,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 from research.deepseek2.checkpoints.arrays import BF16, contiguous, dtype_name, nbytes
 from research.deepseek2.errors import CheckpointError
 
-__all__ = ["SafetensorsReader", "SafetensorsWriter", "iter_safetensors", "scan_safetensors"]
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "ShardedSafetensorsWriter", "plan_shards", "iter_safetensors",
+           "scan_safetensors"]
 
 # the format's dtype tags
 _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BF16,
@@ -218,3 +220,61 @@ class SafetensorsWriter:
         if self._pending:
             raise CheckpointError(f"{self.path}: tensors never written: {sorted(self._pending)[:10]}")
         _open(self.path).__exit__(None, None, None)
+
+
+Entry = Tuple[str, np.dtype, Tuple[int, ...]]
+
+
+def plan_shards(entries: Iterable[Entry], max_shard_size: int) -> List[List[Entry]]:
+    """[(name, dtype, shape)] split into shards in order: a new shard when the next tensor would pass
+    ``max_shard_size`` bytes (a larger tensor gets a shard of its own), as save_pretrained shards."""
+    shards, current, size = [], [], 0
+    for name, dtype, shape in entries:
+        size_of = nbytes(shape, np.dtype(dtype))
+        if current and size + size_of > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, np.dtype(dtype), tuple(shape)))
+        size += size_of
+    return shards + [current] if current else shards
+
+
+class ShardedSafetensorsWriter:
+    """A folder of planned shards, ``<stem>-0000k-of-0000n.safetensors`` at the paths ``file_path(name)`` gives
+    (``StagedDir.file``), each tensor written to whichever shard holds it as it arrives; ``close()`` closes them and
+    writes ``<stem>.safetensors.index.json``; ``abort()`` closes without checking."""
+
+    def __init__(self, file_path, stem: str, shards: List[List[Entry]], metadata: Optional[Dict[str, str]] = None):
+        self.names = [f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        self.index_name = f"{stem}.safetensors.index.json"
+        self._file_path = file_path
+        self.writers, self._where = [], {}
+        try:
+            for file_name, entries in zip(self.names, shards):
+                self.writers.append(SafetensorsWriter(file_path(file_name), entries, metadata))
+                for name, _, _ in entries:
+                    self._where[name] = self.writers[-1]
+        except BaseException:
+            self.abort()
+            raise
+        self.weight_map = {name: file_name for file_name, entries in zip(self.names, shards)
+                           for name, _, _ in entries}
+        self.nbytes = 0
+
+    def planned_dtype(self, name: str) -> np.dtype:
+        return self._where[name].planned_dtype(name)
+
+    def write(self, name: str, array: np.ndarray):
+        self._where[name].write(name, array)
+
+    def close(self):
+        """Close (check) every shard and write the index; ``nbytes`` is then the tensors' total."""
+        for writer in self.writers:
+            writer.close()
+        self.nbytes = sum(writer.nbytes for writer in self.writers)
+        with open(self._file_path(self.index_name), "w", encoding="utf-8") as handle:
+            json.dump({"metadata": {"total_size": self.nbytes}, "weight_map": self.weight_map}, handle, indent=2)
+
+    def abort(self):
+        for writer in self.writers:
+            writer.abort()

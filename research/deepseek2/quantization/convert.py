@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from research.deepseek2.checkpoints.arrays import cast_array, np_dtype
 from research.deepseek2.checkpoints.names import FILE_ONLY_SUFFIX, SCALE_SUFFIX, hf_to_ms, is_stacked, ms_to_hf
-from research.deepseek2.checkpoints.safetensors_file import SafetensorsWriter
+from research.deepseek2.checkpoints.safetensors_file import ShardedSafetensorsWriter, plan_shards
 from research.deepseek2.checkpoints.weight_map import expected_hf_shapes
 from research.deepseek2.errors import CheckpointError, QuantizationError
 from research.deepseek2.fileio import StagedDir
@@ -43,21 +43,13 @@ def _plan(config, source_dtypes, max_shard_size: int):
     """[[(HF name, dtype, shape)] per shard] in model order, and {HF name: "W8A16" | "FLOAT"}."""
     held = held_dtypes(config)
     settings = config.weight_quantization
-    shards, current, size, kinds = [], [], 0, {}
+    entries, kinds = [], {}
     for hf_name, shape in expected_hf_shapes(config).items():
         ms_name, _ = hf_to_ms(hf_name)
         base = ms_name[:-len(FILE_ONLY_SUFFIX)] + SCALE_SUFFIX if ms_name.endswith(FILE_ONLY_SUFFIX) else ms_name
-        dtype = np.dtype(held[base]) if base in held else source_dtypes(ms_name)
+        entries.append((hf_name, np.dtype(held[base]) if base in held else source_dtypes(ms_name), shape))
         kinds[hf_name] = settings.model_quant_type if base in held else "FLOAT"
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append((hf_name, dtype, tuple(shape)))
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards, kinds
+    return plan_shards(entries, max_shard_size), kinds
 
 
 def _source_rows(source, config, progress):
@@ -143,36 +135,26 @@ def quantize_checkpoint(source, out_dir: str, settings: QuantSettings, config=No
         return np.dtype(stored[ms_name][1])
 
     shards, kinds = _plan(quantized_config, source_dtype, max_shard_size)
-    stem = weight_file_stem(settings)
-    names = [f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     logger.info(f"quantizing {source.description} -> {out_dir}: {settings.model_quant_type}, group_size "
                 f"{settings.group_size or 'per channel'}, {sum(k != 'FLOAT' for k in kinds.values()) // 3} "
                 f"weights quantized, {len(shards)} shard(s)")
     stage = StagedDir(out_dir)
-    writers, where, quantized_count = [], {}, 0
+    out, quantized_count = None, 0
     try:
-        for file_name, entries in zip(names, shards):
-            writers.append(SafetensorsWriter(stage.file(file_name), entries, {"format": "pt"}))
-            for hf_name, _, _ in entries:
-                where[hf_name] = writers[-1]
+        out = ShardedSafetensorsWriter(stage.file, weight_file_stem(settings), shards, {"format": "pt"})
         for hf_name, array in _source_rows(source, config, progress):
             ms_name, _ = hf_to_ms(hf_name)
             if held.get(ms_name) == "int8":
                 q, scale = quantize(array, settings, hf_name)
-                where[hf_name].write(hf_name, q)
-                where[hf_name + SCALE_SUFFIX].write(hf_name + SCALE_SUFFIX, scale)
-                where[hf_name + FILE_ONLY_SUFFIX].write(hf_name + FILE_ONLY_SUFFIX, np.zeros_like(scale))
+                out.write(hf_name, q)
+                out.write(hf_name + SCALE_SUFFIX, scale)
+                out.write(hf_name + FILE_ONLY_SUFFIX, np.zeros_like(scale))
                 quantized_count += 1
                 del q, scale
             else:
-                where[hf_name].write(hf_name, cast_array(array, where[hf_name].planned_dtype(hf_name)))
+                out.write(hf_name, cast_array(array, out.planned_dtype(hf_name)))
             del array
-        for writer in writers:
-            writer.close()
-        total = sum(w.nbytes for w in writers)
-        weight_map = {hf_name: names[k] for k, entries in enumerate(shards) for hf_name, _, _ in entries}
-        with open(stage.file(f"{stem}.safetensors.index.json"), "w", encoding="utf-8") as handle:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+        out.close()
         description = {"version": DESCRIPTION_VERSION, "model_quant_type": settings.model_quant_type,
                        "group_size": settings.group_size, **kinds}
         with open(stage.file(DESCRIPTION_NAME), "w", encoding="utf-8") as handle:
@@ -186,11 +168,11 @@ def quantize_checkpoint(source, out_dir: str, settings: QuantSettings, config=No
                     shutil.copyfile(os.path.join(source.path, name), stage.file(name))
         stage.commit()
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        if out is not None:
+            out.abort()
         stage.abort()
         raise
-    logger.info(f"wrote {len(names)} shard(s), {DESCRIPTION_NAME} and config.json to {stage.path} "
-                f"({total / 2 ** 20:.1f} MiB; {quantized_count} tensors quantized)")
-    return {"files": [os.path.join(stage.path, n) for n in names], "tensors": len(weight_map), "bytes": total,
-            "quantized": quantized_count}
+    logger.info(f"wrote {len(out.names)} shard(s), {DESCRIPTION_NAME} and config.json to {stage.path} "
+                f"({out.nbytes / 2 ** 20:.1f} MiB; {quantized_count} tensors quantized)")
+    return {"files": [os.path.join(stage.path, n) for n in out.names], "tensors": len(out.weight_map),
+            "bytes": out.nbytes, "quantized": quantized_count}
