@@ -26,7 +26,7 @@ from research.deepseek2.mla import MLAttention
 from research.deepseek2.moe import DeepSeekMoE
 from research.deepseek2.planning.chunks import prefill_chunks
 from research.deepseek2.planning.inventory import LocalShape
-from research.deepseek2.quantization.cells import QuantPlan
+from research.deepseek2.quantization.cells import FLOAT, QuantPlan
 from research.deepseek2.rope import RotaryEmbedding
 
 __all__ = ["DecoderLayer", "DeepseekV2Model", "DeepseekV2ForCausalLM"]
@@ -47,15 +47,15 @@ def _argmax(logits, axis=-1):
 class DecoderLayer(nn.Cell):
     """Pre-norm block: h = x + MLA(norm(x)); y = h + FFN(norm(h)), FFN dense or DeepSeekMoE."""
 
-    def __init__(self, config, layer_idx: int, local: LocalShape = LocalShape(), quant: QuantPlan = None):
-        """quant: which weights are held quantized (the model's QuantPlan; None: all float)."""
+    def __init__(self, config, layer_idx: int, local: LocalShape = LocalShape(), quant: QuantPlan = FLOAT):
+        """quant: which weights are held quantized (the model's QuantPlan)."""
         super().__init__()
         self.is_moe = config.is_moe_layer(layer_idx)
-        quant = quant.scoped(f"model.layers.{layer_idx}.") if quant is not None else None
+        quant = quant.scoped(f"model.layers.{layer_idx}.")
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
-        self.attention = MLAttention(config, local.tp, None if quant is None else quant.scoped("attention."))
+        self.attention = MLAttention(config, local.tp, quant.scoped("attention."))
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_init_type)
-        ffn_quant = None if quant is None else quant.scoped("feed_forward.")
+        ffn_quant = quant.scoped("feed_forward.")
         if self.is_moe:
             self.feed_forward = DeepSeekMoE(config, local, ffn_quant)
         else:
@@ -84,7 +84,7 @@ class DeepseekV2Model(nn.Cell):
     def __init__(self, config: DeepseekV2Config, local: LocalShape = LocalShape()):
         super().__init__()
         self.config = config
-        quant = QuantPlan(config) if config.quantization_config else None
+        quant = QuantPlan.for_config(config)
         self.use_past = config.use_past
         self.is_first_iteration = True
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, config.param_init_type,

@@ -7,7 +7,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-from research.deepseek2.quantization.cells import QuantLinear
+from research.deepseek2.quantization.cells import FLOAT, QuantLinear
 
 __all__ = ["RMSNorm", "RMSNormFunction", "Linear", "linear", "Embedding", "FeedForward", "TensorParallelAllReduce"]
 
@@ -106,11 +106,11 @@ class Linear(nn.Cell):
         return ops.reshape(y, shape[:-1] + (self.out_features,))
 
 
-def linear(in_features: int, out_features: int, quant=None, name: str = "weight", has_bias: bool = False,
+def linear(in_features: int, out_features: int, quant=FLOAT, name: str = "weight", has_bias: bool = False,
            compute_dtype=mstype.float32, param_init_type=mstype.float32, init_std: float = 0.02):
     """The projection whose weight is ``name`` (relative to the ``quant`` plan's prefix, e.g. "wo.weight"): a
     ``QuantLinear`` when the plan (``quantization.cells.QuantPlan``) holds it quantized, else a float Linear."""
-    if quant is not None and quant.holds(name):
+    if quant.holds(name):
         return QuantLinear(in_features, out_features, quant, has_bias, compute_dtype, param_init_type,
                            where=quant.prefix + name)
     return Linear(in_features, out_features, has_bias, compute_dtype, param_init_type, init_std)
@@ -138,7 +138,7 @@ class FeedForward(nn.Cell):
 
     def __init__(self, hidden_size: int, intermediate_size: int, compute_dtype=mstype.float32,
                  param_init_type=mstype.float32, init_std: float = 0.02, tp: int = 1, reduce: bool = True,
-                 quant=None):
+                 quant=FLOAT):
         """quant: the QuantPlan scoped to this cell (its weights quantized where the plan says so)."""
         super().__init__()
         kwargs = dict(compute_dtype=compute_dtype, param_init_type=param_init_type, init_std=init_std)

@@ -26,6 +26,7 @@ from mindspore.common.initializer import initializer
 
 from research.deepseek2.layers import RMSNorm, Linear, TensorParallelAllReduce, linear
 from research.deepseek2.planning.chunks import chunk_bounds, head_blocks
+from research.deepseek2.quantization.cells import FLOAT
 from research.deepseek2.rope import apply_rotary
 
 __all__ = ["MLAttention", "causal_mask", "fused_attention", "check_fused_attention", "FLASH_ATTENTION_SCORE"]
@@ -133,7 +134,7 @@ class SoftmaxAttention(nn.Cell):
 class MLAttention(nn.Cell):
     """Multi-head Latent Attention with the compressed (latent) KV cache."""
 
-    def __init__(self, config, tp: int = 1, quant=None):
+    def __init__(self, config, tp: int = 1, quant=FLOAT):
         """tp: hand-written inference tensor parallel; this instance holds num_attention_heads / tp heads and sums
         its partial output projection with the other ranks'. The latent projections and the cache stay whole.
         quant: the QuantPlan scoped to this cell (which projections are held quantized)."""

@@ -17,7 +17,7 @@ from mindspore.common.initializer import initializer, Normal
 from research.deepseek2.layers import FeedForward, TensorParallelAllReduce
 from research.deepseek2.planning.capacity import expert_capacity
 from research.deepseek2.planning.inventory import LocalShape
-from research.deepseek2.quantization.cells import quantized_parameter
+from research.deepseek2.quantization.cells import FLOAT, quantized_parameter
 from research.deepseek2.quantization.kernels import GatheredWeightQuantMatmul, dequantize
 
 __all__ = ["Router", "balance_losses", "RankWithin", "RoutedExperts", "DeepSeekMoE"]
@@ -156,7 +156,7 @@ class RoutedExperts(nn.Cell):
     """
 
     def __init__(self, config, num_experts: int, first_expert: int = 0, token_groups: int = 1,
-                 compute_dtype=mstype.float32, param_init_type=mstype.float32, quant=None):
+                 compute_dtype=mstype.float32, param_init_type=mstype.float32, quant=FLOAT):
         super().__init__()
         e, h, i = num_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.hidden_size = e, h                # the experts held: [first_expert, first_expert + e)
@@ -172,18 +172,18 @@ class RoutedExperts(nn.Cell):
         def stacked(shape, name):
             return Parameter(initializer(Normal(config.init_std), shape, param_init_type), name=name)
 
-        self.bits = quant.settings.bits if quant is not None and quant.settings else 8
+        self.bits = quant.bits
         self.quantized = {}
         for name, shape in (("w1", (e, i, h)), ("w3", (e, i, h)), ("w2", (e, h, i))):  # gate, up, down of each
-            self.quantized[name] = quant is not None and quant.holds(name)
+            self.quantized[name] = quant.holds(name)
             if self.quantized[name]:
                 weight, scale = quantized_parameter(shape, quant.settings, name, quant.prefix + name)
                 setattr(self, name, weight)
                 setattr(self, name + "_scale", scale)
             else:
                 setattr(self, name, stacked(shape, name))
-        self.kernel_matmul = quant.kernel == "cpu" and any(self.quantized.values()) if quant is not None else False
-        self.gathered_matmul = GatheredWeightQuantMatmul(self.bits, quant.kernel if quant is not None else "basic")
+        self.kernel_matmul = quant.kernel == "cpu" and any(self.quantized.values())
+        self.gathered_matmul = GatheredWeightQuantMatmul(self.bits, quant.kernel)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm_combine = ops.BatchMatMul()                     # (T, 1, k) x (T, k, h): the weighted sum over k
         # capacity dispatch
@@ -365,7 +365,7 @@ class DeepSeekMoE(nn.Cell):
     never_drop_seq_ratio of the sequences (drawn afresh every step) are never dropped (paper section 2.2.4).
     """
 
-    def __init__(self, config, local: LocalShape = LocalShape(), quant=None):
+    def __init__(self, config, local: LocalShape = LocalShape(), quant=FLOAT):
         """quant: the QuantPlan scoped to this cell ("model.layers.{i}.feed_forward.")."""
         super().__init__()
         compute_dtype, param_init_type = config.compute_dtype, config.param_init_type
@@ -381,10 +381,10 @@ class DeepSeekMoE(nn.Cell):
         self.router = Router(config, param_init_type)
         self.routed_experts = RoutedExperts(config, self.num_experts // local.tp, local.first_expert,
                                             local.token_groups, compute_dtype, param_init_type,
-                                            None if quant is None else quant.scoped("routed_experts."))
+                                            quant.scoped("routed_experts."))
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
                                           compute_dtype, param_init_type, config.init_std, local.tp, reduce=False,
-                                          quant=None if quant is None else quant.scoped("shared_experts.")) \
+                                          quant=quant.scoped("shared_experts.")) \
             if config.n_shared_experts else None
         self.tp_all_reduce = TensorParallelAllReduce(local.tp)   # routed (experts held) + shared (columns held)
         self.groups = local.token_groups                      # token groups of the drop budget (data parallel)

@@ -13,32 +13,42 @@ from research.deepseek2.planning.inventory import held_dtypes
 from research.deepseek2.quantization.kernels import WeightQuantMatmul, kernel_for
 from research.deepseek2.quantization.settings import scale_shape, stored_shape
 
-__all__ = ["QuantPlan", "QuantLinear", "quantized_parameter"]
+__all__ = ["FLOAT", "QuantPlan", "QuantLinear", "quantized_parameter"]
 
 
 class QuantPlan:
     """Which weights under ``prefix`` the model holds quantized, and with which kernel; ``scoped`` narrows it to a
-    sub-cell ("model.layers.3." -> "model.layers.3.attention."). A config without quantization_config holds none."""
+    sub-cell ("model.layers.3." -> "model.layers.3.attention."). ``FLOAT``, the plan of a config without
+    quantization_config (and the default of every cell), holds none."""
 
-    def __init__(self, config, prefix: str = "", names=None, kernel=None):
-        self.settings = config.weight_quantization
-        self.compute_dtype = config.compute_dtype
-        self.prefix = prefix
-        if names is None:
-            names = frozenset(n for n, d in held_dtypes(config).items() if d == "int8") if self.settings else ()
-        self.names = names
-        if kernel is None and self.settings:
-            kernel = kernel_for(config.use_weight_quant_kernel, self.settings.bits,
-                                group_size=self.settings.group_size, compute_dtype=config.compute_dtype)
-        self.kernel = kernel or "basic"
-        self._config = config
+    def __init__(self, settings=None, names=frozenset(), kernel: str = "basic", prefix: str = ""):
+        self.settings, self.names, self.kernel, self.prefix = settings, names, kernel, prefix
+
+    @classmethod
+    def for_config(cls, config) -> "QuantPlan":
+        """The model's plan: the inventory's int8-held weights and the kernel the config asks for."""
+        settings = config.weight_quantization
+        if not settings:
+            return FLOAT
+        names = frozenset(n for n, d in held_dtypes(config).items() if d == "int8")
+        kernel = kernel_for(config.use_weight_quant_kernel, settings.bits, group_size=settings.group_size,
+                            compute_dtype=config.compute_dtype)
+        return cls(settings, names, kernel)
+
+    @property
+    def bits(self) -> int:
+        """Bits of a held weight (8 when the plan holds none: a float model's expert dispatch is the int8 one's)."""
+        return self.settings.bits if self.settings else 8
 
     def scoped(self, sub: str) -> "QuantPlan":
-        return QuantPlan(self._config, self.prefix + sub, self.names, self.kernel)
+        return QuantPlan(self.settings, self.names, self.kernel, self.prefix + sub)
 
     def holds(self, name: str) -> bool:
         """Whether the weight ``prefix + name`` is held quantized."""
         return self.prefix + name in self.names
+
+
+FLOAT = QuantPlan()
 
 
 def quantized_parameter(shape, settings, name: str, where: str = None):
