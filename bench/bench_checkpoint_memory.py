@@ -3,9 +3,9 @@
 Writes a synthetic bf16 Hugging Face checkpoint in the released DeepSeek-V2-Lite layout (hidden 2048, 16 heads,
 kv_lora_rank 512, no q_lora, 64 routed experts of 1408, 2 shared, first layer dense of 10944, vocab 102400) with fewer
 layers (default 6: 6.85 GB), in safetensors shards of about --shard-gb GB with model.safetensors.index.json and
-config.json. Tensors are generated and written chunk by chunk (32 MiB), so the generator stays small. Then runs the
-converter's command line, each step in a fresh process, and measures its wall time and peak RSS (``ru_maxrss`` of
-the child from ``os.wait4``; /proc is polled as well for the progress bar):
+config.json, by bench/make_synthetic_checkpoint.py (values shaped like trained weights, written chunk by chunk, so the
+generator stays small). Then runs the converter's command line, each step in a fresh process, and measures its wall
+time and peak RSS (``ru_maxrss`` of the child from ``os.wait4``; /proc is polled as well for the progress bar):
 
   (a) Hugging Face -> MindSpore safetensors folder       (b) that folder -> Hugging Face (--reverse)
   (c) Hugging Face -> one MindSpore .ckpt file           (d) that .ckpt -> Hugging Face (--reverse)
@@ -51,6 +51,7 @@ import threading
 import time
 
 import common as C  # bench/common.py, beside this script; sets the environment before any framework import
+import make_synthetic_checkpoint as synth  # bench/make_synthetic_checkpoint.py: the checkpoint this measures
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -58,20 +59,7 @@ from mindformers.tools.logger import logger  # noqa: E402
 
 CONVERTER = os.path.join(C.ROOT, "research", "deepseek2", "convert_weight.py")
 GIB = 2 ** 30
-CHUNK_ELEMENTS = 1 << 24  # 32 MiB of bf16 per generated chunk
-# the released DeepSeek-V2-Lite config.json (num_hidden_layers is --layers)
-LITE_FIELDS = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-                   num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
-                   routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
-                   v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
-                   num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
-                   scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu",
-                   max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
-                   rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
-                                 "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
-                   attention_bias=False, bos_token_id=100000, eos_token_id=100001)
-
-
+CHUNK_ELEMENTS = 1 << 24  # 32 MiB of bf16 read at a time by hf_digests
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6, help="num_hidden_layers (1 dense + MoE layers; 6 -> 6.85 GB)")
@@ -92,74 +80,15 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint
-def model_config(layers: int):
-    from research.deepseek2.deepseek2_config import DeepseekV2Config
-    return DeepseekV2Config(**dict(LITE_FIELDS, num_hidden_layers=layers))
-
-
-def plan_shards(shapes: dict, shard_bytes: float) -> list:
-    """[[(name, shape), ...] per shard]: tensors in model order, a new shard when the next would pass shard_bytes."""
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((name, tuple(shape)))
-        size += nbytes
-    return shards + [current] if current else shards
-
-
-def tensor_chunks(shape, seed: int, index: int):
-    """The bf16 bits of one tensor, CHUNK_ELEMENTS at a time: N(0, 0.02) for matrices, 1 + N(0, 0.02) for norms."""
-    rng = np.random.default_rng([seed, index])
-    total = math.prod(shape)
-    for start in range(0, total, CHUNK_ELEMENTS):
-        values = rng.standard_normal(min(CHUNK_ELEMENTS, total - start), dtype=np.float32)
-        values *= 0.02
-        if len(shape) == 1:
-            values += 1.0
-        yield (values.view(np.uint32) >> 16).astype(np.uint16)  # bf16: the high half of fp32 (truncated)
-
-
-def write_hf_checkpoint(folder: str, config, shard_bytes: float, seed: int) -> dict:
-    """Write the checkpoint; returns {"digests": {name: blake2b of its bytes}, "shards": [bytes per shard file]}."""
-    from research.deepseek2.checkpoints.weight_map import expected_hf_shapes
-    shapes = expected_hf_shapes(config)
-    shards = plan_shards(shapes, shard_bytes)
-    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    position = {name: k for k, name in enumerate(shapes)}  # each tensor's random stream
-    os.makedirs(folder)
-    digests, weight_map, sizes = {}, {}, []
-    with tqdm(total=total, desc="writing the HF checkpoint", unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        for file_name, entries in zip(names, shards):
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name, shape in entries:
-                size = math.prod(shape) * 2
-                header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-                offset += size
-                weight_map[name] = file_name
-            blob = json.dumps(header, separators=(",", ":")).encode()
-            blob += b" " * (-len(blob) % 8)
-            path = os.path.join(folder, file_name)
-            with open(path, "wb") as f:
-                f.write(len(blob).to_bytes(8, "little") + blob)
-                for name, shape in entries:
-                    digest = hashlib.blake2b(digest_size=16)
-                    for chunk in tensor_chunks(shape, seed, position[name]):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        bar.update(chunk.nbytes)
-                    digests[name] = digest.hexdigest()
-            sizes.append(os.path.getsize(path))
-            logger.info(f"wrote {path} ({sizes[-1] / GIB:.2f} GiB, {len(entries)} tensors)")
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_config = config.to_hf_dict()
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    return {"digests": digests, "shards": sizes, "total": total}
+def write_hf_checkpoint(folder: str, layers: int, shard_gb: float, seed: int) -> dict:
+    """The released DeepSeek-V2-Lite config.json at ``layers`` layers, written by make_synthetic_checkpoint.py (bf16,
+    chunk by chunk); returns {"digests": {name: blake2b of its bytes}, "shards": [bytes per shard file],
+    "total": bytes of tensors}."""
+    fields = synth.load_fields(None, layers, "bfloat16")
+    made = synth.write_checkpoint(folder, fields, shard_gb, "bfloat16", seed)
+    return {"digests": hf_digests(folder),
+            "shards": [os.path.getsize(os.path.join(folder, file)) for file, _, _, _ in made["shards"]],
+            "total": made["total_size"]}
 
 
 def hf_digests(folder: str) -> dict:
@@ -493,8 +422,7 @@ def main(argv=None):
     rows, notes, timelines = [], [], []
     load_rows, build_rows, model_notes, model_timelines = [], [], [], []
     try:
-        config = model_config(a.layers)
-        made = write_hf_checkpoint(hf, config, a.shard_gb * 1e9, a.seed)
+        made = write_hf_checkpoint(hf, a.layers, a.shard_gb, a.seed)
         largest_hf = max(made["shards"])
         notes.append(f"checkpoint: {a.layers} layers of DeepSeek-V2-Lite, {len(made['digests'])} bf16 tensors, "
                      f"{made['total'] / 1e9:.2f} GB ({made['total'] / GIB:.2f} GiB) in {len(made['shards'])} shards "

@@ -19,16 +19,16 @@ tensor from its own stream keyed by its name):
   * biases (only with attention_bias) N(0, 0.02).
 Normals come from torch.randn in float32 (one single-threaded torch generator per chunk of CHUNK_ELEMENTS values),
 on ``--threads`` threads (torch releases the GIL), and are rounded to bf16 by integer arithmetic on the float32
-bits. Measured on 2 cores (V2-Lite expert matrices): 277 MB/s of bf16 on one thread, 474 MB/s on two; numpy's fastest
-generator (SFC64, float32 ziggurat) made 107 / 169 MB/s, below the disk's 250 MB/s (dd with fdatasync), so a run is
-as fast as the disk lets it be. The default run took 232 s (136 MB/s) on that machine shared with other jobs.
+bits: torch's generator is the fastest at hand, so that a run goes as fast as the disk lets it (figures in
+docs/benchmarks.md).
 
 Memory: never a whole tensor or shard. 2 * threads + 2 buffers of one chunk (8 MiB of bf16) and a float32 scratch
-of one chunk per thread (16 MiB), allocated once and reused: 80 MB at the defaults; each shard is written front to
-back as its chunks arrive. Peak RSS of the default run: 871 MiB, of which about 785 MiB is the imports (MindSpore,
-MindFormers, torch). Every file is written in a staging folder (``fileio.StagedDir``) and the folder is renamed to
-OUT_DIR only when complete; an interrupted run (an error, Ctrl-C or SIGTERM) removes the staging folder. Each shard
-is fsync'ed before the next starts, so the figures printed at the end are the disk's, not the page cache's.
+of one chunk per thread (16 MiB), allocated once and reused: 80 MB at the defaults; the chunks go to their place in
+the shards through the project's ShardedSafetensorsWriter (``write_rows``), which plans every header up front and
+writes the index on close. Every file is written in a staging folder (``fileio.StagedDir``) and the folder is
+renamed to OUT_DIR only when complete; an interrupted run (an error, Ctrl-C or SIGTERM) removes the staging folder.
+The shards are fsync'ed before the time is taken, so the figures printed at the end are the disk's, not the page
+cache's.
 Log lines go through MindFormers' logger (imported anyway: the project's DeepseekV2Config is built on MindFormers).
 
   python bench/make_synthetic_checkpoint.py work_dirs/lite_synth/bf16             # V2-Lite, 27 layers, 31.4 GB
@@ -68,9 +68,6 @@ import numpy as np  # noqa: E402
 PROG = "make_synthetic_checkpoint.py"
 GB = 10 ** 9
 CHUNK_ELEMENTS = 1 << 22          # 4M values a chunk: 16 MiB of float32 while generated, 8 MiB of bf16 written
-INDEX_NAME = "model.safetensors.index.json"
-# safetensors' dtype tags for the dtypes this script writes
-_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 # The released DeepSeek-V2-Lite config.json (deepseek-ai/DeepSeek-V2-Lite), every value as released. The project's
 # research/deepseek2/deepseek2_lite/predict_deepseek2_lite.yaml holds the same model fields (tests compare the two).
@@ -186,23 +183,12 @@ def released_order(shapes: Dict[str, Tuple[int, ...]]) -> List[str]:
     return sorted(shapes, key=key)
 
 
-def plan_shards(order: Sequence[str], shapes: Dict[str, Tuple[int, ...]], itemsize: int,
-                shard_bytes: float) -> List[List[str]]:
-    """Tensor names per shard: in ``order``, a new shard when the next tensor would pass ``shard_bytes`` (a tensor
-    larger than that gets a shard of its own), as save_pretrained shards."""
-    shards, current, size = [], [], 0
-    for name in order:
-        nbytes = math.prod(shapes[name]) * itemsize
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    return shards + [current] if current else shards
-
-
-def shard_file_names(count: int) -> List[str]:
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+def plan(order: Sequence[str], shapes: Dict[str, Tuple[int, ...]], dtype: str, shard_bytes: float) -> List[list]:
+    """[(name, numpy dtype, shape)] per shard: the tensors in ``order``, split as save_pretrained splits
+    (``safetensors_file.plan_shards``: a new shard when the next tensor would pass ``shard_bytes``)."""
+    from research.deepseek2.checkpoints.safetensors_file import plan_shards
+    from research.deepseek2.dtypes import to_numpy
+    return plan_shards([(name, to_numpy(dtype), shapes[name]) for name in order], int(shard_bytes))
 
 
 # ---------------------------------------------------------------------------------------------- the values
@@ -292,71 +278,6 @@ def make_chunk(name: str, shape: Tuple[int, ...], kind: str, chunk: int, seed: i
     return target
 
 
-# ---------------------------------------------------------------------------------------------- the writer
-class StreamingSafetensors:
-    """One .safetensors file written front to back: the header first (dtype, shape and data_offsets of every tensor,
-    planned from the shapes; ``__metadata__`` {"format": "pt"} as transformers writes it), then the tensors' bytes in
-    header order, each in pieces of any size as they arrive.
-
-    Hand-written for memory: safetensors' save_file / serialize take every tensor of a file in one call (a whole
-    8 GB shard in memory), and the project's SafetensorsWriter (checkpoints/safetensors_file.py) takes a whole tensor
-    per call; here a tensor arrives in chunks of rows as they are generated, so only a few chunks are ever held.
-    ``close()`` checks that every byte arrived, fsyncs, and has the project's reader check the header against the
-    plan (the ``safetensors`` library opens it).
-    """
-
-    def __init__(self, path: str, entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: str):
-        from research.deepseek2.dtypes import bytes_of
-        self.path, self.dtype = path, dtype
-        header, offset, self._sizes = {"__metadata__": {"format": "pt"}}, 0, []
-        for name, shape in entries:
-            size = math.prod(shape) * bytes_of(dtype)
-            header[name] = {"dtype": _TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._sizes.append((name, size))
-            offset += size
-        self.entries = list(entries)
-        self.nbytes = offset
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)     # the data starts 8-byte aligned, as the library writes it
-        self._file = open(path, "wb")       # pylint: disable=consider-using-with
-        self._file.write(len(blob).to_bytes(8, "little") + blob)
-        self._next, self._left = 0, self._sizes[0][1] if self._sizes else 0
-
-    def append(self, name: str, piece: np.ndarray):
-        """The next bytes of tensor ``name``, which must be the tensor being written (header order)."""
-        expected = self._sizes[self._next][0] if self._next < len(self._sizes) else None
-        if name != expected or piece.nbytes > self._left:
-            raise RuntimeError(f"{self.path}: got {piece.nbytes} bytes of {name!r}, expected "
-                               f"{self._left} more of {expected!r}")
-        self._file.write(memoryview(piece.reshape(-1).view(np.uint8)))
-        self._left -= piece.nbytes
-        while self._left == 0 and self._next < len(self._sizes):
-            self._next += 1
-            self._left = self._sizes[self._next][1] if self._next < len(self._sizes) else 0
-
-    def abort(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def close(self):
-        if self._next < len(self._sizes):
-            raise RuntimeError(f"{self.path}: {self._sizes[self._next][0]!r} and the tensors after it were "
-                               f"never written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        # the pages are on disk now: leave the page cache to others (a reader of the folder evicts it anyway)
-        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        self._file.close()
-        self._file = None
-        from research.deepseek2.checkpoints.safetensors_file import scan_safetensors
-        from research.deepseek2.dtypes import to_numpy
-        found = scan_safetensors(self.path)
-        planned = {name: (tuple(shape), to_numpy(self.dtype)) for name, shape in self.entries}
-        if found != planned:
-            raise RuntimeError(f"{self.path}: the header read back differs from the one planned")
-
-
 # ---------------------------------------------------------------------------------------------- writing
 def write_checkpoint(out_dir: str, fields: dict, shard_gb: float, dtype: str, seed: int, threads: int = 2,
                      progress: bool = True) -> dict:
@@ -370,10 +291,8 @@ def write_checkpoint(out_dir: str, fields: dict, shard_gb: float, dtype: str, se
     config = build_config(fields)
     shapes = expected_hf_shapes(config)
     order = released_order(shapes)
-    itemsize = bytes_of(dtype)
-    shards = plan_shards(order, shapes, itemsize, shard_gb * GB)
-    files = shard_file_names(len(shards))
-    total = sum(math.prod(shapes[name]) * itemsize for name in order)
+    shards = plan(order, shapes, dtype, shard_gb * GB)
+    total = sum(math.prod(shapes[name]) * bytes_of(dtype) for name in order)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     while not os.path.isdir(parent):
@@ -391,10 +310,7 @@ def write_checkpoint(out_dir: str, fields: dict, shard_gb: float, dtype: str, se
     start = time.perf_counter()
     try:
         with StagedDir(out_dir) as staged:
-            shard_info = _write_shards(staged, shards, files, shapes, dtype, seed, threads, progress, total, logger)
-            shard_of = {name: file for names, file in zip(shards, files) for name in names}
-            _write_json(staged.file(INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": shard_of},
-                        sort_keys=True)
+            files = _write_shards(staged, shards, dtype, seed, threads, progress, total)
             _write_json(staged.file("config.json"), fields)
             _write_json(staged.file("generation_config.json"),
                         {"_from_model_config": True, "bos_token_id": fields.get("bos_token_id"),
@@ -402,24 +318,33 @@ def write_checkpoint(out_dir: str, fields: dict, shard_gb: float, dtype: str, se
     finally:
         torch.set_num_threads(torch_threads)
     seconds = time.perf_counter() - start
+    shard_info = []
+    for file, entries in zip(files, shards):
+        layers = [layer for layer in (_layer_of(name) for name, _, _ in entries) if layer is not None]
+        shard_info.append((file, sum(math.prod(shape) * bytes_of(dtype) for _, _, shape in entries),
+                           min(layers, default=None), max(layers, default=None)))
+        _log_shard(logger, shard_info[-1])
     file_bytes = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
     return {"tensors": len(order), "total_size": total, "shards": shard_info, "seconds": seconds,
             "file_bytes": file_bytes}
 
 
-def _write_shards(staged, shards, files, shapes, dtype, seed, threads, progress, total, logger):
-    """Every shard into the staging folder, chunk by chunk: ``threads`` workers generate the chunks in file order,
-    at most 2 * threads + 2 of them ahead of the writer; returns (file, bytes, first layer, last layer) per shard."""
+def _write_shards(staged, shards, dtype, seed, threads, progress, total) -> List[str]:
+    """Every shard into the staging folder through the project's ShardedSafetensorsWriter (header planned up front,
+    index written on close), chunk by chunk: ``threads`` workers generate the chunks in file order, at most
+    2 * threads + 2 of them ahead of the writer. The files are fsync'ed before returning, so the time taken is the
+    disk's, not the page cache's. Returns the shard files' names."""
     from tqdm import tqdm
+    from research.deepseek2.checkpoints.safetensors_file import ShardedSafetensorsWriter
     from research.deepseek2.dtypes import bytes_of
-    tasks = iter([(name, shapes[name], value_kind(name, shapes[name]), chunk)
-                  for names in shards for name in names for chunk in range(chunk_count(shapes[name]))])
-    shard_of = {name: k for k, names in enumerate(shards) for name in names}
-    largest = max(chunk_elements(shapes[name]) for names in shards for name in names) * bytes_of(dtype)
+    tasks = iter([(name, shape, value_kind(name, shape), chunk)
+                  for entries in shards for name, _, shape in entries for chunk in range(chunk_count(shape))])
+    largest = max(chunk_elements(shape) for entries in shards for _, _, shape in entries) * bytes_of(dtype)
     # the chunks generated ahead of the writer, each in a buffer of its own, handed back once written: these buffers
     # and each worker's float32 scratch are all the memory a run takes (80 MB at the defaults, bf16)
     free = deque(np.empty(largest, np.uint8) for _ in range(2 * threads + 2))
-    shard_info, writer, pending = [], None, deque()
+    pending = deque()
+    writer = ShardedSafetensorsWriter(staged.file, "model", shards, metadata={"format": "pt"})
     with ThreadPoolExecutor(max_workers=threads) as pool, \
             tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, mininterval=1) as bar:
 
@@ -427,36 +352,31 @@ def _write_shards(staged, shards, files, shapes, dtype, seed, threads, progress,
             task = next(tasks, None)
             if task is not None:
                 buffer = free.popleft()
-                pending.append((task[0], buffer, pool.submit(make_chunk, *task, seed, dtype, buffer)))
+                pending.append((task, buffer, pool.submit(make_chunk, *task, seed, dtype, buffer)))
 
         try:
             for _ in range(len(free)):
                 submit()
             while pending:
-                name, buffer, future = pending.popleft()
-                piece = future.result()
-                if writer is None or shard_of[name] != len(shard_info) - 1:
-                    if writer is not None:
-                        writer.close()
-                        _log_shard(logger, shard_info[-1])
-                    k = shard_of[name]
-                    writer = StreamingSafetensors(staged.file(files[k]), [(n, shapes[n]) for n in shards[k]], dtype)
-                    layers = [layer for layer in map(_layer_of, shards[k]) if layer is not None]
-                    shard_info.append((files[k], writer.nbytes, min(layers, default=None), max(layers, default=None)))
-                writer.append(name, piece)
+                (name, shape, _, chunk), buffer, future = pending.popleft()
+                piece = future.result()                       # bf16 as its uint16 bits: the planned dtype's view
+                writer.write_rows(name, chunk * chunk_rows(shape), piece.view(writer.planned_dtype(name)))
                 bar.update(piece.nbytes)
                 del piece
                 free.append(buffer)
                 submit()
             writer.close()
-            _log_shard(logger, shard_info[-1])
         except BaseException:
             for _, _, future in pending:
                 future.cancel()
-            if writer is not None:
-                writer.abort()
+            writer.abort()
             raise
-    return shard_info
+    for file in writer.names:
+        with open(staged.file(file), "rb") as handle:
+            os.fsync(handle.fileno())
+            # on disk now: leave the page cache to others (a reader of the folder evicts it anyway)
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return writer.names
 
 
 def _layer_of(name: str):

@@ -532,6 +532,29 @@ def test_safetensors_bf16_through_the_library_both_ways(tmp_path):
             np.testing.assert_array_equal(_bits(_np(f.get_tensor(name))), _bits(array), err_msg=name)
 
 
+def test_safetensors_writer_takes_a_tensor_in_rows(tmp_path):
+    """write_rows puts row pieces at their place, in any order; a tensor missing rows fails close() naming it; a
+    piece of another dtype, width or past the last row is refused naming the tensor."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((7, 3)).astype(np.float32).astype(BF16)
+    path = str(tmp_path / "rows.safetensors")
+    writer = safetensors_file.SafetensorsWriter(path, [("w", BF16, (7, 3)), ("b", np.float32, (4,))])
+    for start, stop in ((4, 7), (0, 2), (2, 4)):
+        writer.write_rows("w", start, w[start:stop])
+    writer.write_rows("b", 0, np.arange(4, dtype=np.float32))
+    for piece, start in ((w[:2].astype(np.float32), 0), (w[:2, :2], 0), (w[:2], 6)):
+        with pytest.raises(CheckpointError, match="'w'"):
+            writer.write_rows("w", start, piece)
+    writer.close()
+    with safe_open(path, framework="numpy") as f:
+        np.testing.assert_array_equal(_bits(f.get_tensor("w")), _bits(w))
+        np.testing.assert_array_equal(f.get_tensor("b"), np.arange(4, dtype=np.float32))
+    partial = safetensors_file.SafetensorsWriter(str(tmp_path / "part.safetensors"), [("w", BF16, (7, 3))])
+    partial.write_rows("w", 0, w[:5])
+    with pytest.raises(CheckpointError, match="never written: \\['w'\\]"):
+        partial.close()
+
+
 @pytest.mark.parametrize("parser", ["mindspore", "streaming"])
 def test_iter_ckpt_mindspore_parser_and_streaming_reader_agree(tmp_path, monkeypatch, parser):
     """iter_ckpt hands small files to mindspore.load_checkpoint and streams large ones: same names, dtypes, bits."""

@@ -152,7 +152,7 @@ def test_default_is_the_released_lite(synth):
     assert order[0] == "model.embed_tokens.weight" and order[-2:] == ["model.norm.weight", "lm_head.weight"]
     total = sum(math.prod(s) * 2 for s in shapes.values())
     assert total == 31_412_968_448
-    assert len(synth.plan_shards(order, shapes, 2, 8 * 10 ** 9)) == 4
+    assert len(synth.plan(order, shapes, "bfloat16", 8 * 10 ** 9)) == 4
 
 
 def test_row_spread(synth):

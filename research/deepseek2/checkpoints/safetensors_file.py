@@ -189,6 +189,7 @@ class SafetensorsWriter:
         self._data_start = 8 + len(blob)
         self.nbytes = offset
         self._pending = set(self._slots)
+        self._rows_left = {}
         self._file = open(path, "wb")  # pylint: disable=consider-using-with
         self._file.write(len(blob).to_bytes(8, "little") + blob)
         self._file.truncate(self._data_start + offset)
@@ -205,6 +206,20 @@ class SafetensorsWriter:
         self._file.seek(self._data_start + offset)
         self._file.write(memoryview(contiguous(array).reshape(-1).view(np.uint8)))
         self._pending.discard(name)
+
+    def write_rows(self, name: str, first_row: int, rows: np.ndarray):
+        """Rows [first_row, first_row + len(rows)) of tensor ``name`` (dimension 0): a tensor written in pieces, as
+        they are made, is never whole in memory. It counts as written once as many rows as it has arrived."""
+        dtype, shape, offset = self._slots[name]
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or first_row + len(rows) > shape[0]:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: planned {dtype_name(dtype)} {shape}, got rows "
+                                  f"{first_row}..{first_row + len(rows)} of {dtype_name(rows.dtype)} "
+                                  f"{tuple(rows.shape[1:])}")
+        self._file.seek(self._data_start + offset + nbytes((first_row,) + shape[1:], dtype))
+        self._file.write(memoryview(contiguous(rows).reshape(-1).view(np.uint8)))
+        self._rows_left[name] = self._rows_left.get(name, shape[0]) - len(rows)
+        if self._rows_left[name] <= 0:
+            self._pending.discard(name)
 
     def abort(self):
         """Close the file without checking it (after an error elsewhere; the caller deletes the file)."""
@@ -266,6 +281,9 @@ class ShardedSafetensorsWriter:
 
     def write(self, name: str, array: np.ndarray):
         self._where[name].write(name, array)
+
+    def write_rows(self, name: str, first_row: int, rows: np.ndarray):
+        self._where[name].write_rows(name, first_row, rows)
 
     def close(self):
         """Close (check) every shard and write the index; ``nbytes`` is then the tensors' total."""
