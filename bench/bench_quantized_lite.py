@@ -9,7 +9,8 @@ of its own, so its peak memory is its own:
   read      every byte of the quantized folder read once (64 MiB blocks): the floor under loading it.
   predict   the V2-Lite W8A16 recipe's model (``predict_deepseek2_lite_w8a16.yaml``'s fields; on a CPU the float
             parts in float32, and ``use_weight_quant_kernel`` as given: the project's CPU kernel or basic ops) built
-            and loaded from the folder (time against ``read``), then greedy ``generate`` of ``--new-tokens`` after a
+            and loaded from the folder as ``run_mindformer.py --run_mode predict`` does (``run.predict.build_network``:
+            parameters declared without values, then loaded; time against ``read``), then greedy ``generate`` of ``--new-tokens`` after a
             ``--context``-token prompt prefilled in ``--prefill-chunk`` calls (after a warm-up generate of one chunk
             that compiles both graphs): prefill tokens/s, decode tokens/s (1 / median interval), peak RSS.
   ceiling   the CPU kernel's int8 GEMV alone on one decode token's weight bytes (the quantized weights a V2-Lite
@@ -118,17 +119,14 @@ def worker_predict(a) -> dict:
     import numpy as np
     import mindspore as ms
     from mindformers.generation.streamers import BaseStreamer
-    from research.deepseek2 import DeepseekV2Config, DeepseekV2ForCausalLM
-    from research.deepseek2.checkpoints.load import load_checkpoint
+    from research.deepseek2 import DeepseekV2Config
+    from research.deepseek2.run.predict import build_network
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     C.silence_mindformers()
     config = DeepseekV2Config(**_fields(a))
     start = time.perf_counter()
-    net = DeepseekV2ForCausalLM(config)
-    built = time.perf_counter()
-    load_checkpoint(net, a.out)
+    net = build_network(config, a.out, 1, 0)      # run_mindformer's predict: declared without values, then loaded
     loaded = time.perf_counter()
-    net.set_train(False)
     rss_loaded = C.rss_bytes()
     stamps = []
 
@@ -147,7 +145,7 @@ def worker_predict(a) -> dict:
     out = net.generate([ids], max_new_tokens=a.new_tokens, do_sample=False, streamer=Streamer())
     intervals = [y - x for x, y in zip(stamps[1:], stamps[2:])]
     prefill_s = stamps[1] - stamps[0]
-    return dict(build_s=built - start, load_s=loaded - built, warmup_s=warmup_s, prefill_s=prefill_s,
+    return dict(build_load_s=loaded - start, warmup_s=warmup_s, prefill_s=prefill_s,
                 prefill_tok_s=a.context / prefill_s, decode_step_s=statistics.median(intervals),
                 decode_tok_s=1.0 / statistics.median(intervals), generated=len(out[0]) - a.context,
                 rss_loaded=rss_loaded, peak_rss=C.peak_rss_bytes(), kernel=not a.no_kernel, param_dtype=a.param_dtype,
@@ -232,9 +230,9 @@ def main(argv=None) -> int:
     if "predict" in results:
         p = results["predict"]
         read = results.get("read")
-        versus = f" ({(p['build_s'] + p['load_s']) / read['seconds']:.2f}x reading the files, " \
+        versus = f" ({p['build_load_s'] / read['seconds']:.2f}x reading the files, " \
                  f"{read['seconds']:.0f} s)" if read else ""
-        lines.append(f"predict: build {p['build_s']:.0f} s + load {p['load_s']:.0f} s{versus}; prefill "
+        lines.append(f"predict: build + load {p['build_load_s']:.0f} s{versus}; prefill "
                      f"{p['context']} tokens {p['prefill_s']:.1f} s ({p['prefill_tok_s']:.1f} tok/s, chunks of "
                      f"{p['prefill_chunk']}); decode {p['decode_tok_s']:.2f} tok/s; RSS loaded "
                      f"{p['rss_loaded'] / GIB:.2f} GiB, peak {p['peak_rss'] / GIB:.2f} GiB; kernel {p['kernel']}, float parts "
