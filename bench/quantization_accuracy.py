@@ -23,12 +23,11 @@ Results: docs/benchmarks.md ("Weight-only quantization: accuracy").
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 

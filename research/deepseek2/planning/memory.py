@@ -497,7 +497,7 @@ def format_plan(result: dict, smallest: Optional[dict], name: str = "", full: Op
     else:
         lines.append("  smallest cluster that fits: none with this model_parallel x pipeline_stage")
     if result["mode"] == "predict":
-        lines.append(f"  fewest cards for prediction (data_parallel 1, model_parallel = cards, within "
+        lines.append("  fewest cards for prediction (data_parallel 1, model_parallel = cards, within "
                      + (f"{fewest['limit_gb']:g} GB): {fewest['device_num']} card(s), "
                         f"{fewest['total_bytes'] / GIB:.1f} GB per card" if fewest else "the card): none"))
     if full:

@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import shutil
-from typing import Optional
 
 import numpy as np
 from mindformers.tools.logger import logger
