@@ -555,6 +555,35 @@ def test_safetensors_writer_takes_a_tensor_in_rows(tmp_path):
         partial.close()
 
 
+def test_read_into_fills_a_row_of_a_stack_and_refuses_a_misfit(tmp_path):
+    """SafetensorsReader.read_into writes a tensor's bytes into an existing array (an expert's row of a stack) bit
+    for bit; a wrong dtype, shape or a strided target is refused naming the tensor."""
+    rng = np.random.default_rng(6)
+    rows = {f"e{k}": rng.standard_normal((3, 4)).astype(np.float32).astype(BF16) for k in range(3)}
+    path = str(tmp_path / "rows.safetensors")
+    save_file({k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) for k, v in rows.items()}, path)
+    stacked = np.zeros((3, 3, 4), BF16)
+    with safetensors_file.SafetensorsReader(path) as reader:
+        for k in (2, 0, 1):
+            reader.read_into(f"e{k}", stacked[k])
+        for target in (np.zeros((3, 4), np.float32), np.zeros((4, 3), BF16), np.zeros((3, 8), BF16)[:, ::2]):
+            with pytest.raises(CheckpointError, match="'e0'"):
+                reader.read_into("e0", target)
+    np.testing.assert_array_equal(_bits(stacked), _bits(np.stack([rows[f"e{k}"] for k in range(3)])))
+
+
+def test_bf16_to_float32_widens_exactly():
+    """cast_array's bf16 -> float32 (integer widening) equals the extension type's cast bit for bit, specials and
+    strided input included, into an array of its own (what Tensor.from_numpy can share)."""
+    from research.deepseek2.checkpoints.arrays import cast_array
+    x = np.random.default_rng(7).standard_normal((64, 48)).astype(np.float32).astype(BF16)
+    x[0, :5] = [np.nan, np.inf, -np.inf, -0.0, 1e-40]
+    for array in (x, x[::3, 1::2], x[5, 7]):
+        got = cast_array(array, np.float32)
+        assert got.dtype == np.float32 and got.flags.owndata and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.uint32), np.asarray(array).astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("parser", ["mindspore", "streaming"])
 def test_iter_ckpt_mindspore_parser_and_streaming_reader_agree(tmp_path, monkeypatch, parser):
     """iter_ckpt hands small files to mindspore.load_checkpoint and streams large ones: same names, dtypes, bits."""

@@ -45,8 +45,14 @@ def cast_array(array: np.ndarray, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if array.dtype == dtype:
         return array
+    if array.dtype == BF16 and dtype == np.float32:
+        # exact widening: a bf16 is the high half of its float32. Integer ops, several times faster than astype
+        # through the extension type's cast
+        out = np.empty(array.shape, np.float32)
+        np.left_shift(array.view(np.uint16), np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+        return out
     if (array.dtype == BF16 or dtype == BF16) and array.dtype != np.float32 and dtype != np.float32:
-        return array.astype(np.float32).astype(dtype)
+        return cast_array(cast_array(array, np.float32), dtype)
     return array.astype(dtype)
 
 

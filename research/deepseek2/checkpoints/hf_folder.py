@@ -184,12 +184,15 @@ class HFCheckpoint(Checkpoint):
         out_dtype = None if dtype is None else np_dtype(dtype)
         readers = {}
 
-        def read(hf_name):
+        def reader_of(hf_name):
             file = info[hf_name].file
             if file not in readers:
                 logger.info(f"reading {file}")
                 readers[file] = self.open(file)
-            return readers[file].get(hf_name)
+            return readers[file]
+
+        def read(hf_name):
+            return reader_of(hf_name).get(hf_name)
 
         bar = tqdm(total=len(info), desc="tensors", unit="tensor", disable=not progress)
         try:
@@ -212,12 +215,14 @@ class HFCheckpoint(Checkpoint):
                         continue
                     stacked = None
                     for expert, hf_name in enumerate(hf_names):
-                        row = read(hf_name)
+                        reader = reader_of(hf_name)
                         if stacked is None:
-                            target = out_dtype if out_dtype is not None else row.dtype
-                            stacked = np.empty((len(hf_names),) + row.shape, dtype=target)
-                        stacked[expert] = cast_array(row, stacked.dtype)
-                        del row
+                            target = out_dtype if out_dtype is not None else reader.dtype(hf_name)
+                            stacked = np.empty((len(hf_names),) + reader.shape(hf_name), dtype=target)
+                        if reader.dtype(hf_name) == stacked.dtype:    # the row's bytes go straight to their place
+                            reader.read_into(hf_name, stacked[expert])
+                        else:
+                            stacked[expert] = cast_array(reader.get(hf_name), stacked.dtype)
                         bar.update(1)
                     yield file, ms_name, stacked
                     del stacked

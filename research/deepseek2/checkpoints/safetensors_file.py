@@ -16,6 +16,7 @@ format="safetensors")``) requires as well as the library. ``ShardedSafetensorsWr
 shards (``plan_shards``: save_pretrained's rule) and writes its ``<stem>.safetensors.index.json``.
 """
 import json
+import os
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -80,6 +81,7 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         self._file = _open(path)
+        self._fd, self._spans = None, None                  # read_into's descriptor and byte spans, when used
         self.metadata = self._file.metadata() or {}
         self._entries = {}
         for name in self._file.offset_keys():
@@ -133,10 +135,38 @@ class SafetensorsReader:
             array = array[tuple(np.s_[::-1] if axis in flips else np.s_[:] for axis in range(array.ndim))].copy()
         return array
 
+    def read_into(self, name: str, out: np.ndarray):
+        """Tensor ``name`` read from the file straight into ``out`` (C-contiguous, the tensor's dtype and shape),
+        e.g. one expert's row of a stacked parameter: no array of its own, no second copy."""
+        dtype, shape = self._entry(name)
+        if out.dtype != dtype or tuple(out.shape) != shape or not out.flags.c_contiguous:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype_name(dtype)} {shape}; cannot read it "
+                                  f"into a {'' if out.flags.c_contiguous else 'non-contiguous '}"
+                                  f"{dtype_name(out.dtype)} {tuple(out.shape)} array")
+        if self._file is None:
+            raise CheckpointError(f"{self.path}: reader is closed")
+        if self._spans is None:
+            # safe_open does not tell where a tensor's bytes lie: the header does (its data_offsets, after it)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            length = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            header = json.loads(os.pread(self._fd, length, 8))
+            self._spans = {key: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+                           for key, entry in header.items() if key != "__metadata__"}
+        begin, end = self._spans[name]
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < end - begin:                           # a single pread stops short of 2 GiB
+            count = os.preadv(self._fd, [view[done:]], begin + done)
+            if count == 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: the file ends inside its data")
+            done += count
+
     def close(self):
         if self._file is not None:
             self._file.__exit__(None, None, None)
             self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self

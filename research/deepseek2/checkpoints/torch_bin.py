@@ -61,6 +61,14 @@ class TorchBinReader:
             return BF16
         return np.dtype(str(tensor.dtype).replace("torch.", ""))
 
+    def read_into(self, name: str, out: np.ndarray):
+        """Tensor ``name`` copied into ``out`` (its dtype and shape), as SafetensorsReader.read_into."""
+        array = self.get(name)
+        if out.dtype != array.dtype or out.shape != array.shape:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {array.dtype} {array.shape}; cannot read it "
+                                  f"into a {out.dtype} {out.shape} array")
+        out[...] = array
+
     def get(self, name: str, slice=None) -> np.ndarray:  # pylint: disable=redefined-builtin
         tensor = self._state[name]
         if slice is not None:
