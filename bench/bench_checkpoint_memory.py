@@ -353,19 +353,6 @@ def worker(a) -> None:
         json.dump(out, handle)
 
 
-def evict(path: str) -> None:
-    """Drop this checkpoint's own files from the page cache (fsync, then posix_fadvise DONTNEED), so the next step
-    reads them from the disk. Touches no other file."""
-    files = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def check_names(digests: dict, layers: int) -> dict:
     """The generated tensors the load steps compare: the embedding, output matrix and final norm, and every tensor
     of the first (dense) and last (MoE) layer, so each stacked expert parameter of that layer row by row."""
@@ -390,7 +377,7 @@ def run_model_step(key: str, label: str, kind: str, path: str, config_json: str,
                    cold: bool) -> dict:
     """One model-side worker (``--worker kind``) in a fresh process: measure()'s figures + what the worker wrote."""
     if cold:
-        evict(path)
+        C.evict(path)
     result_file = os.path.join(logs, f"step_{key}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--path", path, "--config-json", config_json,
            "--check", check_file, "--result", result_file]

@@ -6,7 +6,8 @@ of its own, so its peak memory is its own:
 
   quantize  ``convert_weight.py --quantize`` in-process (``quantize_checkpoint``): time, peak RSS against the
             largest input shard (it streams tensor by tensor), bytes written.
-  read      every byte of the quantized folder read once (64 MiB blocks): the floor under loading it.
+  read      every byte of the quantized folder read once (64 MiB blocks): the floor under loading it. Both this
+            step and predict first drop the folder's files from the page cache, so both read from the disk.
   predict   the V2-Lite W8A16 recipe's model (``predict_deepseek2_lite_w8a16.yaml``'s fields; on a CPU the float
             parts in float32, and ``use_weight_quant_kernel`` as given: the project's CPU kernel or basic ops) built
             and loaded from the folder as ``run_mindformer.py --run_mode predict`` does (``run.predict.build_network``:
@@ -88,6 +89,7 @@ def worker_quantize(a) -> dict:
 
 
 def worker_read(a) -> dict:
+    C.evict(a.out)                                    # from the disk, as the predict step reads it
     start, total = time.perf_counter(), 0
     for name in sorted(os.listdir(a.out)):
         if name.endswith(".safetensors"):
@@ -124,6 +126,7 @@ def worker_predict(a) -> dict:
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     C.silence_mindformers()
     config = DeepseekV2Config(**_fields(a))
+    C.evict(a.out)                                    # from the disk, as the read step reads it
     start = time.perf_counter()
     net = build_network(config, a.out, 1, 0)      # run_mindformer's predict: declared without values, then loaded
     loaded = time.perf_counter()
