@@ -211,27 +211,27 @@ def test_two_workers_one_node_and_two_nodes_one_host(tmp_path):
 @pytest.mark.slow
 @pytest.mark.msrun
 def test_failing_worker_makes_launcher_fail(tmp_path):
-    """A worker exiting 3 after init(): non-zero with JOIN False and True, and on both nodes of a 2-node job."""
-    ports = [free_port() for _ in range(3)]
+    """A worker exiting 3 after init(): non-zero with JOIN True, and on both nodes of a 2-node job (JOIN False on
+    one node: test_msrun_jobs_report_failed_workers_error_lines_and_passing_jobs_none)."""
+    ports = [free_port() for _ in range(2)]
     fail = f"{PROBE} --out_dir {tmp_path / 'res'} --fail_rank 1"
     jobs = [
-        _job([fail, "2", str(ports[0]), "logs_false", "False", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_false"),
-        _job([fail, "2", str(ports[1]), "logs_true", "True", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_true"),
-        _job([fail, "2", "1", "127.0.0.1", str(ports[2]), "0", "logs_n0", "False", CLUSTER_TIME_OUT], tmp_path,
+        _job([fail, "2", str(ports[0]), "logs_true", "True", CLUSTER_TIME_OUT], tmp_path, tmp_path, "join_true"),
+        _job([fail, "2", "1", "127.0.0.1", str(ports[1]), "0", "logs_n0", "False", CLUSTER_TIME_OUT], tmp_path,
              tmp_path, "node0"),
-        _job([fail, "2", "1", "127.0.0.1", str(ports[2]), "1", "logs_n1", "False", CLUSTER_TIME_OUT], tmp_path,
+        _job([fail, "2", "1", "127.0.0.1", str(ports[1]), "1", "logs_n1", "False", CLUSTER_TIME_OUT], tmp_path,
              tmp_path, "node1"),
     ]
     codes = _wait_all(jobs)
     for job, code in zip(jobs, codes):
         assert code != 0, f"{job.name} exited 0 though rank 1 failed:\n{job.console()[-3000:]}"
         assert "job FAILED" in job.console()
-    assert "probe: rank 1 fails on purpose" in (tmp_path / "logs_false" / "worker_1.log").read_text()
-    assert "worker rank 1 (pid" in jobs[3].console() and "exited with status 3" in jobs[3].console()
+    assert "probe: rank 1 fails on purpose" in (tmp_path / "logs_true" / "worker_1.log").read_text()
+    assert "worker rank 1 (pid" in jobs[2].console() and "exited with status 3" in jobs[2].console()
     # the probe's exit leaves no error line in its log: the report shows the log's last lines instead
     assert (f"rank 1 failed (exit status 3); no error line in {tmp_path / 'logs_n1' / 'worker_1.log'}, its last lines:"
-            in jobs[3].console())
-    assert "    probe: rank 1 fails on purpose" in jobs[3].console()
+            in jobs[2].console())
+    assert "    probe: rank 1 fails on purpose" in jobs[2].console()
     # no worker left behind
     left = subprocess.run(["pgrep", "-f", fail], capture_output=True, text=True, check=False).stdout.split()
     assert not left, f"probe processes still running: {left}"
