@@ -1,12 +1,13 @@
 """Data-parallel training on CPU through scripts/msrun_launcher.sh (mccl backend, 127.0.0.1 only).
 
-One module fixture starts four jobs side by side (each on its own free port) and waits for them:
+One module fixture starts two jobs side by side (each on its own free port) and waits for them:
   * ``single``: one process, ``run_mindformer.py`` directly, batch 4;
-  * ``dp``:     (a) 2 workers on one node through the launcher, per-rank batch 2 (global batch 4);
-  * ``node0`` + ``node1``: (b) the same 2-rank job as two launcher calls, one worker each, node ranks 0 and 1.
+  * ``dp``:     2 workers on one node through the launcher, per-rank batch 2 (global batch 4).
+A second fixture (``finetune_runs``) runs the README's finetune form, ``--use_parallel True --load_checkpoint``, from
+a .ckpt file and a Hugging Face folder as 2 nodes x 1 worker (two launcher calls, node ranks 0 and 1), and from a
+converted safetensors folder as 1 node x 2 workers: the same weights (converted from that folder) on both forms of a
+2-rank job, which must then print the same losses and end with the same parameters.
 All use the tiny model of tests/test_training.py (TINY_MODEL), 16 rows, 1 epoch = 4 steps, shuffle off.
-A second fixture (``finetune_runs``) runs the README's finetune form, ``--use_parallel True --load_checkpoint``, as
-2 nodes x 1 worker from a .ckpt file, a converted safetensors folder and a Hugging Face folder (one job each).
 Fast no-msrun tests check research/deepseek2/cpu_collectives.py's AllReduce barrier, which stands in for
 MindFormers' barrier() (no CPU kernel) when MindFormers itself loads a checkpoint (resuming), and changes nothing
 off CPU.
@@ -61,15 +62,15 @@ def _write_rows(path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start the single, (a) and (b) jobs together; return their folders, exit codes and consoles."""
+    """Start the single and dp jobs together; return their folders, exit codes and consoles."""
     tmp = tmp_path_factory.mktemp("dp")
     data = str(tmp / "rows.mindrecord")
     _write_rows(data)
     env = launch_env(tmp / "mf_default", 3)               # no PYTHONPATH: the launcher puts the project root first
     common = ["--config", TINY_YAML, "--run_mode", "train", "--train_data", data, *SMALL]
     dp_args = ["--use_parallel", "True", "--parallel_config.data_parallel", str(RANKS), *_batch(PER_RANK_BATCH)]
-    port_a, port_b = free_ports(2)
-    out = {name: tmp / name for name in ("single", "dp", "nodes")}
+    port_a, = free_ports(1)
+    out = {name: tmp / name for name in ("single", "dp")}
 
     def launcher_cmd(output_dir):
         words = [RUNNER, *common, *dp_args, "--output_dir", str(output_dir)]
@@ -81,10 +82,6 @@ def runs(tmp_path_factory):
         start_launcher("dp", [launcher_cmd(out["dp"]), str(RANKS), str(port_a), str(tmp / "log_dp"), "True",
                               CLUSTER_TIME_OUT], str(tmp), env, str(tmp / "dp.console")),
     ]
-    for node in range(2):
-        jobs.append(start_launcher(f"node{node}", [launcher_cmd(out["nodes"]), str(RANKS), "1", "127.0.0.1",
-                                                   str(port_b), str(node), str(tmp / f"log_node{node}"), "True",
-                                                   CLUSTER_TIME_OUT], str(tmp), env, str(tmp / f"node{node}.console")))
     started = time.monotonic()
     codes = dict(zip((job.name for job in jobs), wait_all(jobs, JOB_TIMEOUT)))
     print(f"\ndistributed jobs finished in {time.monotonic() - started:.0f} s: {codes}")
@@ -98,11 +95,19 @@ def _log_lines(text):
 
 
 def _worker_logs(runs, kind):
-    """{rank: worker log text} of job kind 'dp' (one log folder) or 'nodes' (one folder per node)."""
+    """{rank: worker log text} of job ``kind``: one log folder (log_<kind>, one node) or one a node
+    (log_<kind>_<node>, 2 nodes x 1 worker)."""
     tmp = runs["tmp"]
-    if kind == "dp":
-        return {rank: worker_log(tmp / "log_dp", rank) for rank in range(RANKS)}
-    return {rank: worker_log(tmp / f"log_node{rank}", rank) for rank in range(RANKS)}
+    one_node = tmp / f"log_{kind}"
+    return {rank: worker_log(one_node if one_node.is_dir() else tmp / f"log_{kind}_{rank}", rank)
+            for rank in range(RANKS)}
+
+
+def _check_shards(logs):
+    """Each rank read its own shard of the rows (MindFormers' dataset log line)."""
+    for rank, text in logs.items():
+        shards = {(int(a), int(b)) for a, b in SHARD.findall(text)}
+        assert shards == {(rank, RANKS)}, f"rank {rank} dataset shard lines: {shards}"
 
 
 def _check_ok(runs, names):
@@ -141,9 +146,8 @@ def _check_distributed(runs, kind):
     logs = _worker_logs(runs, kind)
     single = _single_losses(runs)
     per_rank = {}
+    _check_shards(logs)
     for rank, text in logs.items():
-        shards = {(int(a), int(b)) for a, b in SHARD.findall(text)}
-        assert shards == {(rank, RANKS)}, f"rank {rank} dataset shard lines: {shards}"
         per_rank[rank] = _log_lines(text)
         assert [step for step, _, _ in per_rank[rank]] == list(range(1, STEPS + 1)), text[-3000:]
         info = read_text(runs["out"][kind] / "log" / f"rank_{rank}" / "info.log")   # MindFormers' own per-rank log
@@ -198,31 +202,18 @@ def test_data_parallel_one_node_matches_single_process(runs):
     assert worst < 1e-4                                 # same updates up to float summation order
 
 
-@pytest.mark.slow
-@pytest.mark.msrun
-def test_data_parallel_two_nodes_matches_one_node(runs):
-    """(b) 2 nodes x 1 worker on 127.0.0.1: both launchers exit 0, same losses and parameters as (a)."""
-    _check_ok(runs, ["node0", "node1"])
-    per_rank, ckpts = _check_distributed(runs, "nodes")
-    _check_ok(runs, ["dp"])
-    one_node = {rank: _log_lines(text) for rank, text in _worker_logs(runs, "dp").items()}
-    assert per_rank == one_node                          # printed losses and norms identical, rank by rank
-    reference = _rank_checkpoints(runs["out"]["dp"])[0]
-    for name, value in ckpts[0].items():
-        assert np.array_equal(value, reference[name]), f"{name}: 2-node run differs from the 1-node run"
-
-
-# ---------------------------------------------------------------- finetune from a checkpoint, two nodes
-# The upstream README's finetune form, `--use_parallel True --load_checkpoint X --run_mode finetune` under msrun, as
-# 2 nodes x 1 worker on 127.0.0.1, from each way in: a .ckpt file, a converted MindSpore safetensors folder and the
-# Hugging Face folder itself. Each rank loads the whole checkpoint (training.build_loaded_network) before the Trainer.
+# ---------------------------------------------------------------- finetune from a checkpoint
+# The upstream README's finetune form, `--use_parallel True --load_checkpoint X --run_mode finetune` under msrun, on
+# 127.0.0.1, from each way in: a .ckpt file, a converted MindSpore safetensors folder and the Hugging Face folder
+# itself. Each rank loads the whole checkpoint (training.build_loaded_network) before the Trainer.
 CHECKPOINT_KINDS = ("ckpt_file", "ms_folder", "hf_folder")
+ONE_NODE = "ms_folder"          # 1 node x 2 workers; the others 2 nodes x 1 worker
 
 
 @pytest.fixture(scope="module")
 def finetune_runs(tmp_path_factory):
     """A transformers model saved as an HF folder, converted to a .ckpt file and a MindSpore safetensors folder;
-    then three 2-node finetune jobs (one per checkpoint kind) side by side."""
+    then the three finetune jobs (one per checkpoint kind; ONE_NODE's on one node) side by side."""
     import subprocess
     from reference import build_reference
     tmp = tmp_path_factory.mktemp("dp_finetune")
@@ -247,6 +238,10 @@ def finetune_runs(tmp_path_factory):
                  "--run_mode", "finetune", "--train_data", data, *SMALL, "--parallel_config.data_parallel",
                  str(RANKS), *_batch(PER_RANK_BATCH), "--output_dir", str(tmp / f"out_{kind}")]
         cmd = " ".join(f"'{word}'" if " " in word else word for word in words)
+        if kind == ONE_NODE:
+            jobs.append(start_launcher(kind, [cmd, str(RANKS), str(port), str(tmp / f"log_{kind}"), "True",
+                                              CLUSTER_TIME_OUT], str(tmp), env, str(tmp / f"{kind}.console")))
+            continue
         for node in range(RANKS):
             jobs.append(start_launcher(f"{kind}_node{node}", [cmd, str(RANKS), "1", "127.0.0.1", str(port),
                                                              str(node), str(tmp / f"log_{kind}_{node}"), "True",
@@ -259,19 +254,27 @@ def finetune_runs(tmp_path_factory):
             "checkpoints": checkpoints}
 
 
+def _finetune_ok(run, kind):
+    """{rank: worker log} of finetune job ``kind`` after asserting its launcher call(s) exited 0."""
+    names = [kind] if kind == ONE_NODE else [f"{kind}_node{node}" for node in range(RANKS)]
+    logs = _worker_logs(run, kind)
+    for name in names:
+        assert run["codes"][name] == 0, (f"{name} exited {run['codes'][name]}:\n"
+                                         f"{run['jobs'][name].console()[-3000:]}\n"
+                                         + "\n".join(text[-3000:] for text in logs.values()))
+    return logs
+
+
 @pytest.mark.slow
 @pytest.mark.msrun
 @pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
-def test_two_node_finetune_from_checkpoint(finetune_runs, kind):
-    """README's finetune form under msrun, 2 nodes x 1 worker: both exit 0, every rank loaded every weight, the
-    first losses average to transformers' loss of the same weights on the first global batch, ranks end equal."""
+def test_finetune_from_checkpoint_under_msrun(finetune_runs, kind):
+    """README's finetune form under msrun (2 nodes x 1 worker; ONE_NODE's 1 node x 2 workers): both ranks exit 0,
+    each read its shard and loaded every weight, the first losses average to transformers' loss of the same
+    weights on the first global batch, ranks end equal."""
     run = finetune_runs
-    logs = {}
-    for node in range(RANKS):
-        name = f"{kind}_node{node}"
-        logs[node] = worker_log(run["tmp"] / f"log_{kind}_{node}", node)
-        assert run["codes"][name] == 0, (f"{name} exited {run['codes'][name]}:\n"
-                                         f"{run['jobs'][name].console()[-3000:]}\n{logs[node][-3000:]}")
+    logs = _finetune_ok(run, kind)
+    _check_shards(logs)
     firsts = []
     for rank, text in logs.items():
         assert "holds every weight of the model" in text and "every weight of the network" in text, text[-3000:]
@@ -289,6 +292,19 @@ def test_two_node_finetune_from_checkpoint(finetune_runs, kind):
     assert any(name.startswith("adam_m.") for name in ckpts[0])
     for name, value in ckpts[0].items():
         assert np.array_equal(value, ckpts[1][name]), f"{name} differs between rank 0 and rank 1"
+
+
+@pytest.mark.slow
+@pytest.mark.msrun
+def test_two_nodes_match_one_node(finetune_runs):
+    """The same weights (a .ckpt and a safetensors folder converted from one HF folder) finetuned as 2 nodes x 1
+    worker and as 1 node x 2 workers: the same losses and norms printed rank by rank, the same parameters after."""
+    two = {rank: _log_lines(text) for rank, text in _finetune_ok(finetune_runs, "ckpt_file").items()}
+    one = {rank: _log_lines(text) for rank, text in _finetune_ok(finetune_runs, ONE_NODE).items()}
+    assert two == one
+    reference = _rank_checkpoints(finetune_runs["tmp"] / f"out_{ONE_NODE}")[0]
+    for name, value in _rank_checkpoints(finetune_runs["tmp"] / "out_ckpt_file")[0].items():
+        assert np.array_equal(value, reference[name]), f"{name}: the 2-node run differs from the 1-node run"
 
 
 def test_install_cpu_barrier_is_a_noop_unless_distributed_cpu(monkeypatch):
