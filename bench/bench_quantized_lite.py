@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--no-kernel", action="store_true", help="use_weight_quant_kernel False: basic ops dequantize")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="param_init_type: the dtype of the float parts (embedding, lm_head, norms, router, kv_b_proj)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="num_hidden_layers of the model (the folder's, e.g. make_synthetic_checkpoint.py --num_layers); "
+                        "default: the recipe's 27")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--verbose", action="store_true")
@@ -114,6 +117,8 @@ def _fields(a) -> dict:
     fields.update(seq_length=a.context + a.new_tokens, batch_size=1, use_past=True, compute_dtype="float32",
                   param_init_type=a.param_dtype, prefill_chunk_size=a.prefill_chunk, eos_token_id=vocab,
                   use_weight_quant_kernel=not a.no_kernel)
+    if a.layers:
+        fields["num_hidden_layers"] = a.layers
     return fields
 
 
