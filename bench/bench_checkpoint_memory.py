@@ -93,17 +93,15 @@ def write_hf_checkpoint(folder: str, layers: int, shard_gb: float, seed: int) ->
 
 def hf_digests(folder: str) -> dict:
     """{name: blake2b of its bytes} of every tensor of a Hugging Face safetensors folder, read 32 MiB at a time."""
+    from research.deepseek2.checkpoints.safetensors_file import data_spans
     with open(os.path.join(folder, "model.safetensors.index.json")) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     out = {}
     for file_name in files:
-        with open(os.path.join(folder, file_name), "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                start, end = entry["data_offsets"]
-                f.seek(8 + length + start)
+        path = os.path.join(folder, file_name)
+        with open(path, "rb") as f:
+            for name, (start, end) in sorted(data_spans(path).items(), key=lambda item: item[1][0]):
+                f.seek(start)
                 digest = hashlib.blake2b(digest_size=16)
                 left = end - start
                 while left:

@@ -110,10 +110,12 @@ def _check_shards(logs):
         assert shards == {(rank, RANKS)}, f"rank {rank} dataset shard lines: {shards}"
 
 
-def _check_ok(runs, names):
+def _check_ok(runs, names, logs=None):
+    """Every launcher call ``names`` exited 0; a failure shows its console (and the tails of ``logs``, worker logs)."""
+    tails = "".join(f"\n{text[-3000:]}" for text in (logs or {}).values())
     for name in names:
         job = runs["jobs"][name]
-        assert runs["codes"][name] == 0, f"{name} exited {runs['codes'][name]}:\n{job.console()[-4000:]}"
+        assert runs["codes"][name] == 0, f"{name} exited {runs['codes'][name]}:\n{job.console()[-4000:]}{tails}"
 
 
 def _rank_checkpoints(output_dir):
@@ -256,12 +258,8 @@ def finetune_runs(tmp_path_factory):
 
 def _finetune_ok(run, kind):
     """{rank: worker log} of finetune job ``kind`` after asserting its launcher call(s) exited 0."""
-    names = [kind] if kind == ONE_NODE else [f"{kind}_node{node}" for node in range(RANKS)]
     logs = _worker_logs(run, kind)
-    for name in names:
-        assert run["codes"][name] == 0, (f"{name} exited {run['codes'][name]}:\n"
-                                         f"{run['jobs'][name].console()[-3000:]}\n"
-                                         + "\n".join(text[-3000:] for text in logs.values()))
+    _check_ok(run, [kind] if kind == ONE_NODE else [f"{kind}_node{node}" for node in range(RANKS)], logs)
     return logs
 
 

@@ -36,6 +36,16 @@ _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": n
 _ST_TAGS = {dtype: tag for tag, dtype in _ST_DTYPES.items()}
 
 
+def data_spans(path: str) -> Dict[str, Tuple[int, int]]:
+    """{tensor name: (first byte, end)} of its data in the file, from the header (after the 8-byte length):
+    the library's handle does not tell where a tensor's bytes lie."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return {name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
 def _open(path: str):
     """The library's handle on ``path``; CheckpointError naming the file for anything it refuses."""
     try:
@@ -146,12 +156,7 @@ class SafetensorsReader:
         if self._file is None:
             raise CheckpointError(f"{self.path}: reader is closed")
         if self._spans is None:
-            # safe_open does not tell where a tensor's bytes lie: the header does (its data_offsets, after it)
-            self._fd = os.open(self.path, os.O_RDONLY)
-            length = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-            header = json.loads(os.pread(self._fd, length, 8))
-            self._spans = {key: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
-                           for key, entry in header.items() if key != "__metadata__"}
+            self._spans, self._fd = data_spans(self.path), os.open(self.path, os.O_RDONLY)
         begin, end = self._spans[name]
         view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
         while done < end - begin:                           # a single pread stops short of 2 GiB

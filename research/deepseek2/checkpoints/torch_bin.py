@@ -8,7 +8,7 @@ from typing import List, Tuple
 import numpy as np
 from mindformers.tools.logger import logger
 
-from research.deepseek2.checkpoints.arrays import BF16
+from research.deepseek2.checkpoints.arrays import BF16, dtype_name
 from research.deepseek2.errors import CheckpointError
 
 __all__ = ["TorchBinReader"]
@@ -65,8 +65,8 @@ class TorchBinReader:
         """Tensor ``name`` copied into ``out`` (its dtype and shape), as SafetensorsReader.read_into."""
         array = self.get(name)
         if out.dtype != array.dtype or out.shape != array.shape:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is {array.dtype} {array.shape}; cannot read it "
-                                  f"into a {out.dtype} {out.shape} array")
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype_name(array.dtype)} {array.shape}; cannot "
+                                  f"read it into a {dtype_name(out.dtype)} {out.shape} array")
         out[...] = array
 
     def get(self, name: str, slice=None) -> np.ndarray:  # pylint: disable=redefined-builtin
