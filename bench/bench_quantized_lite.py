@@ -8,12 +8,14 @@ of its own, so its peak memory is its own:
             largest input shard (it streams tensor by tensor), bytes written.
   read      every byte of the quantized folder read once (64 MiB blocks): the floor under loading it. Both this
             step and predict first drop the folder's files from the page cache, so both read from the disk.
-  predict   the V2-Lite W8A16 recipe's model (``predict_deepseek2_lite_w8a16.yaml``'s fields; on a CPU the float
-            parts in float32, and ``use_weight_quant_kernel`` as given: the project's CPU kernel or basic ops) built
-            and loaded from the folder as ``run_mindformer.py --run_mode predict`` does (``run.predict.build_network``:
-            parameters declared without values, then loaded; time against ``read``), then greedy ``generate`` of ``--new-tokens`` after a
-            ``--context``-token prompt prefilled in ``--prefill-chunk`` calls (after a warm-up generate of one chunk
-            that compiles both graphs): prefill tokens/s, decode tokens/s (1 / median interval), peak RSS.
+  predict   the V2-Lite W8A16 recipe's model (``predict_deepseek2_lite_w8a16.yaml``'s fields; on a CPU float32
+            activations, the float parts in ``--param-dtype`` (the recipe's bfloat16 by default) and
+            ``use_weight_quant_kernel`` as given: the project's CPU kernel or basic ops) built and loaded from the
+            folder as ``run_mindformer.py --run_mode predict`` does (``run.predict.build_network``: parameters
+            declared without values, then loaded; time against ``read``), then greedy ``generate`` of
+            ``--new-tokens`` after a ``--context``-token prompt prefilled in ``--prefill-chunk`` calls (after a
+            warm-up generate of one chunk that compiles both graphs): prefill tokens/s, decode tokens/s (1 / median
+            interval), peak RSS.
   ceiling   the CPU kernel's int8 GEMV alone on one decode token's weight bytes (the quantized weights a V2-Lite
             token reads: attention, the dense FFN or the shared experts, 6 routed experts per layer; the float
             lm_head beside them): decode tokens/s no implementation on this kernel can pass.
@@ -54,8 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--no-kernel", action="store_true", help="use_weight_quant_kernel False: basic ops dequantize")
-    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="param_init_type: the dtype of the float parts (embedding, lm_head, norms, router, kv_b_proj)")
+    p.add_argument("--param-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="param_init_type: the dtype of the float parts (embedding, lm_head, norms, router, kv_b_proj); "
+                        "the recipe's bfloat16 by default, as the checkpoint holds them")
     p.add_argument("--layers", type=int, default=None,
                    help="num_hidden_layers of the model (the folder's, e.g. make_synthetic_checkpoint.py --num_layers); "
                         "default: the recipe's 27")
@@ -164,13 +167,15 @@ def _decode_bytes(config) -> dict:
     """Bytes one decode token reads: the quantized weights it uses (int8 or packed int4, and scales) and the
     float ones (lm_head and the rest), from the inventory."""
     from research.deepseek2.planning.inventory import parameters
+    from research.deepseek2.dtypes import bytes_of
     quant, floats = 0, 0
+    float_size = bytes_of(config.param_init_type)                       # the float parts' dtype (param_init_type)
     chosen = config.num_experts_per_tok / config.n_routed_experts      # a token reads k of the E stacked experts
     for held in parameters(config):                                     # as the model holds them
         share = chosen if "routed_experts" in held.name else 1.0
         if held.name.startswith("model.tok_embeddings"):
             share = 1.0 / config.vocab_size                             # one row
-        nbytes = held.size * (1 if held.dtype == "int8" else 4) * share
+        nbytes = held.size * {"int8": 1, "float32": 4, None: float_size}[held.dtype] * share
         if held.dtype:
             quant += nbytes
         else:

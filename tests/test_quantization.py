@@ -110,23 +110,26 @@ def test_a_group_size_that_does_not_divide_names_the_weight():
 # ---------------------------------------------------------------------------------------------- folders
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """{layout: HF folder of a seeded reference model} and {(layout, dtype, group): quantized folder}, made once."""
+    """{layout: HF folder of a seeded reference model} and {(layout, dtype, group): quantized folder}, made once;
+    source "bfloat16": the reference saved in bfloat16 (as released checkpoints are), and its quantized folder."""
+    import torch
     from research.deepseek2.quantization.convert import quantize_checkpoint
     tmp = tmp_path_factory.mktemp("quant")
     cache = {}
 
-    def folder(layout, dtype=None, group=0):
-        key = (layout, dtype, group)
+    def folder(layout, dtype=None, group=0, source="float32"):
+        key = (layout, dtype, group, source)
         if key not in cache:
             if dtype is None:
-                path = tmp / layout
-                R.build_reference(LAYOUTS[layout], seed=3).save_pretrained(str(path), safe_serialization=True,
-                                                                            max_shard_size="100KB")
+                path = tmp / f"{layout}-{source}"
+                model = reference_model(layout, source)
+                model = model.to(torch.bfloat16) if source == "bfloat16" else model
+                model.save_pretrained(str(path), safe_serialization=True, max_shard_size="100KB")
                 (path / "tokenizer.json").write_text("{}")
             else:
-                path = tmp / f"{layout}-{dtype}-{group}"
-                quantize_checkpoint(str(folder(layout)), str(path), settings(dtype, group), progress=False,
-                                    max_shard_size=200_000)
+                path = tmp / f"{layout}-{dtype}-{group}-{source}"
+                quantize_checkpoint(str(folder(layout, source=source)), str(path), settings(dtype, group),
+                                    progress=False, max_shard_size=200_000)
             cache[key] = path
         return cache[key]
 
@@ -323,15 +326,27 @@ def test_tensor_parallel_ranks_load_their_slices_of_the_quantized_folder(made, d
 
 
 # ---------------------------------------------------------------------------------------------- numerics
-def dequantized_reference(layout, folder, quant):
-    """transformers' model (seed 3, as the folder's source) holding the folder's dequantized weights."""
+def reference_model(layout, source="float32"):
+    """transformers' model of seed 3, in float32; source "bfloat16": its weights rounded to bfloat16 (not its rotary
+    buffers, which a checkpoint does not hold)."""
+    import torch
+    model = R.build_reference(LAYOUTS[layout], seed=3)
+    if source == "bfloat16":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16).to(torch.float32))
+    return model
+
+
+def dequantized_reference(layout, folder, quant, source="float32"):
+    """transformers' model (seed 3, as the folder's source) holding the folder's dequantized weights, in float32."""
     import torch
     from safetensors.numpy import load_file
     tensors = {}
     for name in os.listdir(folder):
         if name.endswith(".safetensors"):
             tensors.update(load_file(str(folder / name)))
-    model = R.build_reference(LAYOUTS[layout], seed=3)
+    model = reference_model(layout, source)
     state = model.state_dict()
     with torch.no_grad():
         for name, param in state.items():
@@ -370,6 +385,55 @@ def test_logits_equal_the_reference_holding_the_dequantized_weights(made, layout
     unquantized = R.reference_logits(R.build_reference(LAYOUTS[layout], seed=3), ids)
     assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
     assert np.abs(unquantized - theirs).max() > 1e-2          # the weights really changed: not a vacuous parity
+
+
+@pytest.mark.parametrize("layout, dtype, group, mode", [("lite", "int8", 0, "graph"), ("v2", "int4", GROUP, "pynative")])
+def test_bfloat16_float_parts_run_on_a_cpu_as_held(made, layout, dtype, group, mode):
+    """param_init_type bfloat16 on a CPU (a released checkpoint's float parts kept in its dtype, half the memory of
+    float32): the embedding, lm_head and the other float weights stay bfloat16 in the model, and the logits equal
+    the float32 reference holding the same values."""
+    import mindspore as ms
+    folder, quant = made(layout, dtype, group, "bfloat16"), settings(dtype, group)
+    ids = np.random.default_rng(0).integers(0, LAYOUTS[layout]["vocab_size"], (2, 12))
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        net = quantized_net(layout, folder, dtype, group, True, param_init_type="bfloat16")
+        held = {p.name: p.dtype for p in net.get_parameters()}
+        ours = net(ms.Tensor(ids, ms.int32)).asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert held["lm_head.weight"] == held["model.tok_embeddings.embedding_weight"] == ms.bfloat16
+    assert held["model.norm_out.weight"] == ms.bfloat16
+    theirs = R.reference_logits(dequantized_reference(layout, folder, quant, "bfloat16"), ids)
+    assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+
+
+def test_a_bfloat16_linear_and_embedding_on_a_cpu_and_their_gradients():
+    """The CPU kernel's bfloat16 product and row gather equal float32 math on the widened weights, forward and
+    backward (their gradients are basic ops; the weight's rounded to bfloat16)."""
+    import mindspore as ms
+    from research.deepseek2.layers import Embedding, Linear
+    rng = np.random.default_rng(2)
+    linear, table = Linear(96, 37, param_init_type=ms.bfloat16), Embedding(50, 96, param_init_type=ms.bfloat16)
+    assert linear.bf16_matmul is not None and table.bf16_gather is not None
+    for param in (linear.weight, table.embedding_weight):
+        param.set_data(ms.Tensor(rng.normal(0, 0.1, param.shape).astype(np.float32)).astype(ms.bfloat16))
+    w, e = (p.astype(ms.float32).asnumpy() for p in (linear.weight, table.embedding_weight))
+    x, ids = rng.normal(0, 1, (5, 96)).astype(np.float32), np.array([[3, 49, 3], [0, 7, 3]], np.int32)
+    dy, de = rng.normal(0, 1, (5, 37)).astype(np.float32), rng.normal(0, 1, (2, 3, 96)).astype(np.float32)
+    y, rows = linear(ms.Tensor(x)).asnumpy(), table(ms.Tensor(ids)).asnumpy()
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)
+    assert rows.dtype == np.float32 and np.array_equal(rows, e[ids])
+    dx, (dw,) = ms.grad(lambda v: linear(v) * ms.Tensor(dy), 0, linear.trainable_params())(ms.Tensor(x))
+    np.testing.assert_allclose(dx.asnumpy(), dy @ w, rtol=1e-5, atol=1e-5)
+    bf16 = lambda a: ms.Tensor(a).astype(ms.bfloat16).astype(ms.float32).asnumpy()      # noqa: E731
+    np.testing.assert_allclose(dw.astype(ms.float32).asnumpy(), bf16(dy.T @ x), rtol=1e-2)
+    (dtable,) = ms.grad(lambda i: table(i) * ms.Tensor(de), None, table.trainable_params())(ms.Tensor(ids))
+    expected = np.zeros_like(e)
+    np.add.at(expected, ids.reshape(-1), de.reshape(-1, 96))
+    np.testing.assert_allclose(dtable.astype(ms.float32).asnumpy(), bf16(expected), rtol=1e-2)
+    with pytest.raises(ValueError, match=r"Bf16Matmul: x \[5, 95\], weight \[37, 96\]"):
+        linear(ms.Tensor(x[:, :95]))
 
 
 @pytest.mark.slow

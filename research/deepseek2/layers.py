@@ -7,6 +7,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
+from research.deepseek2.quantization import cpu_kernel
 from research.deepseek2.quantization.cells import FLOAT, QuantLinear
 
 __all__ = ["RMSNorm", "RMSNormFunction", "Linear", "linear", "Embedding", "FeedForward", "TensorParallelAllReduce"]
@@ -84,7 +85,11 @@ class RMSNormFunction(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T (+ b); W stored (out, in) like torch.nn.Linear, so checkpoints convert without transposes."""
+    """y = x W^T (+ b); W stored (out, in) like torch.nn.Linear, so checkpoints convert without transposes.
+
+    A bfloat16 W on a CPU is multiplied as held by the project's CPU kernel (``cpu_kernel.runs_bf16_weights``; its
+    result rounded to compute_dtype): casting it would put a float32 copy of W in memory at every call.
+    """
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
                  compute_dtype=mstype.float32, param_init_type=mstype.float32, init_std: float = 0.02):
@@ -96,11 +101,15 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_features,), param_init_type), name="bias") \
             if has_bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.bf16_matmul = cpu_kernel.bf16_matmul_op() if cpu_kernel.runs_bf16_weights(param_init_type) else None
 
     def construct(self, x):
         shape = x.shape
         x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))                # (tokens, in)
-        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))                      # (tokens, out)
+        if self.bf16_matmul is not None:
+            y = ops.cast(self.bf16_matmul(ops.cast(x2, mstype.float32), self.weight), self.compute_dtype)
+        else:
+            y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))                  # (tokens, out)
         if self.bias is not None:
             y = y + ops.cast(self.bias, self.compute_dtype)
         return ops.reshape(y, shape[:-1] + (self.out_features,))
@@ -117,15 +126,19 @@ def linear(in_features: int, out_features: int, quant=FLOAT, name: str = "weight
 
 
 class Embedding(nn.Cell):
-    """Token embedding table (vocab, hidden)."""
+    """Token embedding table (vocab, hidden). A bfloat16 table on a CPU is read by the project's CPU kernel, rows
+    widened to float32 (MindSpore's CPU Gather has no bfloat16 kernel)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, param_init_type=mstype.float32, init_std: float = 0.02):
         super().__init__()
         self.embedding_weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), param_init_type),
                                           name="embedding_weight")
         self.gather = ops.Gather()
+        self.bf16_gather = cpu_kernel.bf16_gather_op() if cpu_kernel.runs_bf16_weights(param_init_type) else None
 
     def construct(self, tokens):
+        if self.bf16_gather is not None:
+            return self.bf16_gather(self.embedding_weight, ops.cast(tokens, mstype.int32))   # (b, s, h) float32
         return self.gather(self.embedding_weight, tokens, 0)                               # (b, s, h)
 
 

@@ -39,7 +39,38 @@ inline float hsum(__m256 a) {
   return _mm_cvtss_f32(lo);
 }
 inline __m256i widen8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+// 8 bfloat16 (their bits) -> 8 float32: a bfloat16 is the high half of the float32 of the same value, exactly.
+inline __m256 widen8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 #endif
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[t, c] for channels [c0, c0 + 4) of a bfloat16 weight (N, K), all K inputs.
+inline void dot4_bf16(const float* x, const uint16_t* w, int64_t K, float out[4]) {
+  int64_t k = 0;
+#ifdef DS2_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(widen8_bf16(w + k), xv, a0);
+    a1 = _mm256_fmadd_ps(widen8_bf16(w + K + k), xv, a1);
+    a2 = _mm256_fmadd_ps(widen8_bf16(w + 2 * K + k), xv, a2);
+    a3 = _mm256_fmadd_ps(widen8_bf16(w + 3 * K + k), xv, a3);
+  }
+  out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+#else
+  out[0] = out[1] = out[2] = out[3] = 0.f;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) out[r] += x[k] * bf16_to_float(w[r * K + k]);
+}
 
 // y[t, c] for channels [c0, c0 + 4) of an int8 weight, one group [k0, k1) of inputs, 4 rows at once.
 inline void dot4_int8(const float* x, const int8_t* w, int64_t K, int64_t k0, int64_t k1, float out[4]) {
@@ -191,6 +222,58 @@ extern "C" int GatheredWeightQuantMatmul(int nparam, void** params, int* ndims, 
     const int64_t e = items[i] / nblocks, b = items[i] % nblocks;
     block(x, order.data() + start[e], start[e + 1] - start[e], q + e * q_rows * K, scale + e * N * groups, y, N,
           K, groups, bits, b * kBlock);
+  }
+  return 0;
+}
+
+// y (T, N) = x (T, K) w^T for a bfloat16 weight w (N, K), accumulated in float32.   params: x, w, y
+extern "C" int Bf16Matmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                          void* extra) {
+  if (nparam != 3) return 1;
+  const float* x = static_cast<const float*>(params[0]);
+  const uint16_t* w = static_cast<const uint16_t*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+  const int64_t T = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t c0 = b * kBlock, c1 = c0 + kBlock < N ? c0 + kBlock : N;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * K;
+      for (int64_t c = c0; c < c1; c += 4) {
+        float part[4];
+        if (c + 4 <= c1) {
+          dot4_bf16(xt, w + c * K, K, part);
+        } else {                                                 // fewer than 4 channels left
+          for (int64_t r = 0; r < c1 - c; ++r) {
+            float s = 0.f;
+            for (int64_t k = 0; k < K; ++k) s += xt[k] * bf16_to_float(w[(c + r) * K + k]);
+            part[r] = s;
+          }
+        }
+        for (int64_t r = 0; r < 4 && c + r < c1; ++r) y[t * N + c + r] = part[r];
+      }
+    }
+  }
+  return 0;
+}
+
+// y (..., H) float32 = rows ids (...) of a bfloat16 table w (V, H), widened.   params: w, ids (int32), y
+extern "C" int Bf16Gather(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                          void* extra) {
+  if (nparam != 3) return 1;
+  const uint16_t* w = static_cast<const uint16_t*>(params[0]);
+  const int32_t* ids = static_cast<const int32_t*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+  const int64_t V = shapes[0][0], H = shapes[0][1];
+  int64_t T = 1;
+  for (int d = 0; d < ndims[1]; ++d) T *= shapes[1][d];
+  for (int64_t t = 0; t < T; ++t)
+    if (ids[t] < 0 || ids[t] >= V) return 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const uint16_t* row = w + static_cast<int64_t>(ids[t]) * H;
+    for (int64_t h = 0; h < H; ++h) y[t * H + h] = bf16_to_float(row[h]);
   }
   return 0;
 }

@@ -1,4 +1,6 @@
-"""The CPU kernels of ``cpu_kernel.cc`` as MindSpore ``Custom`` ops (func_type "aot"), graph and PyNative mode.
+"""The CPU kernels of ``cpu_kernel.cc`` as MindSpore ``Custom`` ops (func_type "aot"), graph and PyNative mode:
+the weight-quantized products, and the bfloat16 weights' product and row gather (MindSpore's CPU MatMul and Gather
+have no bfloat16 kernel: without these a bfloat16 float part is a float32 copy on a CPU).
 
 The shared library is built from the source on first use with the system's C++ compiler (``CXX``, default g++;
 ``-O3 -march=native -fopenmp``: AVX2 + FMA where the CPU has them, a plain loop elsewhere) into
@@ -14,12 +16,14 @@ import shutil
 import subprocess
 import tempfile
 
+import mindspore as ms
 from mindspore import ops
 from mindspore.common import dtype as mstype
 
 from research.deepseek2.errors import QuantizationError
 
-__all__ = ["library", "weight_quant_matmul_op", "gathered_weight_quant_matmul_op", "SOURCE"]
+__all__ = ["library", "weight_quant_matmul_op", "gathered_weight_quant_matmul_op", "runs_bf16_weights",
+           "bf16_matmul_op", "bf16_gather_op", "SOURCE"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -86,3 +90,43 @@ def gathered_weight_quant_matmul_op(bits: int):
         return [x[0], scale[1]]
     return ops.Custom(f"{library()}:GatheredWeightQuantMatmul", out_shape=out_shape,
                       out_dtype=lambda x, q, scale, index: mstype.float32, func_type="aot")
+
+
+def runs_bf16_weights(param_dtype) -> bool:
+    """Whether a float weight of ``param_dtype`` is multiplied / gathered by this module's kernels: bfloat16 on a CPU
+    (the context's device_target), where MindSpore has no bfloat16 MatMul or Gather."""
+    return param_dtype == mstype.bfloat16 and ms.get_context("device_target") == "CPU"
+
+
+def _bf16_matmul_bprop(x, w, out, dout):
+    """Basic ops (training is not what the kernel is for): dx = dout w, dw = dout^T x in w's dtype."""
+    dx = ops.matmul(dout, ops.cast(w, mstype.float32))                                   # (T, K)
+    dw = ops.cast(ops.matmul(ops.transpose(dout, (1, 0)), x), w.dtype)                   # (N, K)
+    return dx, dw
+
+
+def _bf16_gather_bprop(w, ids, out, dout):
+    """dw: each row's gradient summed over the tokens that read it, in w's dtype; ids take none."""
+    rows = ops.reshape(dout, (-1, w.shape[1]))                                           # (T, H)
+    dw = ops.unsorted_segment_sum(rows, ops.reshape(ids, (-1,)), w.shape[0])
+    return ops.cast(dw, w.dtype), ops.zeros_like(ids)
+
+
+def bf16_matmul_op():
+    """Custom op (x (T, K) float32, w (N, K) bfloat16) -> x w^T (T, N) float32, accumulated in float32."""
+    def out_shape(x, w):
+        if len(x) != 2 or len(w) != 2 or x[1] != w[1]:
+            raise ValueError(f"Bf16Matmul: x {list(x)}, weight {list(w)}: expected x (T, K) and weight (N, K)")
+        return [x[0], w[0]]
+    return ops.Custom(f"{library()}:Bf16Matmul", out_shape=out_shape, out_dtype=lambda x, w: mstype.float32,
+                      func_type="aot", bprop=_bf16_matmul_bprop)
+
+
+def bf16_gather_op():
+    """Custom op (w (V, H) bfloat16, ids (...) int32) -> rows (..., H) float32 (exact: a widening)."""
+    def out_shape(w, ids):
+        if len(w) != 2:
+            raise ValueError(f"Bf16Gather: table {list(w)}: expected (V, H)")
+        return list(ids) + [w[1]]
+    return ops.Custom(f"{library()}:Bf16Gather", out_shape=out_shape, out_dtype=lambda w, ids: mstype.float32,
+                      func_type="aot", bprop=_bf16_gather_bprop)
