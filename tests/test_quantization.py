@@ -390,22 +390,32 @@ def test_logits_equal_the_reference_holding_the_dequantized_weights(made, layout
 @pytest.mark.parametrize("layout, dtype, group, mode", [("lite", "int8", 0, "graph"), ("v2", "int4", GROUP, "pynative")])
 def test_bfloat16_float_parts_run_on_a_cpu_as_held(made, layout, dtype, group, mode):
     """param_init_type bfloat16 on a CPU (a released checkpoint's float parts kept in its dtype, half the memory of
-    float32): the embedding, lm_head and the other float weights stay bfloat16 in the model, and the logits equal
-    the float32 reference holding the same values."""
+    float32): the embedding, lm_head, kv_b_proj and the other float weights stay bfloat16 in the model; the logits
+    equal the float32 reference holding the same values, and so do the greedy tokens through the latent cache (its
+    absorbed products read kv_b_proj in place) with the prompt prefilled in chunks."""
     import mindspore as ms
     folder, quant = made(layout, dtype, group, "bfloat16"), settings(dtype, group)
-    ids = np.random.default_rng(0).integers(0, LAYOUTS[layout]["vocab_size"], (2, 12))
+    fields = LAYOUTS[layout]
+    ids = np.random.default_rng(0).integers(0, fields["vocab_size"], (2, 12))
+    prompt = list(np.random.RandomState(1).randint(2, fields["vocab_size"], 9))
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
         net = quantized_net(layout, folder, dtype, group, True, param_init_type="bfloat16")
         held = {p.name: p.dtype for p in net.get_parameters()}
         ours = net(ms.Tensor(ids, ms.int32)).asnumpy()
+        cached = quantized_net(layout, folder, dtype, group, True, param_init_type="bfloat16", use_past=True,
+                               batch_size=1, seq_length=24, prefill_chunk_size=4)
+        assert all(layer.attention.latent_kernels for layer in cached.model.layers)
+        tokens = list(map(int, cached.generate([prompt], max_new_tokens=6, do_sample=False)[0]))
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert held["lm_head.weight"] == held["model.tok_embeddings.embedding_weight"] == ms.bfloat16
-    assert held["model.norm_out.weight"] == ms.bfloat16
-    theirs = R.reference_logits(dequantized_reference(layout, folder, quant, "bfloat16"), ids)
+    assert held["model.norm_out.weight"] == held["model.layers.0.attention.lkv2kv.weight"] == ms.bfloat16
+    ref = dequantized_reference(layout, folder, quant, "bfloat16")
+    theirs = R.reference_logits(ref, ids)
     assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+    expected = list(map(int, R.reference_generate(ref, np.array([prompt]), 6)[0]))
+    assert tokens[:len(expected)] == expected
 
 
 def test_a_bfloat16_linear_and_embedding_on_a_cpu_and_their_gradients():

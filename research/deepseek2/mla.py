@@ -26,6 +26,7 @@ from mindspore.common.initializer import initializer
 
 from research.deepseek2.layers import RMSNorm, Linear, TensorParallelAllReduce, linear
 from research.deepseek2.planning.chunks import chunk_bounds, head_blocks
+from research.deepseek2.quantization import cpu_kernel
 from research.deepseek2.quantization.cells import FLOAT
 from research.deepseek2.rope import apply_rotary
 
@@ -182,6 +183,11 @@ class MLAttention(nn.Cell):
         self.attention = SoftmaxAttention(self.softmax_dtype)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        # a bfloat16 kv_b_proj on a CPU: the absorbed products read it in place (a cast would widen all of it, at
+        # every decode step and layer: slower than the rest of the step's attention)
+        self.latent_kernels = None
+        if self.use_past and cpu_kernel.runs_bf16_weights(config.param_init_type):
+            self.latent_kernels = (cpu_kernel.latent_query_op(), cpu_kernel.latent_value_op(self.v_dim))
 
     # ------------------------------------------------------------------ projections
     def _query(self, x):
@@ -239,11 +245,16 @@ class MLAttention(nn.Cell):
         """
         b, n, s, _ = q_nope.shape
         r = self.kv_lora_rank
-        w = ops.reshape(ops.cast(self.lkv2kv.weight, self.compute_dtype),
-                        (n, self.nope_dim + self.v_dim, r))                                # (n, nope+v, r)
-        w_uk, w_uv = ops.split(w, (self.nope_dim, self.v_dim), 1)                          # (n, nope, r), (n, v, r)
         q_heads = ops.reshape(ops.transpose(q_nope, (1, 0, 2, 3)), (n, b * s, self.nope_dim))  # (n, b*s, nope)
-        q_latent = ops.transpose(ops.reshape(self.bmm(q_heads, w_uk), (n, b, s, r)), (1, 0, 2, 3))  # (b, n, s, r)
+        if self.latent_kernels is None:
+            w = ops.reshape(ops.cast(self.lkv2kv.weight, self.compute_dtype),
+                            (n, self.nope_dim + self.v_dim, r))                            # (n, nope+v, r)
+            w_uk, w_uv = ops.split(w, (self.nope_dim, self.v_dim), 1)                      # (n, nope, r), (n, v, r)
+            q_latent = self.bmm(q_heads, w_uk)                                             # (n, b*s, r)
+        else:
+            q_latent = ops.cast(self.latent_kernels[0](ops.cast(q_heads, mstype.float32), self.lkv2kv.weight),
+                                q_heads.dtype)                                             # (n, b*s, r)
+        q_latent = ops.transpose(ops.reshape(q_latent, (n, b, s, r)), (1, 0, 2, 3))        # (b, n, s, r)
         query = ops.concat((q_latent, q_pe), -1) * self.scale            # (b, n, s, r+rope), scaled once here
         width = r + self.rope_dim
         hidden = ops.expand_dims(hidden, 1)                                                # (b, 1, s, K)
@@ -257,7 +268,11 @@ class MLAttention(nn.Cell):
             outs.append(self.attention(ops.reshape(block, (b, heads * s, width)), cache, cache, mask))  # (b, h*s, w)
         o_latent = (outs[0] if len(outs) == 1 else ops.concat(outs, 1))[..., :r]  # (b, n*s, r): the cache as it is
         o_latent = ops.reshape(ops.transpose(ops.reshape(o_latent, (b, n, s, r)), (1, 0, 2, 3)), (n, b * s, r))
-        out = self.bmm_t(o_latent, w_uv)                                                   # (n, b*s, v)
+        if self.latent_kernels is None:
+            out = self.bmm_t(o_latent, w_uv)                                               # (n, b*s, v)
+        else:
+            out = ops.cast(self.latent_kernels[1](ops.cast(o_latent, mstype.float32), self.lkv2kv.weight),
+                           o_latent.dtype)                                                 # (n, b*s, v)
         return ops.transpose(ops.reshape(out, (n, b, s, self.v_dim)), (1, 0, 2, 3))        # (b, n, s, v)
 
     def _write_cache(self, rows, entry, b: int, keys=None):

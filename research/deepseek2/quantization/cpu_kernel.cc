@@ -277,3 +277,76 @@ extern "C" int Bf16Gather(int nparam, void** params, int* ndims, int64_t** shape
   }
   return 0;
 }
+
+// MLA's absorbed products against a float weight held as kv_b_proj is, w (n * (D + V), R): head h's rows
+// [h (D + V), h (D + V) + D) are W^UK (D, R), the next V rows W^UV (V, R); float32 or bfloat16 (dtypes[1]). Read in
+// place: no per-call split, transpose or widened copy of the weight.
+template <typename W>
+inline float widen(W v);
+template <>
+inline float widen<float>(float v) { return v; }
+template <>
+inline float widen<uint16_t>(uint16_t v) { return bf16_to_float(v); }
+
+// q_latent (n, T, R): row (h, t) = sum_d q[h, t, d] W^UK_h[d, :].   params: q (n, T, D), w, out
+template <typename W>
+void latent_query(const float* q, const W* w, float* out, int64_t n, int64_t T, int64_t D, int64_t V, int64_t R) {
+#pragma omp parallel for schedule(static)
+  for (int64_t ht = 0; ht < n * T; ++ht) {
+    const int64_t h = ht / T;
+    const float* qt = q + ht * D;
+    float* o = out + ht * R;
+    for (int64_t r = 0; r < R; ++r) o[r] = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const W* row = w + (h * (D + V) + d) * R;
+      const float a = qt[d];
+      for (int64_t r = 0; r < R; ++r) o[r] += a * widen<W>(row[r]);
+    }
+  }
+}
+
+// out (n, T, V): (h, t, v) = o_latent[h, t, :] . W^UV_h[v, :].   params: o (n, T, R), w, out
+template <typename W>
+void latent_value(const float* o, const W* w, float* out, int64_t n, int64_t T, int64_t D, int64_t V, int64_t R) {
+#pragma omp parallel for schedule(static)
+  for (int64_t hv = 0; hv < n * V; ++hv) {
+    const int64_t h = hv / V, v = hv % V;
+    const W* row = w + (h * (D + V) + D + v) * R;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* ot = o + (h * T + t) * R;
+      float s = 0.f;
+      for (int64_t r = 0; r < R; ++r) s += ot[r] * widen<W>(row[r]);
+      out[(h * T + t) * V + v] = s;
+    }
+  }
+}
+
+inline bool is_bf16(const char* dtype) { return std::strcmp(dtype, "bfloat16") == 0; }
+
+extern "C" int LatentQuery(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                           void* stream, void* extra) {
+  if (nparam != 3) return 1;
+  const int64_t n = shapes[0][0], T = shapes[0][1], D = shapes[0][2], R = shapes[1][1];
+  const int64_t V = shapes[1][0] / n - D;
+  const float* q = static_cast<const float*>(params[0]);
+  float* out = static_cast<float*>(params[2]);
+  if (is_bf16(dtypes[1]))
+    latent_query(q, static_cast<const uint16_t*>(params[1]), out, n, T, D, V, R);
+  else
+    latent_query(q, static_cast<const float*>(params[1]), out, n, T, D, V, R);
+  return 0;
+}
+
+extern "C" int LatentValue(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                           void* stream, void* extra) {
+  if (nparam != 3) return 1;
+  const int64_t n = shapes[0][0], T = shapes[0][1], R = shapes[0][2], V = shapes[2][2];
+  const int64_t D = shapes[1][0] / n - V;
+  const float* o = static_cast<const float*>(params[0]);
+  float* out = static_cast<float*>(params[2]);
+  if (is_bf16(dtypes[1]))
+    latent_value(o, static_cast<const uint16_t*>(params[1]), out, n, T, D, V, R);
+  else
+    latent_value(o, static_cast<const float*>(params[1]), out, n, T, D, V, R);
+  return 0;
+}

@@ -23,7 +23,7 @@ from mindspore.common import dtype as mstype
 from research.deepseek2.errors import QuantizationError
 
 __all__ = ["library", "weight_quant_matmul_op", "gathered_weight_quant_matmul_op", "runs_bf16_weights",
-           "bf16_matmul_op", "bf16_gather_op", "SOURCE"]
+           "bf16_matmul_op", "bf16_gather_op", "latent_query_op", "latent_value_op", "SOURCE"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -130,3 +130,31 @@ def bf16_gather_op():
         return list(ids) + [w[1]]
     return ops.Custom(f"{library()}:Bf16Gather", out_shape=out_shape, out_dtype=lambda w, ids: mstype.float32,
                       func_type="aot", bprop=_bf16_gather_bprop)
+
+
+def _latent_checked(op: str, x, w, head_rows: int):
+    """x (n, T, .) against kv_b_proj's weight (n (D + V), R); head_rows: the rows of a head the op reads (D or V),
+    fewer than the D + V a head holds. Refused here, naming the op, rather than read out of bounds in C++."""
+    ok = len(x) == 3 and len(w) == 2 and w[0] % x[0] == 0 and w[0] // x[0] > head_rows
+    if not ok or (op == "LatentValue" and w[1] != x[2]):
+        raise ValueError(f"{op}: x {list(x)}, weight {list(w)}: expected x (n, T, .) and kv_b_proj's weight "
+                         f"(n * (qk_nope_head_dim + v_head_dim), kv_lora_rank)")
+
+
+def latent_query_op():
+    """Custom op (q_nope (n, T, D) float32, w (n (D + V), R) float32 / bfloat16) -> q_nope W^UK (n, T, R) float32:
+    MLA's query absorbed into the latent space, the weight read in place."""
+    def out_shape(q, w):
+        _latent_checked("LatentQuery", q, w, q[2])
+        return [q[0], q[1], w[1]]
+    return ops.Custom(f"{library()}:LatentQuery", out_shape=out_shape, out_dtype=lambda q, w: mstype.float32,
+                      func_type="aot")
+
+
+def latent_value_op(v_dim: int):
+    """Custom op (o_latent (n, T, R) float32, w (n (D + V), R)) -> o_latent W^UV^T (n, T, V) float32, V = v_dim."""
+    def out_shape(o, w):
+        _latent_checked("LatentValue", o, w, v_dim)
+        return [o[0], o[1], v_dim]
+    return ops.Custom(f"{library()}:LatentValue", out_shape=out_shape, out_dtype=lambda o, w: mstype.float32,
+                      func_type="aot")
