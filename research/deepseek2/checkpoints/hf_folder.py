@@ -192,7 +192,12 @@ class HFCheckpoint(Checkpoint):
             return readers[file]
 
         def read(hf_name):
-            return reader_of(hf_name).get(hf_name)
+            """The whole tensor, read straight into a buffer of its own (which the model's parameter then keeps: no
+            array of the reader's library and no second copy of it)."""
+            reader = reader_of(hf_name)
+            out = np.empty(reader.shape(hf_name), reader.dtype(hf_name))
+            reader.read_into(hf_name, out)
+            return out
 
         bar = tqdm(total=len(info), desc="tensors", unit="tensor", disable=not progress)
         try:
