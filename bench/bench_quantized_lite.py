@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as run_mindformer.py: before MindSpore loads OpenMP
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402  pylint: disable=wrong-import-position
 

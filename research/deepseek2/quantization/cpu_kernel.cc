@@ -305,6 +305,29 @@ void latent_query(const float* q, const W* w, float* out, int64_t n, int64_t T, 
   }
 }
 
+#ifdef DS2_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return widen8_bf16(p); }
+#endif
+
+// x . w for one row of R (a dot product: written with AVX2 accumulators, which the compiler does not make of a float
+// sum by itself).
+template <typename W>
+inline float dot(const float* x, const W* w, int64_t R) {
+  int64_t r = 0;
+  float s = 0.f;
+#ifdef DS2_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (; r + 16 <= R; r += 16) {
+    a0 = _mm256_fmadd_ps(load8(w + r), _mm256_loadu_ps(x + r), a0);
+    a1 = _mm256_fmadd_ps(load8(w + r + 8), _mm256_loadu_ps(x + r + 8), a1);
+  }
+  s = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; r < R; ++r) s += x[r] * widen<W>(w[r]);
+  return s;
+}
+
 // out (n, T, V): (h, t, v) = o_latent[h, t, :] . W^UV_h[v, :].   params: o (n, T, R), w, out
 template <typename W>
 void latent_value(const float* o, const W* w, float* out, int64_t n, int64_t T, int64_t D, int64_t V, int64_t R) {
@@ -312,12 +335,7 @@ void latent_value(const float* o, const W* w, float* out, int64_t n, int64_t T, 
   for (int64_t hv = 0; hv < n * V; ++hv) {
     const int64_t h = hv / V, v = hv % V;
     const W* row = w + (h * (D + V) + D + v) * R;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* ot = o + (h * T + t) * R;
-      float s = 0.f;
-      for (int64_t r = 0; r < R; ++r) s += ot[r] * widen<W>(row[r]);
-      out[(h * T + t) * V + v] = s;
-    }
+    for (int64_t t = 0; t < T; ++t) out[(h * T + t) * V + v] = dot(o + (h * T + t) * R, row, R);
   }
 }
 

@@ -26,6 +26,14 @@ __all__ = ["library", "weight_quant_matmul_op", "gathered_weight_quant_matmul_op
            "bf16_matmul_op", "bf16_gather_op", "latent_query_op", "latent_value_op", "SOURCE"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
+
+# OMP_WAIT_POLICY: the kernels run their loops on OpenMP threads, which by default spin for a while after a product
+# waiting for the next one; MindSpore runs the graph's other ops meanwhile on threads of its own, and on a machine
+# with few cores a spinning thread takes a core from each of them (docs/benchmarks.md: a V2-Lite decode step's
+# other ops took 170 ms instead of 35). PASSIVE makes them sleep. The OpenMP runtime reads it once, when MindSpore
+# loads it, so it must be in the environment before ``import mindspore`` (run_mindformer.py sets it): ``library``
+# warns once when it is not.
+WAIT_POLICY = "OMP_WAIT_POLICY"
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -37,6 +45,11 @@ def library() -> str:
         digest = hashlib.sha256(handle.read() + " ".join((compiler,) + _FLAGS).encode()).hexdigest()[:16]
     cache = os.environ.get("DS2_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deepseek2")
     path = os.path.join(cache, f"ds2_weight_quant_{digest}.so")
+    if WAIT_POLICY not in os.environ:
+        from mindformers.tools.logger import logger
+        logger.warning(f"{WAIT_POLICY} is not set: the CPU kernel's OpenMP threads spin between products and slow "
+                       f"the graph's other ops where cores are few; set {WAIT_POLICY}=PASSIVE before Python starts "
+                       f"(run_mindformer.py does)")
     if os.path.isfile(path):
         return path
     if shutil.which(compiler) is None:
