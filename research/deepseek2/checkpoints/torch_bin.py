@@ -62,20 +62,25 @@ class TorchBinReader:
         return np.dtype(str(tensor.dtype).replace("torch.", ""))
 
     def read_into(self, name: str, out: np.ndarray):
-        """Tensor ``name`` copied into ``out`` (its dtype and shape), as SafetensorsReader.read_into."""
-        array = self.get(name)
+        """Tensor ``name`` copied into ``out`` (its dtype and shape), as SafetensorsReader.read_into: one copy, from
+        torch's storage."""
+        array = self._view(name)
         if out.dtype != array.dtype or out.shape != array.shape:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {dtype_name(array.dtype)} {array.shape}; cannot "
                                   f"read it into a {dtype_name(out.dtype)} {out.shape} array")
         out[...] = array
 
     def get(self, name: str, slice=None) -> np.ndarray:  # pylint: disable=redefined-builtin
+        return self._view(name, slice).copy()
+
+    def _view(self, name: str, slice=None) -> np.ndarray:  # pylint: disable=redefined-builtin
+        """numpy's view of the tensor (or tensor[slice]) in torch's storage (a contiguous copy where it is not)."""
         tensor = self._state[name]
         if slice is not None:
             tensor = tensor[slice]
         if tensor.dtype == self._torch.bfloat16:  # numpy has no bf16 of its own: move the bits through int16
-            return tensor.contiguous().view(self._torch.int16).numpy().view(BF16).copy()
-        return tensor.contiguous().numpy().copy()
+            return tensor.contiguous().view(self._torch.int16).numpy().view(BF16)
+        return tensor.contiguous().numpy()
 
     def close(self):
         self._state = {}

@@ -226,58 +226,6 @@ extern "C" int GatheredWeightQuantMatmul(int nparam, void** params, int* ndims, 
   return 0;
 }
 
-// y (T, N) = x (T, K) w^T for a bfloat16 weight w (N, K), accumulated in float32.   params: x, w, y
-extern "C" int Bf16Matmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                          void* extra) {
-  if (nparam != 3) return 1;
-  const float* x = static_cast<const float*>(params[0]);
-  const uint16_t* w = static_cast<const uint16_t*>(params[1]);
-  float* y = static_cast<float*>(params[2]);
-  const int64_t T = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
-  const int64_t nblocks = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t c0 = b * kBlock, c1 = c0 + kBlock < N ? c0 + kBlock : N;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* xt = x + t * K;
-      for (int64_t c = c0; c < c1; c += 4) {
-        float part[4];
-        if (c + 4 <= c1) {
-          dot4_bf16(xt, w + c * K, K, part);
-        } else {                                                 // fewer than 4 channels left
-          for (int64_t r = 0; r < c1 - c; ++r) {
-            float s = 0.f;
-            for (int64_t k = 0; k < K; ++k) s += xt[k] * bf16_to_float(w[(c + r) * K + k]);
-            part[r] = s;
-          }
-        }
-        for (int64_t r = 0; r < 4 && c + r < c1; ++r) y[t * N + c + r] = part[r];
-      }
-    }
-  }
-  return 0;
-}
-
-// y (..., H) float32 = rows ids (...) of a bfloat16 table w (V, H), widened.   params: w, ids (int32), y
-extern "C" int Bf16Gather(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                          void* extra) {
-  if (nparam != 3) return 1;
-  const uint16_t* w = static_cast<const uint16_t*>(params[0]);
-  const int32_t* ids = static_cast<const int32_t*>(params[1]);
-  float* y = static_cast<float*>(params[2]);
-  const int64_t V = shapes[0][0], H = shapes[0][1];
-  int64_t T = 1;
-  for (int d = 0; d < ndims[1]; ++d) T *= shapes[1][d];
-  for (int64_t t = 0; t < T; ++t)
-    if (ids[t] < 0 || ids[t] >= V) return 2;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    const uint16_t* row = w + static_cast<int64_t>(ids[t]) * H;
-    for (int64_t h = 0; h < H; ++h) y[t * H + h] = bf16_to_float(row[h]);
-  }
-  return 0;
-}
-
 // MLA's absorbed products against a float weight held as kv_b_proj is, w (n * (D + V), R): head h's rows
 // [h (D + V), h (D + V) + D) are W^UK (D, R), the next V rows W^UV (V, R); float32 or bfloat16 (dtypes[1]). Read in
 // place: no per-call split, transpose or widened copy of the weight.
@@ -339,7 +287,14 @@ void latent_value(const float* o, const W* w, float* out, int64_t n, int64_t T, 
   }
 }
 
-inline bool is_bf16(const char* dtype) { return std::strcmp(dtype, "bfloat16") == 0; }
+// f(w) with the float weight w typed as its dtype says: const uint16_t* (bfloat16 bits) or const float*.
+template <typename F>
+inline void with_weight(const char* dtype, const void* w, F f) {
+  if (std::strcmp(dtype, "bfloat16") == 0)
+    f(static_cast<const uint16_t*>(w));
+  else
+    f(static_cast<const float*>(w));
+}
 
 extern "C" int LatentQuery(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                            void* stream, void* extra) {
@@ -348,10 +303,7 @@ extern "C" int LatentQuery(int nparam, void** params, int* ndims, int64_t** shap
   const int64_t V = shapes[1][0] / n - D;
   const float* q = static_cast<const float*>(params[0]);
   float* out = static_cast<float*>(params[2]);
-  if (is_bf16(dtypes[1]))
-    latent_query(q, static_cast<const uint16_t*>(params[1]), out, n, T, D, V, R);
-  else
-    latent_query(q, static_cast<const float*>(params[1]), out, n, T, D, V, R);
+  with_weight(dtypes[1], params[1], [&](auto w) { latent_query(q, w, out, n, T, D, V, R); });
   return 0;
 }
 
@@ -362,9 +314,54 @@ extern "C" int LatentValue(int nparam, void** params, int* ndims, int64_t** shap
   const int64_t D = shapes[1][0] / n - V;
   const float* o = static_cast<const float*>(params[0]);
   float* out = static_cast<float*>(params[2]);
-  if (is_bf16(dtypes[1]))
-    latent_value(o, static_cast<const uint16_t*>(params[1]), out, n, T, D, V, R);
-  else
-    latent_value(o, static_cast<const float*>(params[1]), out, n, T, D, V, R);
+  with_weight(dtypes[1], params[1], [&](auto w) { latent_value(o, w, out, n, T, D, V, R); });
+  return 0;
+}
+
+// y (T, N) = x (T, K) w^T for a bfloat16 weight w (N, K), accumulated in float32.   params: x, w, y
+extern "C" int Bf16Matmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                          void* extra) {
+  if (nparam != 3) return 1;
+  const float* x = static_cast<const float*>(params[0]);
+  const uint16_t* w = static_cast<const uint16_t*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+  const int64_t T = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t c0 = b * kBlock, c1 = c0 + kBlock < N ? c0 + kBlock : N;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * K;
+      for (int64_t c = c0; c < c1; c += 4) {
+        float part[4];
+        if (c + 4 <= c1) {
+          dot4_bf16(xt, w + c * K, K, part);
+        } else {                                                 // fewer than 4 channels left
+          for (int64_t r = 0; r < c1 - c; ++r) part[r] = dot(xt, w + (c + r) * K, K);
+        }
+        for (int64_t r = 0; r < 4 && c + r < c1; ++r) y[t * N + c + r] = part[r];
+      }
+    }
+  }
+  return 0;
+}
+
+// y (..., H) float32 = rows ids (...) of a bfloat16 table w (V, H), widened.   params: w, ids (int32), y
+extern "C" int Bf16Gather(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                          void* extra) {
+  if (nparam != 3) return 1;
+  const uint16_t* w = static_cast<const uint16_t*>(params[0]);
+  const int32_t* ids = static_cast<const int32_t*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+  const int64_t V = shapes[0][0], H = shapes[0][1];
+  int64_t T = 1;
+  for (int d = 0; d < ndims[1]; ++d) T *= shapes[1][d];
+  for (int64_t t = 0; t < T; ++t)
+    if (ids[t] < 0 || ids[t] >= V) return 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const uint16_t* row = w + static_cast<int64_t>(ids[t]) * H;
+    for (int64_t h = 0; h < H; ++h) y[t * H + h] = bf16_to_float(row[h]);
+  }
   return 0;
 }

@@ -145,11 +145,12 @@ def bf16_gather_op():
                       func_type="aot", bprop=_bf16_gather_bprop)
 
 
-def _latent_checked(op: str, x, w, head_rows: int):
+def _latent_checked(op: str, x, w, head_rows: int, width=None):
     """x (n, T, .) against kv_b_proj's weight (n (D + V), R); head_rows: the rows of a head the op reads (D or V),
-    fewer than the D + V a head holds. Refused here, naming the op, rather than read out of bounds in C++."""
+    fewer than the D + V a head holds; width: R where x's last axis must be it. Refused here, naming the op, rather
+    than read out of bounds in C++."""
     ok = len(x) == 3 and len(w) == 2 and w[0] % x[0] == 0 and w[0] // x[0] > head_rows
-    if not ok or (op == "LatentValue" and w[1] != x[2]):
+    if not ok or (width is not None and w[1] != width):
         raise ValueError(f"{op}: x {list(x)}, weight {list(w)}: expected x (n, T, .) and kv_b_proj's weight "
                          f"(n * (qk_nope_head_dim + v_head_dim), kv_lora_rank)")
 
@@ -167,7 +168,7 @@ def latent_query_op():
 def latent_value_op(v_dim: int):
     """Custom op (o_latent (n, T, R) float32, w (n (D + V), R)) -> o_latent W^UV^T (n, T, V) float32, V = v_dim."""
     def out_shape(o, w):
-        _latent_checked("LatentValue", o, w, v_dim)
+        _latent_checked("LatentValue", o, w, v_dim, width=o[2] if len(o) == 3 else None)
         return [o[0], o[1], v_dim]
     return ops.Custom(f"{library()}:LatentValue", out_shape=out_shape, out_dtype=lambda o, w: mstype.float32,
                       func_type="aot")
